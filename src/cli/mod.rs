@@ -1,0 +1,126 @@
+//! Command-line interface: argument parsing and dispatch only; the work lives in the stages.
+
+mod inspect;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::model::{self, gguf};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "paft",
+    version,
+    about = "PArallel Fine-Tuning: SFT and preference training in parallel, fused by an evaluation-driven merge search"
+)]
+pub struct Cli {
+    /// No progress bars and no log output.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+    /// Debug-level logs.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory (Hugging Face layout), .gguf file, or Hub repo id (owner/name).
+    #[arg(long)]
+    pub model: String,
+    /// Hub revision (branch, tag or commit) when --model is a repo id.
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Convert a llama.cpp GGUF file into a Hugging Face model directory.
+    ImportGguf {
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// Download from the Hugging Face Hub into its standard cache.
+    Fetch {
+        #[command(subcommand)]
+        what: FetchWhat,
+    },
+    /// Per-token log-probabilities of a text.
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        text: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Greedy generation with the KV cache, stopping at EOS.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FetchWhat {
+    /// A model: config, tokenizer and safetensors weights.
+    Model {
+        repo_id: String,
+        #[arg(long)]
+        revision: Option<String>,
+    },
+}
+
+/// Runs a parsed command line; the error, if any, is for the caller to print.
+pub fn run(cli: Cli) -> Result<()> {
+    crate::progress::init(cli.quiet, cli.verbose);
+    match cli.command {
+        Command::ImportGguf { file, out, dtype } => {
+            let dtype = model::parse_dtype(&dtype)?;
+            let imported = gguf::import_gguf(&file, &out, dtype)?;
+            tracing::info!(
+                "imported {} tensors ({} layers, hidden {}) into {}",
+                imported.tensors,
+                imported.config.num_hidden_layers,
+                imported.config.hidden_size,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Fetch {
+            what: FetchWhat::Model { repo_id, revision },
+        } => {
+            let dir = model::hub::fetch_model(&repo_id, revision.as_deref())?;
+            println!("{}", dir.display());
+            Ok(())
+        }
+        Command::Score { model, text, json } => inspect::score(&model, &text, json),
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            max_new_tokens,
+        } => inspect::generate(&model, &prompt, chat, max_new_tokens),
+    }
+}

@@ -1,0 +1,17 @@
+//! paft — PArallel Fine-Tuning: train an SFT model and a preference-aligned model from one base
+//! in parallel, then search for the merge of their task vectors that scores best on the Open LLM
+//! Leaderboard tasks.
+//!
+//! Stages, in the order data flows: [`model`] (files, forward pass) → `train` → `merge` → `eval`
+//! → `search` → `report`. Stages after `model` arrive with their issues.
+
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod merge;
+pub mod model;
+pub mod paths;
+pub mod progress;
+pub mod report;
+pub mod search;
+pub mod train;

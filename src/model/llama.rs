@@ -1,0 +1,593 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2) on candle, written for scoring and training:
+//! all-position logits, padding-aware batches, a forkable KV cache, LoRA on any linear layer and
+//! a differentiable mode.
+//!
+//! candle 0.11's fused `rms_norm`, `rope` and `softmax_last_dim` have no backward pass and drop
+//! gradients silently, so [`Mode::Differentiable`] swaps in composed ops; [`Mode::Inference`]
+//! keeps the fused ones, which are faster and numerically equivalent.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::ModelConfig;
+use super::kv_cache::KvCache;
+use super::lora::{LoraAdapter, TargetModule};
+use super::weights::WeightMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fused kernels, no gradients needed.
+    Inference,
+    /// Only ops with a backward pass.
+    Differentiable,
+}
+
+/// A linear layer `y = x·Wᵀ + b`, with an optional LoRA branch `+ s·(x·Aᵀ)·Bᵀ`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<(Tensor, Tensor, f64)>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (rows, inp) = (
+            dims[..dims.len() - 1].iter().product::<usize>(),
+            dims[dims.len() - 1],
+        );
+        let x2 = x.reshape((rows, inp))?;
+        let mut y = x2.matmul(&self.weight.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some((a, b, scale)) = &self.lora {
+            let low = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            y = (y + (low * *scale)?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Token ids of a batch with each token's position and whether it is padding.
+#[derive(Debug, Clone)]
+pub struct TokenBatch {
+    pub ids: Vec<Vec<u32>>,
+    pub positions: Vec<Vec<u32>>,
+    pub valid: Vec<Vec<bool>>,
+}
+
+impl TokenBatch {
+    /// Sequences padded on the right; row `i` starts at position `start[i]`.
+    pub fn right_padded(seqs: &[Vec<u32>], start: &[u32], pad_id: u32) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut b = Self {
+            ids: vec![],
+            positions: vec![],
+            valid: vec![],
+        };
+        for (s, &p0) in seqs.iter().zip(start) {
+            b.ids.push(
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad_id, t - s.len()))
+                    .collect(),
+            );
+            b.positions.push((0..t as u32).map(|j| p0 + j).collect());
+            b.valid.push((0..t).map(|j| j < s.len()).collect());
+        }
+        b
+    }
+
+    /// Sequences padded on the left (for generation: every row's next token is at the end).
+    pub fn left_padded(seqs: &[Vec<u32>], start: &[u32], pad_id: u32) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut b = Self {
+            ids: vec![],
+            positions: vec![],
+            valid: vec![],
+        };
+        for (s, &p0) in seqs.iter().zip(start) {
+            let pad = t - s.len();
+            b.ids.push(
+                std::iter::repeat_n(pad_id, pad)
+                    .chain(s.iter().copied())
+                    .collect(),
+            );
+            b.positions
+                .push((0..t).map(|j| p0 + j.saturating_sub(pad) as u32).collect());
+            b.valid.push((0..t).map(|j| j >= pad).collect());
+        }
+        b
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.ids.first().map_or(0, Vec::len)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaModel {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    inv_freq: Vec<f32>,
+    mode: Mode,
+}
+
+/// Causal attention with grouped-query heads, using cached keys when given.
+struct AttentionInputs<'a> {
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: Option<&'a Tensor>,
+}
+
+impl LlamaModel {
+    /// Builds the model from named tensors (shared, not copied), checking every name and shape.
+    pub fn from_weights(
+        cfg: &ModelConfig,
+        weights: &WeightMap,
+        lora: Option<&LoraAdapter>,
+        mode: Mode,
+    ) -> Result<Self> {
+        for (name, shape) in cfg.expected_tensors() {
+            let t = weights
+                .get(&name)
+                .with_context(|| format!("missing tensor `{name}`"))?;
+            if t.dims() != shape.as_slice() {
+                bail!(
+                    "tensor `{name}` has shape {:?}, config expects {:?}",
+                    t.dims(),
+                    shape
+                );
+            }
+        }
+        let get = |n: &str| weights[n].clone();
+        let opt = |n: &str| weights.get(n).cloned();
+        let dtype = weights["model.embed_tokens.weight"].dtype();
+        if let Some(adapter) = lora {
+            for module in adapter.layers.keys() {
+                if !weights.contains_key(&format!("{module}.weight")) {
+                    bail!("LoRA adapter targets `{module}`, which the model does not have");
+                }
+            }
+        }
+        let linear = |path: String| -> Result<Linear> {
+            let lora = match lora.and_then(|a| a.layers.get(&path).map(|p| (a, p))) {
+                Some((a, p)) => {
+                    let w = &weights[&format!("{path}.weight")];
+                    let (out, inp) = w.dims2()?;
+                    if p.a.dims() != [a.config.r, inp] || p.b.dims() != [out, a.config.r] {
+                        bail!(
+                            "LoRA `{path}`: A {:?} / B {:?} do not fit weight {:?} with r={}",
+                            p.a.dims(),
+                            p.b.dims(),
+                            w.dims(),
+                            a.config.r
+                        );
+                    }
+                    Some((p.a.to_dtype(dtype)?, p.b.to_dtype(dtype)?, a.config.scale()))
+                }
+                None => None,
+            };
+            Ok(Linear {
+                weight: get(&format!("{path}.weight")),
+                bias: opt(&format!("{path}.bias")),
+                lora,
+            })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let m = |t: TargetModule| linear(t.module_path(l));
+            layers.push(Layer {
+                input_norm: get(&format!("model.layers.{l}.input_layernorm.weight")),
+                attn: Attention {
+                    q: m(TargetModule::QProj)?,
+                    k: m(TargetModule::KProj)?,
+                    v: m(TargetModule::VProj)?,
+                    o: m(TargetModule::OProj)?,
+                },
+                post_norm: get(&format!("model.layers.{l}.post_attention_layernorm.weight")),
+                mlp: Mlp {
+                    gate: m(TargetModule::GateProj)?,
+                    up: m(TargetModule::UpProj)?,
+                    down: m(TargetModule::DownProj)?,
+                },
+            });
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed: get("model.embed_tokens.weight"),
+            layers,
+            norm: get("model.norm.weight"),
+            lm_head: if cfg.tie_word_embeddings {
+                None
+            } else {
+                Some(get("lm_head.weight"))
+            },
+            inv_freq: rope_inv_freq(cfg),
+            mode,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    /// Final hidden states `(b, t, hidden)` after the last norm. With a cache, the batch is
+    /// appended to it (the cache must have the same number of rows, or be empty).
+    pub fn forward(&self, batch: &TokenBatch, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = (batch.batch_size(), batch.seq_len());
+        if b == 0 || t == 0 {
+            bail!("empty batch");
+        }
+        let dev = self.device();
+        let vocab = self.cfg.vocab_size as u32;
+        if let Some(bad) = batch.ids.iter().flatten().find(|&&id| id >= vocab) {
+            bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let (prev_pos, prev_valid) = match &cache {
+            Some(c) if !c.is_empty() => {
+                if c.batch_size() != b {
+                    bail!("KV cache has {} rows, batch has {b}", c.batch_size());
+                }
+                (c.key_positions.clone(), c.key_valid.clone())
+            }
+            _ => (vec![vec![]; b], vec![vec![]; b]),
+        };
+        let mask = self.attention_mask(batch, &prev_pos, &prev_valid)?;
+        let (cos, sin) = self.rope_tables(batch)?;
+        let ids = Tensor::new(batch.ids.concat(), dev)?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let inputs = AttentionInputs {
+            cos: &cos,
+            sin: &sin,
+            mask: mask.as_ref(),
+        };
+        match cache {
+            Some(c) => {
+                for (layer, kv) in self.layers.iter().zip(c.layers.iter_mut()) {
+                    x = self.layer_forward(layer, &x, &inputs, Some(kv))?;
+                }
+                for (row, (p, v)) in batch.positions.iter().zip(&batch.valid).enumerate() {
+                    if c.key_positions.len() <= row {
+                        c.key_positions.push(vec![]);
+                        c.key_valid.push(vec![]);
+                    }
+                    c.key_positions[row].extend(p);
+                    c.key_valid[row].extend(v);
+                }
+            }
+            None => {
+                for layer in &self.layers {
+                    x = self.layer_forward(layer, &x, &inputs, None)?;
+                }
+            }
+        }
+        self.rms_norm(&x, &self.norm)
+    }
+
+    /// Vocabulary logits for hidden states of any leading shape, in f32 (f64 stays f64).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let dims = hidden.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let h = hidden.reshape((rows, self.cfg.hidden_size))?;
+        let logits = h.matmul(&w.t()?)?;
+        let logits = if logits.dtype() == DType::F64 {
+            logits
+        } else {
+            logits.to_dtype(DType::F32)?
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.cfg.vocab_size;
+        Ok(logits.reshape(out)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        match self.mode {
+            Mode::Inference if x.dtype() != DType::F64 => {
+                Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+            }
+            _ => {
+                // As transformers: normalise in f32, cast back, then scale.
+                let dt = x.dtype();
+                let xf = if dt == DType::F64 {
+                    x.clone()
+                } else {
+                    x.to_dtype(DType::F32)?
+                };
+                let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+                let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dt)?;
+                Ok(normed.broadcast_mul(w)?)
+            }
+        }
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let h = self.rms_norm(x, &layer.input_norm)?;
+        let attn = self.attention(&layer.attn, &h, inputs, kv)?;
+        let x = (x + attn)?;
+        let h = self.rms_norm(&x, &layer.post_norm)?;
+        let mlp = layer.mlp.down.forward(
+            &(candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)? * layer.mlp.up.forward(&h)?)?,
+        )?;
+        Ok((x + mlp)?)
+    }
+
+    fn attention(
+        &self,
+        attn: &Attention,
+        x: &Tensor,
+        inputs: &AttentionInputs,
+        kv: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let q = attn
+            .q
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = attn
+            .k
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = attn
+            .v
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let q = self.rope(&q, inputs.cos, inputs.sin)?;
+        let k = self.rope(&k, inputs.cos, inputs.sin)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    // cat along time comes back with transposed strides; matmul needs contiguous
+                    Some((pk, pv)) => (
+                        Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
+                        Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
+                    ),
+                    None => (k, v.contiguous()?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v.contiguous()?),
+        };
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the n_rep query heads that share a KV
+        // head are stacked along the time axis.
+        let n_rep = nh / nkv;
+        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, total))?;
+        let scores = match inputs.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = match self.mode {
+            Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        };
+        let out = probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?;
+        let out = out
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        attn.o.forward(&out)
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self.mode {
+            Mode::Inference if x.dtype() != DType::F64 => {
+                Ok(candle_nn::rotary_emb::rope(x, cos, sin)?)
+            }
+            _ => {
+                // x·cos + rotate_half(x)·sin with cos/sin of shape (t, d/2) or (b, t, d/2).
+                let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+                let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+                let (cos, sin) = if cos.rank() == 2 {
+                    (
+                        cos.unsqueeze(0)?.unsqueeze(0)?,
+                        sin.unsqueeze(0)?.unsqueeze(0)?,
+                    )
+                } else {
+                    (cos.unsqueeze(1)?, sin.unsqueeze(1)?)
+                };
+                Ok((x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?)?)
+            }
+        }
+    }
+
+    /// cos/sin of every token's angle: `(t, d/2)` when all rows share positions, else `(b, t, d/2)`.
+    fn rope_tables(&self, batch: &TokenBatch) -> Result<(Tensor, Tensor)> {
+        let uniform = batch.positions.iter().all(|p| p == &batch.positions[0]);
+        let rows: &[Vec<u32>] = if uniform {
+            &batch.positions[..1]
+        } else {
+            &batch.positions
+        };
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(rows.len() * batch.seq_len() * half);
+        let mut sin = Vec::with_capacity(cos.capacity());
+        for &p in rows.iter().flatten() {
+            for &f in &self.inv_freq {
+                // f32 product, as transformers computes the angle.
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let shape: Vec<usize> = if uniform {
+            vec![batch.seq_len(), half]
+        } else {
+            vec![batch.batch_size(), batch.seq_len(), half]
+        };
+        let dt = self.dtype();
+        let dev = self.device();
+        Ok((
+            Tensor::from_vec(cos, shape.clone(), dev)?.to_dtype(dt)?,
+            Tensor::from_vec(sin, shape, dev)?.to_dtype(dt)?,
+        ))
+    }
+
+    /// Additive mask `(b|1, 1, 1, t, T)` over cached + new keys: a key is visible when it is a real
+    /// token at a position not after the query's (and within the sliding window).
+    fn attention_mask(
+        &self,
+        batch: &TokenBatch,
+        prev_pos: &[Vec<u32>],
+        prev_valid: &[Vec<bool>],
+    ) -> Result<Option<Tensor>> {
+        let t = batch.seq_len();
+        let total = prev_pos[0].len() + t;
+        let rows: Vec<(Vec<u32>, Vec<bool>)> = (0..batch.batch_size())
+            .map(|r| {
+                let kp: Vec<u32> = prev_pos[r]
+                    .iter()
+                    .chain(&batch.positions[r])
+                    .copied()
+                    .collect();
+                let kv: Vec<bool> = prev_valid[r]
+                    .iter()
+                    .chain(&batch.valid[r])
+                    .copied()
+                    .collect();
+                (kp, kv)
+            })
+            .collect();
+        let uniform = rows
+            .iter()
+            .zip(&batch.positions)
+            .all(|(r, p)| r == &rows[0] && p == &batch.positions[0]);
+        let used = if uniform { 1 } else { rows.len() };
+        // A large finite negative (not -inf): a query that sees no key (left padding) must get
+        // a harmless uniform row, not NaN that would leak into later layers.
+        let neg = if self.dtype() == DType::F16 {
+            -65504f32
+        } else {
+            -1e30
+        };
+        let window = self.cfg.sliding_window.map(|w| w as i64);
+        let mut data = Vec::with_capacity(used * t * total);
+        let mut any_masked = false;
+        for r in 0..used {
+            let (kp, kv) = &rows[r];
+            for &qp in &batch.positions[r] {
+                for (&p, &ok) in kp.iter().zip(kv) {
+                    let visible =
+                        ok && p <= qp && window.is_none_or(|w| (qp as i64 - p as i64) < w);
+                    any_masked |= !visible;
+                    data.push(if visible { 0f32 } else { neg });
+                }
+            }
+        }
+        if !any_masked {
+            return Ok(None);
+        }
+        let m = Tensor::from_vec(data, (used, 1, 1, t, total), self.device())?
+            .to_dtype(self.dtype())?;
+        Ok(Some(m))
+    }
+}
+
+/// `[-x2, x1]` for `x = [x1, x2]` split in halves along the last axis.
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
+}
+
+fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    let base = cfg.rope_theta as f32;
+    let mut inv: Vec<f32> = (0..d)
+        .step_by(2)
+        .map(|i| 1.0 / base.powf(i as f32 / d as f32))
+        .collect();
+    if let Some(s) = &cfg.rope_scaling {
+        let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
+        let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+        for f in inv.iter_mut() {
+            let freq = *f as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            *f = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / s.factor
+            } else {
+                let smooth = (s.original_max_position_embeddings as f64 / wavelen
+                    - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * freq / s.factor + smooth * freq
+            } as f32;
+        }
+    }
+    inv
+}

@@ -1,0 +1,140 @@
+//! Loading a Hugging Face model directory: config, tokenizer and weights, validated against each
+//! other from headers before any weight data is read.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+
+use super::config::ModelConfig;
+use super::llama::{LlamaModel, Mode};
+use super::lora::LoraAdapter;
+use super::tokenizer::ModelTokenizer;
+use super::weights::{SafetensorsFiles, WeightMap};
+
+/// A model directory's contents in memory.
+pub struct Pretrained {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub tokenizer: ModelTokenizer,
+    pub weights: WeightMap,
+}
+
+/// Config, tokenizer and checkpoint headers of a model directory, checked for consistency.
+pub struct ModelFiles {
+    pub dir: PathBuf,
+    pub config: ModelConfig,
+    pub tokenizer: ModelTokenizer,
+    pub checkpoint: SafetensorsFiles,
+}
+
+impl ModelFiles {
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("model directory {} does not exist", dir.display());
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer = ModelTokenizer::load_dir(dir)?;
+        let checkpoint = SafetensorsFiles::open_dir(dir)?;
+        for (name, shape) in config.expected_tensors() {
+            if !checkpoint.contains(&name) {
+                bail!("{}: the checkpoint has no tensor `{name}`", dir.display());
+            }
+            let got = checkpoint.shape(&name)?;
+            if got != shape {
+                bail!(
+                    "{}: tensor `{name}` has shape {got:?} but config.json implies {shape:?}",
+                    checkpoint.file_of(&name)?.display()
+                );
+            }
+        }
+        let rows = checkpoint.shape("model.embed_tokens.weight")?[0];
+        let bound = tokenizer.id_bound();
+        if bound > rows {
+            bail!(
+                "{}: the tokenizer has ids up to {} but the embedding model.embed_tokens.weight has only {rows} rows \
+                 (tokenizer and weights belong to different models)",
+                tokenizer.path().display(),
+                bound - 1
+            );
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            tokenizer,
+            checkpoint,
+        })
+    }
+
+    /// Reads every tensor the config expects, converted to `dtype` (default: as stored).
+    pub fn load(self, dtype: Option<DType>, device: &Device) -> Result<Pretrained> {
+        let mut weights = WeightMap::new();
+        for (name, _) in self.config.expected_tensors() {
+            let t = self.checkpoint.load(&name, dtype, device)?;
+            weights.insert(name, t);
+        }
+        Ok(Pretrained {
+            dir: self.dir,
+            config: self.config,
+            tokenizer: self.tokenizer,
+            weights,
+        })
+    }
+}
+
+impl Pretrained {
+    pub fn load(dir: &Path, dtype: Option<DType>, device: &Device) -> Result<Self> {
+        ModelFiles::open(dir)?.load(dtype, device)
+    }
+
+    pub fn model(&self, mode: Mode, lora: Option<&LoraAdapter>) -> Result<LlamaModel> {
+        LlamaModel::from_weights(&self.config, &self.weights, lora, mode)
+            .with_context(|| format!("model {}", self.dir.display()))
+    }
+
+    /// Token ids that end generation: the tokenizer's EOS plus the config's `eos_token_id`s.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.config.eos_token_ids.clone();
+        ids.extend(self.tokenizer.eos_token_id());
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    pub fn pad_token_id(&self) -> u32 {
+        self.tokenizer
+            .pad_token_id()
+            .or(self.config.pad_token_id)
+            .or(self.tokenizer.eos_token_id())
+            .unwrap_or(0)
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse::<usize>())
+                .transpose()
+                .with_context(|| format!("bad device `{s}` (expected cpu or cuda:N)"))?
+                .unwrap_or(0);
+            Device::new_cuda(ordinal).with_context(|| {
+                format!("cannot open {s}; paft must be built with `--features cuda` and a CUDA GPU must be present")
+            })
+        }
+        other => bail!("unknown device `{other}` (expected cpu or cuda:N)"),
+    }
+}
+
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f64" | "float64" => Ok(DType::F64),
+        other => bail!("unknown dtype `{other}` (expected f32, bf16, f16)"),
+    }
+}

@@ -1,0 +1,259 @@
+//! LoRA adapters in PEFT's format: `adapter_config.json` + `adapter_model.safetensors` with keys
+//! `base_model.model.<module>.lora_A.weight` (r × in) and `.lora_B.weight` (out × r).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::weights::{write_safetensors, SafetensorsFiles};
+
+/// Linear layers a LoRA adapter may target, named as PEFT names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetModule {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl TargetModule {
+    pub const ALL: [TargetModule; 7] = [
+        Self::QProj,
+        Self::KProj,
+        Self::VProj,
+        Self::OProj,
+        Self::GateProj,
+        Self::UpProj,
+        Self::DownProj,
+    ];
+
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Self::QProj => "q_proj",
+            Self::KProj => "k_proj",
+            Self::VProj => "v_proj",
+            Self::OProj => "o_proj",
+            Self::GateProj => "gate_proj",
+            Self::UpProj => "up_proj",
+            Self::DownProj => "down_proj",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.peft_name() == name)
+            .with_context(|| {
+                format!(
+                    "unknown LoRA target module `{name}` (known: {})",
+                    Self::ALL.map(|m| m.peft_name()).join(", ")
+                )
+            })
+    }
+
+    /// Path of this module inside decoder layer `layer`, as in HF checkpoints.
+    pub fn module_path(self, layer: usize) -> String {
+        let block = match self {
+            Self::QProj | Self::KProj | Self::VProj | Self::OProj => "self_attn",
+            _ => "mlp",
+        };
+        format!("model.layers.{layer}.{block}.{}", self.peft_name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<TargetModule>,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// PEFT's scaling: alpha/r, or alpha/sqrt(r) with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// The A/B factors of one adapted linear layer.
+#[derive(Debug, Clone)]
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    pub config: LoraConfig,
+    /// Keyed by module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub layers: BTreeMap<String, LoraPair>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PeftConfigFile {
+    #[serde(default)]
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f64,
+    target_modules: serde_json::Value,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+}
+
+const PEFT_PREFIX: &str = "base_model.model.";
+
+impl LoraAdapter {
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("cannot read LoRA adapter config {}", cfg_path.display()))?;
+        let file: PeftConfigFile = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a PEFT LoRA config", cfg_path.display()))?;
+        if let Some(t) = &file.peft_type {
+            if t != "LORA" {
+                bail!("{}: peft_type `{t}` is not LORA", cfg_path.display());
+            }
+        }
+        if file.fan_in_fan_out {
+            bail!(
+                "{}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported",
+                cfg_path.display()
+            );
+        }
+        if file.bias.as_deref().is_some_and(|b| b != "none") {
+            bail!(
+                "{}: LoRA bias `{}` is not supported (only `none`)",
+                cfg_path.display(),
+                file.bias.unwrap()
+            );
+        }
+        let targets: Vec<String> = match &file.target_modules {
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            _ => bail!(
+                "{}: `target_modules` must be a list of names",
+                cfg_path.display()
+            ),
+        };
+        let target_modules = targets
+            .iter()
+            .map(|t| TargetModule::parse(t))
+            .collect::<Result<Vec<_>>>()
+            .with_context(|| format!("in {}", cfg_path.display()))?;
+        let config = LoraConfig {
+            r: file.r,
+            alpha: file.lora_alpha,
+            dropout: file.lora_dropout,
+            target_modules,
+            use_rslora: file.use_rslora,
+        };
+        let weights_path = dir.join("adapter_model.safetensors");
+        let files = SafetensorsFiles::open_files(&[weights_path.clone()])?;
+        let mut layers = BTreeMap::new();
+        for name in files.names() {
+            let Some(rest) = name.strip_prefix(PEFT_PREFIX) else {
+                bail!(
+                    "{}: unexpected tensor `{name}` (PEFT keys start with `{PEFT_PREFIX}`)",
+                    weights_path.display()
+                );
+            };
+            let Some(module) = rest.strip_suffix(".lora_A.weight") else {
+                continue;
+            };
+            let b_name = format!("{PEFT_PREFIX}{module}.lora_B.weight");
+            if !files.contains(&b_name) {
+                bail!(
+                    "{}: `{name}` has no matching `{b_name}`",
+                    weights_path.display()
+                );
+            }
+            let a = files.load(&name, Some(dtype), device)?;
+            let b = files.load(&b_name, Some(dtype), device)?;
+            let (ra, _) = a.dims2()?;
+            let (_, rb) = b.dims2()?;
+            if ra != config.r || rb != config.r {
+                bail!(
+                    "{}: `{module}` has rank {ra}/{rb} but the config says r={}",
+                    weights_path.display(),
+                    config.r
+                );
+            }
+            layers.insert(module.to_string(), LoraPair { a, b });
+        }
+        if layers.is_empty() {
+            bail!("{}: no lora_A/lora_B tensors", weights_path.display());
+        }
+        Ok(Self { config, layers })
+    }
+
+    pub fn save(&self, dir: &Path, base_model: Option<&str>) -> Result<()> {
+        let cfg = PeftConfigFile {
+            peft_type: Some("LORA".into()),
+            r: self.config.r,
+            lora_alpha: self.config.alpha,
+            lora_dropout: self.config.dropout,
+            target_modules: serde_json::json!(self
+                .config
+                .target_modules
+                .iter()
+                .map(|m| m.peft_name())
+                .collect::<Vec<_>>()),
+            use_rslora: self.config.use_rslora,
+            bias: Some("none".into()),
+            base_model_name_or_path: base_model.map(String::from),
+            task_type: Some("CAUSAL_LM".into()),
+            fan_in_fan_out: false,
+        };
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&cfg)? + "\n",
+        )?;
+        let mut tensors = vec![];
+        for (module, pair) in &self.layers {
+            tensors.push((
+                format!("{PEFT_PREFIX}{module}.lora_A.weight"),
+                pair.a.clone(),
+            ));
+            tensors.push((
+                format!("{PEFT_PREFIX}{module}.lora_B.weight"),
+                pair.b.clone(),
+            ));
+        }
+        write_safetensors(&dir.join("adapter_model.safetensors"), tensors)?;
+        Ok(())
+    }
+
+    /// The dense delta `scale · B·A` of one module, shaped like its weight (out × in).
+    pub fn delta(&self, module: &str) -> Result<Option<Tensor>> {
+        let Some(p) = self.layers.get(module) else {
+            return Ok(None);
+        };
+        Ok(Some((p.b.matmul(&p.a)? * self.config.scale())?))
+    }
+}

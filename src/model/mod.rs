@@ -1,0 +1,23 @@
+//! Models: Hugging Face config/tokenizer/safetensors I/O, the Llama-family forward pass with LoRA
+//! and KV cache, GGUF import, Hub access, and scoring/generation on top.
+
+pub mod config;
+pub mod gguf;
+pub mod hub;
+pub mod inference;
+pub mod kv_cache;
+pub mod llama;
+pub mod load;
+pub mod lora;
+pub mod source;
+pub mod tiny;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use kv_cache::KvCache;
+pub use llama::{LlamaModel, Mode, TokenBatch};
+pub use load::{parse_device, parse_dtype, ModelFiles, Pretrained};
+pub use lora::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
+pub use tokenizer::{ChatMessage, ModelTokenizer};
+pub use weights::{AtomicDir, SafetensorsFiles, ShardedWriter, WeightMap};

@@ -1,0 +1,1 @@
+//! Leaderboard tables, trajectories and plots with Polars. Arrives with the Search issue.

@@ -1,0 +1,2 @@
+//! Evaluation-driven merge search with argmin solvers, journal and resume. Arrives with the Search
+//! issue.

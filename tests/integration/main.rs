@@ -1,0 +1,9 @@
+//! Integration tests, compiled as one binary (each binary links the whole stack).
+
+mod common;
+
+mod bad_input;
+mod gradients;
+mod hub;
+mod kv_cache;
+mod parity;
