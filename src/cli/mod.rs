@@ -52,6 +52,9 @@ pub enum Command {
         /// dtype of the written weights: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Largest safetensors shard, as transformers writes it (5GB, 500MB, …).
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
     },
     /// Download from the Hugging Face Hub into its standard cache.
     Fetch {
@@ -96,9 +99,15 @@ pub enum FetchWhat {
 pub fn run(cli: Cli) -> Result<()> {
     crate::progress::init(cli.quiet, cli.verbose);
     match cli.command {
-        Command::ImportGguf { file, out, dtype } => {
+        Command::ImportGguf {
+            file,
+            out,
+            dtype,
+            max_shard_size,
+        } => {
             let dtype = model::parse_dtype(&dtype)?;
-            let imported = gguf::import_gguf(&file, &out, dtype)?;
+            let shard = model::weights::parse_size(&max_shard_size)?;
+            let imported = gguf::import_gguf(&file, &out, dtype, shard)?;
             tracing::info!(
                 "imported {} tensors ({} layers, hidden {}) into {}",
                 imported.tensors,

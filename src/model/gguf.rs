@@ -18,7 +18,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::config::ModelConfig;
-use super::weights::{write_weights, AtomicDir, WeightMap, DEFAULT_SHARD_BYTES};
+use super::weights::{write_weights, AtomicDir, WeightMap};
 
 pub struct GgufImport {
     pub config: ModelConfig,
@@ -64,6 +64,19 @@ impl Meta<'_> {
     fn opt_bool(&self, key: &str) -> Option<bool> {
         self.md.get(key).and_then(|v| v.to_bool().ok())
     }
+    /// llama.cpp token types (1 normal, 3 control, 4 user-defined); all normal when absent.
+    fn token_types(&self, n: usize) -> Result<Vec<i32>> {
+        match self.md.get("tokenizer.ggml.token_type") {
+            Some(v) => Ok(v
+                .to_vec()
+                .map_err(anyhow::Error::msg)?
+                .iter()
+                .map(|x| x.to_i32().unwrap_or(1))
+                .collect()),
+            None => Ok(vec![1; n]),
+        }
+    }
+
     fn strings(&self, key: &str) -> Result<Vec<String>> {
         self.get(key)?
             .to_vec()
@@ -79,7 +92,12 @@ impl Meta<'_> {
 }
 
 /// Imports `gguf` into `out` (created atomically). `dtype` is the dtype of the written weights.
-pub fn import_gguf(gguf: &Path, out: &Path, dtype: DType) -> Result<GgufImport> {
+pub fn import_gguf(
+    gguf: &Path,
+    out: &Path,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<GgufImport> {
     let file = File::open(gguf).with_context(|| format!("cannot open {}", gguf.display()))?;
     let file_len = file.metadata()?.len();
     let mut reader = BufReader::new(file);
@@ -234,7 +252,7 @@ pub fn import_gguf(gguf: &Path, out: &Path, dtype: DType) -> Result<GgufImport> 
         }
     }
     let n = weights.len();
-    write_weights(dir.path(), &weights, None, DEFAULT_SHARD_BYTES)?;
+    write_weights(dir.path(), &weights, None, max_shard_bytes)?;
     dir.commit()?;
     Ok(GgufImport { config, tensors: n })
 }
@@ -332,15 +350,7 @@ fn build_tokenizer(meta: &Meta) -> Result<Tokenizer> {
     }
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let merges = meta.strings("tokenizer.ggml.merges")?;
-    let types: Vec<i32> = match meta.md.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(anyhow::Error::msg)?
-            .iter()
-            .map(|x| x.to_i32().unwrap_or(1))
-            .collect(),
-        None => vec![1; tokens.len()],
-    };
+    let types = meta.token_types(tokens.len())?;
     let pre = meta
         .md
         .get("tokenizer.ggml.pre")
@@ -416,15 +426,7 @@ fn write_tokenizer_config(meta: &Meta, tokens: &[String], path: &Path) -> Result
             .and_then(|i| tokens.get(i as usize))
             .cloned()
     };
-    let types: Vec<i32> = match meta.md.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(anyhow::Error::msg)?
-            .iter()
-            .map(|x| x.to_i32().unwrap_or(1))
-            .collect(),
-        None => vec![],
-    };
+    let types = meta.token_types(tokens.len())?;
     let mut added = serde_json::Map::new();
     for (i, &t) in types.iter().enumerate() {
         if t == 3 || t == 4 {

@@ -63,27 +63,15 @@ pub struct TokenBatch {
 impl TokenBatch {
     /// Sequences padded on the right; row `i` starts at position `start[i]`.
     pub fn right_padded(seqs: &[Vec<u32>], start: &[u32], pad_id: u32) -> Self {
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let mut b = Self {
-            ids: vec![],
-            positions: vec![],
-            valid: vec![],
-        };
-        for (s, &p0) in seqs.iter().zip(start) {
-            b.ids.push(
-                s.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad_id, t - s.len()))
-                    .collect(),
-            );
-            b.positions.push((0..t as u32).map(|j| p0 + j).collect());
-            b.valid.push((0..t).map(|j| j < s.len()).collect());
-        }
-        b
+        Self::padded(seqs, start, pad_id, false)
     }
 
     /// Sequences padded on the left (for generation: every row's next token is at the end).
     pub fn left_padded(seqs: &[Vec<u32>], start: &[u32], pad_id: u32) -> Self {
+        Self::padded(seqs, start, pad_id, true)
+    }
+
+    fn padded(seqs: &[Vec<u32>], start: &[u32], pad_id: u32, left: bool) -> Self {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let mut b = Self {
             ids: vec![],
@@ -91,15 +79,15 @@ impl TokenBatch {
             valid: vec![],
         };
         for (s, &p0) in seqs.iter().zip(start) {
-            let pad = t - s.len();
-            b.ids.push(
-                std::iter::repeat_n(pad_id, pad)
-                    .chain(s.iter().copied())
-                    .collect(),
-            );
+            let lead = if left { t - s.len() } else { 0 };
+            let mut ids = vec![pad_id; t];
+            ids[lead..lead + s.len()].copy_from_slice(s);
+            b.ids.push(ids);
+            // Padding before the tokens shares the first position; it is masked anyway.
             b.positions
-                .push((0..t).map(|j| p0 + j.saturating_sub(pad) as u32).collect());
-            b.valid.push((0..t).map(|j| j >= pad).collect());
+                .push((0..t).map(|j| p0 + j.saturating_sub(lead) as u32).collect());
+            b.valid
+                .push((0..t).map(|j| j >= lead && j < lead + s.len()).collect());
         }
         b
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 
+use super::weights::DEFAULT_SHARD_BYTES;
 use super::{gguf, hub};
 
 /// paft's own cache: `PAFT_CACHE`, else `$XDG_CACHE_HOME/paft`, else `~/.cache/paft`.
@@ -63,7 +64,7 @@ fn imported_gguf(file: &Path) -> Result<PathBuf> {
         return Ok(dir);
     }
     tracing::info!("importing {} into {} (once)", file.display(), dir.display());
-    match gguf::import_gguf(file, &dir, DType::F32) {
+    match gguf::import_gguf(file, &dir, DType::F32, DEFAULT_SHARD_BYTES) {
         Ok(_) => Ok(dir),
         // Another process finished the same import first.
         Err(_) if dir.join("config.json").is_file() => Ok(dir),

@@ -306,6 +306,33 @@ pub struct ShardedWriter {
 
 pub const DEFAULT_SHARD_BYTES: usize = 5 * 1024 * 1024 * 1024;
 
+/// Parses a shard size as transformers' `max_shard_size` writes it: `5GB`, `500MB`, `2GiB`, bytes.
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("bad size `{s}` (e.g. 5GB, 500MB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024f64.powi(2),
+        "GIB" => 1024f64.powi(3),
+        other => bail!("bad size unit `{other}` in `{s}` (B, KB, MB, GB, KiB, MiB, GiB)"),
+    };
+    let bytes = (n * mult) as usize;
+    if bytes == 0 {
+        bail!("size `{s}` must be positive");
+    }
+    Ok(bytes)
+}
+
 impl ShardedWriter {
     pub fn new(dir: &Path, max_shard_bytes: usize) -> Self {
         Self {
@@ -439,6 +466,16 @@ mod tests {
             files.load("t0", None, &Device::Cpu).unwrap().dtype(),
             DType::F16
         );
+    }
+
+    #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1234").unwrap(), 1234);
+        assert!(parse_size("5XB").is_err());
+        assert!(parse_size("0").is_err());
     }
 
     #[test]

@@ -172,6 +172,7 @@ fn every_weight_gradient_matches_finite_differences() {
             LlamaModel::from_weights(&cfg, &tracked, Some(&lora), Mode::Differentiable).unwrap();
         let grads = loss(&model).backward().unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+        let mut worst = 0f64;
         let used_tokens: Vec<usize> = batch().ids.iter().flatten().map(|&i| i as usize).collect();
         for (name, var) in &vars {
             let g = grads

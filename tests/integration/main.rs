@@ -6,4 +6,5 @@ mod bad_input;
 mod gradients;
 mod hub;
 mod kv_cache;
+mod model_io;
 mod parity;

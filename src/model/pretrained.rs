@@ -1,5 +1,5 @@
-//! Loading a Hugging Face model directory: config, tokenizer and weights, validated against each
-//! other from headers before any weight data is read.
+//! A Hugging Face model directory: config, tokenizer and weights, validated against each other from
+//! headers before any weight data is read, and written back in the same layout.
 
 use std::path::{Path, PathBuf};
 
@@ -7,10 +7,20 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
 use super::config::ModelConfig;
+use super::gguf::dtype_name;
 use super::llama::{LlamaModel, Mode};
 use super::lora::LoraAdapter;
 use super::tokenizer::ModelTokenizer;
-use super::weights::{SafetensorsFiles, WeightMap};
+use super::weights::{write_weights, AtomicDir, SafetensorsFiles, WeightMap};
+
+/// Files besides config and weights that travel with a model.
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
 
 /// A model directory's contents in memory.
 pub struct Pretrained {
@@ -90,6 +100,27 @@ impl Pretrained {
     pub fn model(&self, mode: Mode, lora: Option<&LoraAdapter>) -> Result<LlamaModel> {
         LlamaModel::from_weights(&self.config, &self.weights, lora, mode)
             .with_context(|| format!("model {}", self.dir.display()))
+    }
+
+    /// Writes config, tokenizer files and weights (converted to `dtype` when given, sharded at
+    /// `max_shard_bytes`) as a new directory `out`, which appears only when complete.
+    pub fn save(&self, out: &Path, dtype: Option<DType>, max_shard_bytes: usize) -> Result<()> {
+        let dir = AtomicDir::new(out)?;
+        let mut config = self.config.clone();
+        if let Some(d) = dtype {
+            config.raw["torch_dtype"] = serde_json::json!(dtype_name(d));
+        }
+        config.write(&dir.path().join("config.json"))?;
+        for file in TOKENIZER_FILES {
+            let src = self.dir.join(file);
+            if src.is_file() {
+                std::fs::copy(&src, dir.path().join(file))
+                    .with_context(|| format!("cannot copy {}", src.display()))?;
+            }
+        }
+        write_weights(dir.path(), &self.weights, dtype, max_shard_bytes)?;
+        dir.commit()?;
+        Ok(())
     }
 
     /// Token ids that end generation: the tokenizer's EOS plus the config's `eos_token_id`s.
