@@ -1,0 +1,38 @@
+//! TIES sign election and the disjoint mean over agreeing task vectors.
+
+/// How the elected sign of each entry is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignRule {
+    /// Sign of the sum of weighted deltas (mergekit's only selectable rule).
+    Sum,
+    /// Majority of the signs.
+    Count,
+}
+
+/// Per entry: +1 or −1 (ties go to +, as in mergekit).
+pub fn elect_signs(weighted: &[Vec<f32>], rule: SignRule) -> Vec<f32> {
+    let n = weighted.first().map_or(0, Vec::len);
+    (0..n)
+        .map(|j| {
+            let score: f32 = match rule {
+                SignRule::Sum => weighted.iter().map(|d| d[j]).sum(),
+                SignRule::Count => weighted.iter().map(|d| sign(d[j])).sum(),
+            };
+            if score >= 0.0 {
+                1.0
+            } else {
+                -1.0
+            }
+        })
+        .collect()
+}
+
+pub fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
