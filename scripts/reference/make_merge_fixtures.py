@@ -175,6 +175,7 @@ def write_lora(dir_: Path, base_dir: Path, lora: dict):
     cfg_path = dir_ / "adapter_config.json"
     acfg = json.loads(cfg_path.read_text())
     acfg["base_model_name_or_path"] = "base"  # not an absolute path of this machine
+    acfg["target_modules"] = sorted(acfg["target_modules"])  # PEFT keeps a set: order varies
     cfg_path.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
     readme = dir_ / "README.md"
     if readme.exists():

@@ -61,6 +61,17 @@ pub enum Command {
         #[command(subcommand)]
         what: FetchWhat,
     },
+    /// Merge models as a mergekit YAML describes (mergekit's method names, parameters, defaults).
+    Merge {
+        config: PathBuf,
+        out_dir: PathBuf,
+        /// Seed of DARE/DELLA's random drops (per-tensor streams: same seed, same bytes).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest output shard (5GB, 500MB, …).
+        #[arg(long, default_value = "5GB")]
+        out_shard_size: String,
+    },
     /// Per-token log-probabilities of a text.
     Score {
         #[command(flatten)]
@@ -122,6 +133,26 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let dir = model::hub::fetch_model(&repo_id, revision.as_deref())?;
             println!("{}", dir.display());
+            Ok(())
+        }
+        Command::Merge {
+            config,
+            out_dir,
+            seed,
+            out_shard_size,
+        } => {
+            let cfg = crate::merge::MergeConfig::from_file(&config)?;
+            let opts = crate::merge::MergeOptions {
+                seed,
+                max_shard_bytes: model::weights::parse_size(&out_shard_size)?,
+            };
+            let out = crate::merge::run_merge(&cfg, &out_dir, &opts)?;
+            tracing::info!(
+                "merged {} model(s) with {} into {}",
+                cfg.models.len() + cfg.base_model.is_some() as usize,
+                cfg.method.name(),
+                out.display()
+            );
             Ok(())
         }
         Command::Score { model, text, json } => inspect::score(&model, &text, json),

@@ -500,7 +500,8 @@ tokenizer_source: base
         );
         let e = err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, densty: 0.5}");
         assert!(e.contains("densty") && e.contains("model a"), "{e}");
-        assert!(err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: .nan}").contains("NaN"));
+        let e = err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: .nan}");
+        assert!(e.contains(".nan") && e.contains("line 5"), "{e}");
         assert!(err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}").contains("out of range"));
         assert!(err("merge_method: ties\nslices: []").contains("not supported yet"));
         assert!(

@@ -392,7 +392,13 @@ fn model_stock(base: &[f32], models: &[&[f32]], group: usize) -> Vec<f32> {
             }
         }
         let cos = cos_sum / pairs;
-        let t = n_models * cos / (1.0 + (n_models - 1.0) * cos);
+        let denom = 1.0 + (n_models - 1.0) * cos;
+        // Offsets pointing in opposite directions: stay at the base, as mergekit does.
+        let t = if denom.abs() < 1e-6 {
+            0.0
+        } else {
+            n_models * cos / denom
+        };
         for (k, o) in chunk.iter_mut().enumerate() {
             let idx = start + k;
             let avg = models.iter().map(|m| m[idx] as f64).sum::<f64>() / n_models;

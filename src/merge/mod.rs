@@ -1,15 +1,17 @@
 //! Merging: task vectors δᵢ = θᵢ − θ₀, sparsified, sign-resolved and added back, with mergekit's
 //! method names, parameters and defaults (see `methods`).
 //!
-//! Still to come for the Merge issue: the mergekit YAML front end, the streaming engine over
-//! safetensors (rayon, per-tensor seeded streams), `paft merge` and `paft inspect-delta`.
+//! `config` reads mergekit YAML, `engine` streams a merge to disk. Still to come for the Merge
+//! issue: `paft inspect-delta`, in-place in-memory merging for the search, chunking of huge tensors.
 
 pub mod config;
 pub mod consensus;
+pub mod engine;
 pub mod methods;
 pub mod sparsify;
 
 pub use config::{MergeConfig, ModelRef, ParamValue};
 pub use consensus::SignRule;
+pub use engine::{run_merge, MergeOptions};
 pub use methods::{merge_tensor, GlobalParams, MergeMethod, ModelParams, TensorInputs};
 pub use sparsify::{Rescale, Sparsifier};

@@ -34,7 +34,8 @@ pub struct Pretrained {
 pub struct ModelFiles {
     pub dir: PathBuf,
     pub config: ModelConfig,
-    pub tokenizer: ModelTokenizer,
+    /// Absent in weight-only directories (enough for merging, not for running).
+    pub tokenizer: Option<ModelTokenizer>,
     pub checkpoint: SafetensorsFiles,
 }
 
@@ -44,7 +45,11 @@ impl ModelFiles {
             bail!("model directory {} does not exist", dir.display());
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer = ModelTokenizer::load_dir(dir)?;
+        let tokenizer = if dir.join("tokenizer.json").exists() {
+            Some(ModelTokenizer::load_dir(dir)?)
+        } else {
+            None
+        };
         let checkpoint = SafetensorsFiles::open_dir(dir)?;
         for (name, shape) in config.expected_tensors() {
             if !checkpoint.contains(&name) {
@@ -59,8 +64,8 @@ impl ModelFiles {
             }
         }
         let rows = checkpoint.shape("model.embed_tokens.weight")?[0];
-        let bound = tokenizer.id_bound();
-        if bound > rows {
+        if let Some(tokenizer) = tokenizer.as_ref().filter(|t| t.id_bound() > rows) {
+            let bound = tokenizer.id_bound();
             bail!(
                 "{}: the tokenizer has ids up to {} but the embedding model.embed_tokens.weight has only {rows} rows \
                  (tokenizer and weights belong to different models)",
@@ -78,6 +83,10 @@ impl ModelFiles {
 
     /// Reads every tensor the config expects, converted to `dtype` (default: as stored).
     pub fn load(self, dtype: Option<DType>, device: &Device) -> Result<Pretrained> {
+        let tokenizer = match self.tokenizer {
+            Some(t) => t,
+            None => ModelTokenizer::load_dir(&self.dir)?, // fails naming the missing file
+        };
         let mut weights = WeightMap::new();
         for (name, _) in self.config.expected_tensors() {
             let t = self.checkpoint.load(&name, dtype, device)?;
@@ -86,7 +95,7 @@ impl ModelFiles {
         Ok(Pretrained {
             dir: self.dir,
             config: self.config,
-            tokenizer: self.tokenizer,
+            tokenizer,
             weights,
         })
     }

@@ -210,7 +210,13 @@ fn every_weight_gradient_matches_finite_differences() {
                 "{:?} `{name}`: relative error {rel:.2e}",
                 spec.architecture
             );
+            worst = worst.max(rel);
         }
+        eprintln!(
+            "{:?}: {} variables, worst relative error {worst:.2e}",
+            spec.architecture,
+            vars.len()
+        );
     }
 }
 

@@ -6,5 +6,6 @@ mod bad_input;
 mod gradients;
 mod hub;
 mod kv_cache;
+mod merge;
 mod model_io;
 mod parity;

@@ -1,0 +1,247 @@
+//! Streaming execution of a merge config: every input is validated from headers first, then
+//! tensors are merged in parallel (rayon, a bounded window at a time) and streamed into shards of
+//! a directory that appears only when complete.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rayon::prelude::*;
+
+use super::config::{MergeConfig, ModelRef};
+use super::methods::{merge_tensor, TensorInputs};
+use crate::model::pretrained::TOKENIZER_FILES;
+use crate::model::weights::{parse_size, AtomicDir, ShardedWriter};
+use crate::model::{parse_dtype, source, LoraAdapter, ModelFiles};
+
+/// One merge input: a full model, or a base with a LoRA adapter whose delta is formed per tensor.
+pub enum MergeInput {
+    Full(ModelFiles),
+    Adapter {
+        base: ModelFiles,
+        adapter: LoraAdapter,
+        name: String,
+    },
+}
+
+impl MergeInput {
+    pub fn open(r: &ModelRef) -> Result<Self> {
+        let dir = source::resolve_model(&r.model, r.revision.as_deref())?;
+        let files = ModelFiles::open(&dir).with_context(|| format!("model {r}"))?;
+        match &r.lora {
+            None => Ok(Self::Full(files)),
+            Some(lora) => {
+                let adapter = LoraAdapter::load(Path::new(lora), DType::F32, &Device::Cpu)
+                    .with_context(|| format!("model {r}: unreadable LoRA adapter {lora}"))?;
+                for (module, pair) in &adapter.layers {
+                    let name = format!("{module}.weight");
+                    if !files.checkpoint.contains(&name) {
+                        bail!("model {r}: the adapter targets `{module}`, which the base has no weight for");
+                    }
+                    let shape = files.checkpoint.shape(&name)?;
+                    if shape != [pair.b.dim(0)?, pair.a.dim(1)?] {
+                        bail!("model {r}: adapter `{module}` (B·A {}×{}) does not fit weight {shape:?}", pair.b.dim(0)?, pair.a.dim(1)?);
+                    }
+                }
+                Ok(Self::Adapter {
+                    base: files,
+                    adapter,
+                    name: r.to_string(),
+                })
+            }
+        }
+    }
+
+    fn files(&self) -> &ModelFiles {
+        match self {
+            Self::Full(f) | Self::Adapter { base: f, .. } => f,
+        }
+    }
+
+    /// The tensor θ as f32 values (base + s·B·A for an adapter).
+    pub fn tensor(&self, name: &str) -> Result<Vec<f32>> {
+        let load = |f: &ModelFiles| -> Result<Tensor> {
+            f.checkpoint.load(name, Some(DType::F32), &Device::Cpu)
+        };
+        let t = match self {
+            Self::Full(f) => load(f)?,
+            Self::Adapter {
+                base,
+                adapter,
+                name: label,
+            } => {
+                let w = load(base)?;
+                match name
+                    .strip_suffix(".weight")
+                    .map(|m| adapter.delta(m))
+                    .transpose()?
+                    .flatten()
+                {
+                    Some(d) => {
+                        (w + d).with_context(|| format!("model {label}: tensor `{name}`"))?
+                    }
+                    None => w,
+                }
+            }
+        };
+        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+    }
+}
+
+/// Per-tensor random stream, derived from the seed, the tensor name and the model index, so the
+/// output does not depend on thread count or scheduling.
+pub fn tensor_rng(seed: u64, tensor: &str, model: usize) -> StdRng {
+    // FNV-1a: a stable hash (std's hasher may change between Rust versions).
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in tensor
+        .as_bytes()
+        .iter()
+        .chain(&(model as u64).to_le_bytes())
+    {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    StdRng::seed_from_u64(seed ^ h)
+}
+
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub struct MergeOptions {
+    pub seed: u64,
+    pub max_shard_bytes: usize,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            max_shard_bytes: parse_size("5GB").expect("constant"),
+        }
+    }
+}
+
+/// Runs `config` into the new directory `out`.
+pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<PathBuf> {
+    let base = config
+        .base_model
+        .as_ref()
+        .map(MergeInput::open)
+        .transpose()?;
+    let models = config
+        .models
+        .iter()
+        .map(|e| MergeInput::open(&e.model))
+        .collect::<Result<Vec<_>>>()?;
+    let reference = base.as_ref().unwrap_or(&models[0]);
+    let ref_label = config
+        .base_model
+        .as_ref()
+        .unwrap_or(&config.models[0].model)
+        .to_string();
+    let ref_files = reference.files();
+    let names = ref_files.checkpoint.names();
+    // Everything checkable from headers, before any weight is read.
+    let ref_vocab = ref_files.config.vocab_size;
+    for (input, entry) in models.iter().zip(&config.models) {
+        let f = input.files();
+        if f.config.architecture != ref_files.config.architecture {
+            bail!(
+                "model {}: architecture {} differs from {ref_label}'s {}",
+                entry.model,
+                f.config.architecture.as_str(),
+                ref_files.config.architecture.as_str()
+            );
+        }
+        if f.config.vocab_size != ref_vocab {
+            bail!(
+                "model {}: vocab_size {} differs from {ref_label}'s {ref_vocab}",
+                entry.model,
+                f.config.vocab_size
+            );
+        }
+        for name in &names {
+            if !f.checkpoint.contains(name) {
+                bail!("model {}: missing tensor `{name}`", entry.model);
+            }
+            let (a, b) = (f.checkpoint.shape(name)?, ref_files.checkpoint.shape(name)?);
+            if a != b {
+                bail!(
+                    "model {}: tensor `{name}` has shape {a:?}, {ref_label} has {b:?}",
+                    entry.model
+                );
+            }
+        }
+    }
+    let num_layers = ref_files.config.num_hidden_layers;
+    for name in &names {
+        config.model_params(name, layer_of(name), num_layers)?;
+        config.global_params(name, layer_of(name), num_layers)?;
+    }
+    let out_dtype = match config.out_dtype.as_deref().or(config.dtype.as_deref()) {
+        Some(d) => parse_dtype(d.trim_start_matches("torch."))?,
+        None => ref_files
+            .checkpoint
+            .load(&names[0], None, &Device::Cpu)?
+            .dtype(),
+    };
+
+    let dir = AtomicDir::new(out)?;
+    let mut cfg = ref_files.config.clone();
+    cfg.raw["torch_dtype"] = serde_json::json!(crate::model::gguf::dtype_name(out_dtype));
+    cfg.write(&dir.path().join("config.json"))?;
+    for file in TOKENIZER_FILES {
+        let src = ref_files.dir.join(file);
+        if src.is_file() {
+            std::fs::copy(&src, dir.path().join(file))
+                .with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
+
+    let mut writer = ShardedWriter::new(dir.path(), opts.max_shard_bytes);
+    let bar = crate::progress::bar(names.len() as u64, "merging");
+    // A window of tensors at a time bounds memory to ~window × (models + 1) tensors.
+    let window = rayon::current_num_threads().max(1);
+    for chunk in names.chunks(window) {
+        let merged: Vec<Result<Tensor>> = chunk
+            .par_iter()
+            .map(|name| -> Result<Tensor> {
+                let layer = layer_of(name);
+                let base_values = base.as_ref().map(|b| b.tensor(name)).transpose()?;
+                let model_values = models
+                    .iter()
+                    .map(|m| m.tensor(name))
+                    .collect::<Result<Vec<_>>>()?;
+                let shape = ref_files.checkpoint.shape(name)?;
+                let input = TensorInputs {
+                    name,
+                    base: base_values.as_deref(),
+                    models: model_values.iter().map(Vec::as_slice).collect(),
+                    params: config.model_params(name, layer, num_layers)?,
+                    row_len: *shape.last().unwrap_or(&1),
+                };
+                let global = config.global_params(name, layer, num_layers)?;
+                let out = merge_tensor(config.method, &global, &input, |i| {
+                    tensor_rng(opts.seed, name, i)
+                })
+                .with_context(|| format!("tensor `{name}`"))?;
+                Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(out_dtype)?)
+            })
+            .collect();
+        for (name, t) in chunk.iter().zip(merged) {
+            writer.add(name.clone(), t?)?;
+            bar.inc(1);
+        }
+    }
+    writer.finish()?;
+    bar.finish_and_clear();
+    dir.commit()
+}
