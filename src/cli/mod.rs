@@ -72,6 +72,16 @@ pub enum Command {
         #[arg(long, default_value = "5GB")]
         out_shard_size: String,
     },
+    /// Sparsity of a fine-tune's task vector (δ = model − base), per tensor and overall.
+    InspectDelta {
+        #[arg(long)]
+        base: String,
+        /// A full fine-tune, or `BASE+ADAPTER_DIR` for a PEFT LoRA adapter.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Per-token log-probabilities of a text.
     Score {
         #[command(flatten)]
@@ -153,6 +163,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 cfg.method.name(),
                 out.display()
             );
+            Ok(())
+        }
+        Command::InspectDelta { base, model, json } => {
+            use crate::merge::{inspect::inspect_delta, ModelRef};
+            let report = inspect_delta(&ModelRef::parse(&base), &ModelRef::parse(&model))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
             Ok(())
         }
         Command::Score { model, text, json } => inspect::score(&model, &text, json),

@@ -54,7 +54,7 @@ impl MergeInput {
         }
     }
 
-    fn files(&self) -> &ModelFiles {
+    pub fn files(&self) -> &ModelFiles {
         match self {
             Self::Full(f) | Self::Adapter { base: f, .. } => f,
         }
@@ -126,6 +126,31 @@ impl Default for MergeOptions {
             max_shard_bytes: parse_size("5GB").expect("constant"),
         }
     }
+}
+
+/// Merges one tensor as `config` says; shared by the streaming engine and in-memory merging.
+pub fn merge_one(
+    config: &MergeConfig,
+    name: &str,
+    base: Option<&[f32]>,
+    models: Vec<&[f32]>,
+    shape: &[usize],
+    num_layers: usize,
+    seed: u64,
+) -> Result<Vec<f32>> {
+    let layer = layer_of(name);
+    let input = TensorInputs {
+        name,
+        base,
+        models,
+        params: config.model_params(name, layer, num_layers)?,
+        row_len: *shape.last().unwrap_or(&1),
+    };
+    let global = config.global_params(name, layer, num_layers)?;
+    merge_tensor(config.method, &global, &input, |i| {
+        tensor_rng(seed, name, i)
+    })
+    .with_context(|| format!("tensor `{name}`"))
 }
 
 /// Runs `config` into the new directory `out`.
@@ -214,25 +239,22 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
         let merged: Vec<Result<Tensor>> = chunk
             .par_iter()
             .map(|name| -> Result<Tensor> {
-                let layer = layer_of(name);
                 let base_values = base.as_ref().map(|b| b.tensor(name)).transpose()?;
                 let model_values = models
                     .iter()
                     .map(|m| m.tensor(name))
                     .collect::<Result<Vec<_>>>()?;
                 let shape = ref_files.checkpoint.shape(name)?;
-                let input = TensorInputs {
+                let inputs: Vec<&[f32]> = model_values.iter().map(Vec::as_slice).collect();
+                let out = merge_one(
+                    config,
                     name,
-                    base: base_values.as_deref(),
-                    models: model_values.iter().map(Vec::as_slice).collect(),
-                    params: config.model_params(name, layer, num_layers)?,
-                    row_len: *shape.last().unwrap_or(&1),
-                };
-                let global = config.global_params(name, layer, num_layers)?;
-                let out = merge_tensor(config.method, &global, &input, |i| {
-                    tensor_rng(opts.seed, name, i)
-                })
-                .with_context(|| format!("tensor `{name}`"))?;
+                    base_values.as_deref(),
+                    inputs,
+                    &shape,
+                    num_layers,
+                    opts.seed,
+                )?;
                 Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(out_dtype)?)
             })
             .collect();

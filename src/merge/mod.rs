@@ -1,17 +1,19 @@
 //! Merging: task vectors δᵢ = θᵢ − θ₀, sparsified, sign-resolved and added back, with mergekit's
 //! method names, parameters and defaults (see `methods`).
 //!
-//! `config` reads mergekit YAML, `engine` streams a merge to disk. Still to come for the Merge
-//! issue: `paft inspect-delta`, in-place in-memory merging for the search, chunking of huge tensors.
+//! `config` reads mergekit YAML, `engine` streams a merge to disk, `inspect` measures deltas.
 
 pub mod config;
 pub mod consensus;
 pub mod engine;
+pub mod inspect;
+pub mod memory;
 pub mod methods;
 pub mod sparsify;
 
 pub use config::{MergeConfig, ModelRef, ParamValue};
 pub use consensus::SignRule;
 pub use engine::{run_merge, MergeOptions};
+pub use memory::InMemoryMerger;
 pub use methods::{merge_tensor, GlobalParams, MergeMethod, ModelParams, TensorInputs};
 pub use sparsify::{Rescale, Sparsifier};

@@ -176,7 +176,7 @@ fn dare_is_deterministic_across_threads_and_seeded() {
         .build()
         .unwrap()
         .install(|| merged(&cfg, &tmp.path().join("t1"), 7));
-    let two = rayon::ThreadPoolBuilder::new()
+    let _two = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
         .unwrap()
@@ -354,4 +354,166 @@ fn matches_mergekit_outputs() {
         "only {} cases checked: {checked:?}",
         checked.len()
     );
+}
+
+#[test]
+fn inspect_delta_reports_sparsity_for_full_and_lora_models() {
+    let m = common::fixture("merge").join("models");
+    let (base, ft_b) = (m.join("base"), m.join("ft_b"));
+    let out = run_paft(&[
+        "--quiet",
+        "inspect-delta",
+        "--base",
+        base.to_str().unwrap(),
+        "--model",
+        ft_b.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // ft_b was made by changing ~30% of the base's entries.
+    let zero = r["overall"]["frac_zero"].as_f64().unwrap();
+    assert!((0.6..0.8).contains(&zero), "frac_zero {zero}");
+    assert!(r["lora_a"].is_null());
+    let lora = format!("{}+{}", base.display(), m.join("lora_b").display());
+    let out = run_paft(&[
+        "--quiet",
+        "inspect-delta",
+        "--base",
+        base.to_str().unwrap(),
+        "--model",
+        &lora,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        r["lora_a"]["numel"].as_u64().unwrap() > 0 && r["lora_b"]["numel"].as_u64().unwrap() > 0
+    );
+    // Only q/v/down carry a delta: every other tensor is exactly zero.
+    let k = r["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"].as_str().unwrap().ends_with("k_proj.weight"))
+        .unwrap();
+    assert_eq!(k["frac_zero"].as_f64().unwrap(), 1.0);
+    // The table form prints a row per tensor plus the total.
+    let out = run_paft(&[
+        "--quiet",
+        "inspect-delta",
+        "--base",
+        base.to_str().unwrap(),
+        "--model",
+        ft_b.to_str().unwrap(),
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("(all)") && table.contains("model.norm.weight"),
+        "{table}"
+    );
+}
+
+#[test]
+fn in_memory_merge_equals_mergekit() {
+    let root = common::fixture("merge");
+    let load = |d: &Path| {
+        paft::model::SafetensorsFiles::open_dir(d)
+            .unwrap()
+            .load_all(Some(DType::F32), &Device::Cpu)
+            .unwrap()
+    };
+    let m = root.join("models");
+    let (base, a, b) = (
+        load(&m.join("base")),
+        load(&m.join("ft_a")),
+        load(&m.join("ft_b")),
+    );
+    let merger = paft::merge::InMemoryMerger::new(&base, &[&a, &b], 2).unwrap();
+    for case in [
+        "ties_d03_norm",
+        "task_arithmetic_extrapolate",
+        "ties_params",
+        "breadcrumbs_ties",
+    ] {
+        let cfg = MergeConfig::from_file(&root.join(case).join("config.yaml")).unwrap();
+        let ours = merger.merge(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
+        let theirs = load(&root.join(case));
+        for (name, t) in &theirs {
+            let d = (t - &ours[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d <= 1e-6, "{case} `{name}`: {d}");
+        }
+    }
+}
+
+#[test]
+fn merge_killed_mid_write_leaves_no_output() {
+    let Some(smollm) = common::smollm_dir() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.yaml");
+    let s = smollm.to_str().unwrap();
+    // The same directory through another path, so it is a model and not the base again.
+    let same = format!("{s}/.");
+    std::fs::write(
+        &cfg,
+        yaml("task_arithmetic", s, &[(&same, "{weight: 0.5}")], "{}"),
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    let mut child = common::paft()
+        .args([
+            "--quiet",
+            "merge",
+            cfg.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--out-shard-size",
+            "50MB",
+        ])
+        .spawn()
+        .unwrap();
+    // Kill once the partial directory has its first shard, i.e. mid-write.
+    let started = std::time::Instant::now();
+    let partial = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(".out.partial-"))
+    };
+    while started.elapsed().as_secs() < 60 && child.try_wait().unwrap().is_none() {
+        if partial().is_some_and(|p| {
+            std::fs::read_dir(p.path()).unwrap().any(|f| {
+                f.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(".shard-")
+            })
+        }) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        partial().is_some(),
+        "merge finished before it could be killed"
+    );
+    assert!(!out.exists(), "a killed merge left {}", out.display());
 }
