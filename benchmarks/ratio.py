@@ -1,21 +1,33 @@
 #!/usr/bin/env python3
-"""Summarise a benchmark JSONL (one line per impl/batch/run): best tokens/s per impl and batch, and paft's ratio."""
+"""Summarise a benchmark JSONL (one line per impl/run): paft against its peer.
+
+Throughput rows (tokens_per_s, per batch): best run of each impl, ratio paft/peer (higher is better).
+Wall-time rows (wall_s, max_rss_kb): best run of each impl, speed-up peer/paft and peak RSS of both.
+"""
 import json
 import sys
 from collections import defaultdict
 
-best = defaultdict(float)
-for line in open(sys.argv[1]):
-    line = line.strip()
-    if not line.startswith("{"):
-        continue
-    r = json.loads(line)
-    key = (r["impl"], r["batch"])
-    best[key] = max(best[key], r["tokens_per_s"])
-peer = sorted({impl for impl, _ in best if impl != "paft"})
-print(f"{'batch':>5} {'paft tok/s':>11} " + " ".join(f"{p + ' tok/s':>18}" for p in peer) + "  ratio (paft/peer)")
-for b in sorted({b for _, b in best}):
-    row = f"{b:>5} {best[('paft', b)]:>11.1f} "
-    for p in peer:
-        row += f"{best[(p, b)]:>18.1f}  {best[('paft', b)] / best[(p, b)]:.2f}x"
-    print(row)
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+if rows and "tokens_per_s" in rows[0]:
+    best = defaultdict(float)
+    for r in rows:
+        key = (r["impl"], r["batch"])
+        best[key] = max(best[key], r["tokens_per_s"])
+    peer = sorted({impl for impl, _ in best if impl != "paft"})
+    print(f"{'batch':>5} {'paft tok/s':>11} " + " ".join(f"{p + ' tok/s':>18}" for p in peer) + "  ratio (paft/peer)")
+    for b in sorted({b for _, b in best}):
+        row = f"{b:>5} {best[('paft', b)]:>11.1f} "
+        for p in peer:
+            row += f"{best[(p, b)]:>18.1f}  {best[('paft', b)] / best[(p, b)]:.2f}x"
+        print(row)
+else:
+    best = {}
+    for r in rows:
+        if r["impl"] not in best or r["wall_s"] < best[r["impl"]]["wall_s"]:
+            best[r["impl"]] = r
+    for impl, r in sorted(best.items()):
+        print(f"{impl:>10}: {r['wall_s']:.2f} s, peak RSS {r['max_rss_kb'] / 1024:.0f} MiB")
+    for impl in best:
+        if impl != "paft" and "paft" in best:
+            print(f"speed-up paft vs {impl}: {best[impl]['wall_s'] / best['paft']['wall_s']:.2f}x")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks against the peer tools, same machine, same thread count.
 #   benchmarks/run.sh prefill      # paft vs transformers: prefill tokens/s, SmolLM2-135M f32, seq 512, batch 1 and 4
+#   benchmarks/run.sh merge        # paft vs mergekit-yaml: TIES of three SmolLM2-135M-sized f32 models, wall time and peak RSS
 # Env: THREADS (default: nproc), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -14,9 +15,12 @@ mkdir -p "$OUT"
 [ -x "$PY" ] || { echo "no Python at $PY: create the reference venv as scripts/reference/README.md says" >&2; exit 1; }
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
-cargo build --release --quiet --bin paft
+# The dev profile: numeric dependencies (candle, gemm, tokenizers, …) at opt-level 3 without debug
+# assertions (see Cargo.toml), shared with the tests, so no separate 20-minute release build.
+cargo build --quiet --bin paft
+BIN=${CARGO_TARGET_DIR:-target}/debug/paft
 MODEL=$OUT/smollm-f32
-[ -f "$MODEL/config.json" ] || target/release/paft --quiet import-gguf "$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL"
+[ -f "$MODEL/config.json" ] || "$BIN" --quiet import-gguf "$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL"
 
 case "$what" in
   prefill)
@@ -24,10 +28,39 @@ case "$what" in
     : > "$log"
     # Alternate the two implementations so background load hits both alike.
     for round in 1 2; do
-      cargo bench --quiet --bench prefill -- --model "$MODEL" --seq 512 --batches 1,4 --repeats 5 | tee -a "$log"
+      cargo bench --profile dev --quiet --bench prefill -- --model "$MODEL" --seq 512 --batches 1,4 --repeats 5 | tee -a "$log"
       "$PY" benchmarks/transformers_prefill.py --model "$MODEL" --threads "$THREADS" --seq 512 --batches 1,4 --repeats 5 | tee -a "$log"
     done
     python3 benchmarks/ratio.py "$log"
     ;;
-  *) echo "unknown benchmark '$what' (known: prefill)" >&2; exit 2 ;;
+  merge)
+    log=$OUT/merge.jsonl
+    : > "$log"
+    for s in 1 2; do
+      [ -f "$OUT/smollm-ft$s/config.json" ] || "$PY" benchmarks/perturb_model.py "$MODEL" "$OUT/smollm-ft$s" --seed "$s"
+    done
+    cat > "$OUT/ties.yaml" <<YAML
+merge_method: ties
+base_model: $MODEL
+models:
+  - model: $OUT/smollm-ft1
+    parameters: {weight: 1.0, density: 0.5}
+  - model: $OUT/smollm-ft2
+    parameters: {weight: 1.0, density: 0.5}
+parameters: {normalize: true}
+dtype: float32
+YAML
+    for round in 1 2; do
+      rm -rf "$OUT/merged-paft" "$OUT/merged-mergekit" "$OUT/merged-mergekit.yaml"
+      /usr/bin/time -v -o "$OUT/paft-time.txt" "$BIN" --quiet merge "$OUT/ties.yaml" "$OUT/merged-paft"
+      awk -v threads="$THREADS" '
+        /Elapsed \(wall clock\)/ { n = split($NF, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i] }
+        /Maximum resident set size/ { rss = $NF }
+        END { printf "{\"impl\":\"paft\",\"wall_s\":%.2f,\"max_rss_kb\":%d,\"threads\":%d}\n", s, rss, threads }
+      ' "$OUT/paft-time.txt" | tee -a "$log"
+      benchmarks/mergekit_ties.sh "$MODEL" "$OUT/smollm-ft1" "$OUT/smollm-ft2" "$OUT/merged-mergekit" | tee -a "$log"
+    done
+    python3 benchmarks/ratio.py "$log"
+    ;;
+  *) echo "unknown benchmark '$what' (known: prefill, merge)" >&2; exit 2 ;;
 esac
