@@ -183,6 +183,18 @@ impl SafetensorsFiles {
         let bytes = &f.mmap[base + start..base + end];
         let t = Tensor::from_raw_buffer(bytes, src, &info.shape, device)
             .with_context(|| format!("{}: cannot read tensor `{name}`", f.path.display()))?;
+        // The bytes are copied out: let the kernel drop these pages from our resident set, so
+        // streaming through checkpoints costs one tensor of memory, not the whole file.
+        #[cfg(unix)]
+        // SAFETY: the mapping is read-only and file-backed; dropped pages are re-read from the
+        // file if touched again, so no data is lost and no live reference changes.
+        unsafe {
+            let _ = f.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                base + start,
+                end - start,
+            );
+        }
         match dtype {
             Some(d) if d != src => Ok(t.to_dtype(d)?),
             _ => Ok(t),

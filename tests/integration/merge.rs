@@ -282,6 +282,51 @@ fn bad_merges_fail_before_writing_anything() {
         e.contains(q.to_str().unwrap()) && e.contains("shape"),
         "{e}"
     );
+    // A model missing a tensor.
+    let holey = tmp.path().join("holey");
+    let src = Pretrained::load(Path::new(&f.a), None, &Device::Cpu).unwrap();
+    let mut w = src.weights.clone();
+    w.remove("model.layers.1.mlp.up_proj.weight");
+    std::fs::create_dir_all(&holey).unwrap();
+    std::fs::copy(
+        Path::new(&f.a).join("config.json"),
+        holey.join("config.json"),
+    )
+    .unwrap();
+    paft::model::weights::write_weights(&holey, &w, None, usize::MAX).unwrap();
+    let e = run(yaml(
+        "ties",
+        &f.base,
+        &[(holey.to_str().unwrap(), "{weight: 1, density: 0.5}")],
+        "{}",
+    ));
+    assert!(
+        e.contains("holey") && e.contains("model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
+    // A model with another vocabulary.
+    let small = tmp.path().join("small_vocab");
+    let spec = TinySpec::llama(6);
+    let cfg = spec.config(1000).unwrap();
+    std::fs::create_dir_all(&small).unwrap();
+    cfg.write(&small.join("config.json")).unwrap();
+    paft::model::weights::write_weights(
+        &small,
+        &spec.weights(&cfg, DType::F32, &Device::Cpu).unwrap(),
+        None,
+        usize::MAX,
+    )
+    .unwrap();
+    let e = run(yaml(
+        "ties",
+        &f.base,
+        &[(small.to_str().unwrap(), "{weight: 1, density: 0.5}")],
+        "{}",
+    ));
+    assert!(
+        e.contains("small_vocab") && e.contains("vocab_size 1000"),
+        "{e}"
+    );
     // Unreadable adapter.
     let broken = tmp.path().join("broken_lora");
     std::fs::create_dir_all(&broken).unwrap();
