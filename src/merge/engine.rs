@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use super::config::{MergeConfig, ModelRef};
 use super::methods::{merge_tensor, TensorInputs};
-use crate::model::pretrained::TOKENIZER_FILES;
+use crate::model::pretrained::copy_tokenizer_files;
 use crate::model::weights::{parse_size, AtomicDir, ShardedWriter};
 use crate::model::{parse_dtype, source, LoraAdapter, ModelFiles};
 
@@ -222,13 +222,7 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
     let mut cfg = ref_files.config.clone();
     cfg.raw["torch_dtype"] = serde_json::json!(crate::model::gguf::dtype_name(out_dtype));
     cfg.write(&dir.path().join("config.json"))?;
-    for file in TOKENIZER_FILES {
-        let src = ref_files.dir.join(file);
-        if src.is_file() {
-            std::fs::copy(&src, dir.path().join(file))
-                .with_context(|| format!("cannot copy {}", src.display()))?;
-        }
-    }
+    copy_tokenizer_files(&ref_files.dir, dir.path())?;
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
 
     let mut writer = ShardedWriter::new(dir.path(), opts.max_shard_bytes);

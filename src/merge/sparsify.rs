@@ -268,6 +268,29 @@ mod tests {
     }
 
     #[test]
+    fn della_keeps_density_on_average_and_l1_rescale_preserves_norm() {
+        let (rows, cols) = (1000, 1000);
+        let mut r = rng();
+        let orig: Vec<f32> = (0..rows * cols)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
+        let mut d = orig.clone();
+        sparsify(
+            &mut d,
+            cols,
+            Sparsifier::Della {
+                density: 0.4,
+                epsilon: 0.15,
+            },
+            Rescale::L1,
+            &mut rng(),
+        );
+        let kept = d.iter().filter(|&&x| x != 0.0).count() as f64 / d.len() as f64;
+        assert!((kept - 0.4).abs() < 0.004, "kept {kept}");
+        assert!((l1(&d) / l1(&orig) - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
     fn della_keeps_large_entries_more_often() {
         let n = 100_000;
         let mut d: Vec<f32> = (0..n).map(|i| (i + 1) as f32).collect();

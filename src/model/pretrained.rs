@@ -22,6 +22,18 @@ pub const TOKENIZER_FILES: [&str; 5] = [
     "generation_config.json",
 ];
 
+/// Copies whichever of [`TOKENIZER_FILES`] `from` has into `to`.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    for file in TOKENIZER_FILES {
+        let src = from.join(file);
+        if src.is_file() {
+            std::fs::copy(&src, to.join(file))
+                .with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// A model directory's contents in memory.
 pub struct Pretrained {
     pub dir: PathBuf,
@@ -120,13 +132,7 @@ impl Pretrained {
             config.raw["torch_dtype"] = serde_json::json!(dtype_name(d));
         }
         config.write(&dir.path().join("config.json"))?;
-        for file in TOKENIZER_FILES {
-            let src = self.dir.join(file);
-            if src.is_file() {
-                std::fs::copy(&src, dir.path().join(file))
-                    .with_context(|| format!("cannot copy {}", src.display()))?;
-            }
-        }
+        copy_tokenizer_files(&self.dir, dir.path())?;
         write_weights(dir.path(), &self.weights, dtype, max_shard_bytes)?;
         dir.commit()?;
         Ok(())

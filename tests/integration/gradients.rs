@@ -10,6 +10,8 @@ use paft::model::{
 };
 use rand::{Rng, SeedableRng};
 
+use crate::common;
+
 const VOCAB: usize = 97;
 
 fn batch() -> TokenBatch {
@@ -229,13 +231,6 @@ fn inference_and_differentiable_modes_agree() {
     let b = LlamaModel::from_weights(&cfg, &w, None, Mode::Differentiable).unwrap();
     let ha = a.forward(&batch(), None).unwrap();
     let hb = b.forward(&batch(), None).unwrap();
-    let diff = (ha - hb)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(&ha, &hb);
     assert!(diff < 1e-4, "modes differ by {diff}");
 }

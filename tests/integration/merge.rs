@@ -145,16 +145,7 @@ fn merged(cfg: &str, out: &Path, seed: u64) -> Pretrained {
 fn max_diff(x: &Pretrained, y: &Pretrained) -> f32 {
     x.weights
         .iter()
-        .map(|(n, t)| {
-            (t - &y.weights[n])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
+        .map(|(n, t)| common::max_abs_diff(&t, &y.weights[n]))
         .fold(0.0, f32::max)
 }
 
@@ -378,16 +369,7 @@ fn matches_mergekit_outputs() {
         for name in theirs.names() {
             let a = ours.load(&name, Some(DType::F32), &Device::Cpu).unwrap();
             let b = theirs.load(&name, Some(DType::F32), &Device::Cpu).unwrap();
-            worst = worst.max(
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap(),
-            );
+            worst = worst.max(common::max_abs_diff(&a, &b));
         }
         let case = dir.file_name().unwrap().to_str().unwrap().to_string();
         eprintln!("{case:<30} max |paft - mergekit| = {worst:.2e}");
@@ -493,14 +475,7 @@ fn in_memory_merge_equals_mergekit() {
         let ours = merger.merge(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
         let theirs = load(&root.join(case));
         for (name, t) in &theirs {
-            let d = (t - &ours[name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = common::max_abs_diff(&t, &ours[name]);
             assert!(d <= 1e-6, "{case} `{name}`: {d}");
         }
     }
