@@ -240,6 +240,8 @@ fn bad_merges_fail_before_writing_anything() {
         assert!(!out.exists(), "output left behind");
         err
     };
+    // TIES of the base and one model.
+    let ties_with = |m: &str| yaml("ties", &f.base, &[(m, "{weight: 1, density: 0.5}")], "{}");
     // Unknown method: rejected from the YAML alone (the model paths do not even exist).
     let e = run(yaml(
         "dare-ties",
@@ -263,12 +265,7 @@ fn bad_merges_fail_before_writing_anything() {
     }
     .write(&q, common::tokenizer_dir().unwrap())
     .unwrap();
-    let e = run(yaml(
-        "ties",
-        &f.base,
-        &[(q.to_str().unwrap(), "{weight: 1, density: 0.5}")],
-        "{}",
-    ));
+    let e = run(ties_with(q.to_str().unwrap()));
     assert!(
         e.contains(q.to_str().unwrap()) && e.contains("shape"),
         "{e}"
@@ -285,12 +282,7 @@ fn bad_merges_fail_before_writing_anything() {
     )
     .unwrap();
     paft::model::weights::write_weights(&holey, &w, None, usize::MAX).unwrap();
-    let e = run(yaml(
-        "ties",
-        &f.base,
-        &[(holey.to_str().unwrap(), "{weight: 1, density: 0.5}")],
-        "{}",
-    ));
+    let e = run(ties_with(holey.to_str().unwrap()));
     assert!(
         e.contains("holey") && e.contains("model.layers.1.mlp.up_proj.weight"),
         "{e}"
@@ -308,12 +300,7 @@ fn bad_merges_fail_before_writing_anything() {
         usize::MAX,
     )
     .unwrap();
-    let e = run(yaml(
-        "ties",
-        &f.base,
-        &[(small.to_str().unwrap(), "{weight: 1, density: 0.5}")],
-        "{}",
-    ));
+    let e = run(ties_with(small.to_str().unwrap()));
     assert!(
         e.contains("small_vocab") && e.contains("vocab_size 1000"),
         "{e}"
