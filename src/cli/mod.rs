@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and dispatch only; the work lives in the stages.
 
+mod eval;
 mod inspect;
 
 use std::path::PathBuf;
@@ -92,6 +93,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Score a model on the Open LLM Leaderboard tasks (lm-eval's definitions, local data).
+    Eval(eval::EvalArgs),
     /// Greedy generation with the KV cache, stopping at EOS.
     Generate {
         #[command(flatten)]
@@ -113,6 +116,12 @@ pub enum FetchWhat {
         repo_id: String,
         #[arg(long)]
         revision: Option<String>,
+    },
+    /// The six leaderboard datasets, converted to <task>/<split>.jsonl.
+    Tasks {
+        /// Where to write them (default: PAFT_TASKS_DIR, else ~/.cache/paft/tasks).
+        #[arg(long, env = "PAFT_TASKS_DIR")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -145,6 +154,14 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", dir.display());
             Ok(())
         }
+        Command::Fetch {
+            what: FetchWhat::Tasks { out },
+        } => {
+            let out = out.unwrap_or_else(crate::eval::TaskStore::fetch_root);
+            crate::eval::fetch::fetch_tasks(&out)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Command::Merge {
             config,
             out_dir,
@@ -175,6 +192,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Eval(args) => eval::run(&args),
         Command::Score { model, text, json } => inspect::score(&model, &text, json),
         Command::Generate {
             model,

@@ -1,2 +1,27 @@
-//! The six Open LLM Leaderboard tasks with lm-evaluation-harness semantics, one file per task
-//! behind one task trait. Arrives with the Evaluator issue.
+//! The leaderboard evaluator: the six Open LLM Leaderboard tasks scored as lm-evaluation-harness
+//! 0.4.x scores them on local copies (`../shared/docs/leaderboard-tasks.md`, LOCAL semantics),
+//! with shared prefixes and document contexts prefilled once.
+//!
+//! Flow: [`TaskStore`] (files) → [`tasks`] (documents → requests, one file per task behind
+//! [`Task`]) → [`PreparedSuite`] (selection, shots, tokens; built once per tokenizer) →
+//! [`engine`] (KV-cache scoring and generation) → [`SuiteResult`] (metrics, results.json).
+
+pub mod engine;
+pub mod fetch;
+pub mod fewshot;
+pub mod multiple_choice;
+pub mod pyrandom;
+pub mod results;
+pub mod store;
+pub mod subset;
+pub mod suite;
+pub mod task;
+pub mod tasks;
+pub mod tokenize;
+
+pub use results::{Headline, SuiteResult, TaskResult};
+pub use store::TaskStore;
+pub use subset::Selection;
+pub use suite::{EvalConfig, EvalModel, PreparedSuite};
+pub use task::{Benchmark, MetricKey, Task};
+pub use tasks::{parse_task_list, TaskOptions, TaskSpec};

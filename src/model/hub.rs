@@ -15,7 +15,7 @@ const OPTIONAL: [&str; 3] = [
     "special_tokens_map.json",
 ];
 
-fn offline() -> bool {
+pub(crate) fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| {
         matches!(
             v.trim(),

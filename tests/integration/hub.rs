@@ -11,13 +11,19 @@ use crate::common::{self, expect_clean_failure};
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const REPO: &str = "paft-test/tiny-llama";
 
-struct HubServer {
-    url: String,
-    requests: Arc<Mutex<Vec<String>>>,
+pub struct HubServer {
+    pub url: String,
+    pub requests: Arc<Mutex<Vec<String>>>,
 }
 
 /// Serves the files of `dir` for repo `REPO` at any revision.
 fn serve(dir: PathBuf) -> HubServer {
+    serve_routes(vec![(format!("/{REPO}/resolve/"), dir)])
+}
+
+/// Serves, for each `(prefix, dir)`, `{prefix}{revision}/{file}` from `dir/{file}` (file may
+/// contain slashes), as the Hub's resolve endpoint does; anything else is a 404.
+pub fn serve_routes(routes: Vec<(String, PathBuf)>) -> HubServer {
     let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let url = format!("http://{}", server.server_addr().to_ip().unwrap());
     let requests = Arc::new(Mutex::new(vec![]));
@@ -26,12 +32,14 @@ fn serve(dir: PathBuf) -> HubServer {
         for req in server.incoming_requests() {
             let path = req.url().to_string();
             log.lock().unwrap().push(format!("{} {path}", req.method()));
-            let prefix = format!("/{REPO}/resolve/");
-            let file = path
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.split_once('/'))
-                .map(|(_, f)| f.to_string());
-            let local = file.map(|f| dir.join(f)).filter(|p| p.is_file());
+            let local = routes
+                .iter()
+                .find_map(|(prefix, dir)| {
+                    path.strip_prefix(prefix.as_str())
+                        .and_then(|rest| rest.split_once('/'))
+                        .map(|(_, f)| dir.join(f))
+                })
+                .filter(|p| p.is_file());
             let response = match local {
                 Some(p) => {
                     let bytes = std::fs::read(&p).unwrap();
@@ -67,7 +75,7 @@ fn serve(dir: PathBuf) -> HubServer {
     HubServer { url, requests }
 }
 
-fn paft_with_hub(endpoint: &str, hf_home: &Path) -> std::process::Command {
+pub fn paft_with_hub(endpoint: &str, hf_home: &Path) -> std::process::Command {
     let mut cmd = common::paft();
     cmd.env("HF_ENDPOINT", endpoint)
         .env("HF_HOME", hf_home)

@@ -3,6 +3,7 @@
 mod common;
 
 mod bad_input;
+mod eval;
 mod gradients;
 mod hub;
 mod kv_cache;

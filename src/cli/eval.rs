@@ -1,0 +1,134 @@
+//! `paft eval`: the leaderboard tasks on one model, lm-eval-style outputs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use super::ModelArgs;
+use crate::eval::{
+    parse_task_list, results::write_samples, EvalConfig, EvalModel, PreparedSuite, Selection,
+    TaskOptions, TaskStore,
+};
+use crate::model::{self, Mode, Pretrained};
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `leaderboard` (all six) or a comma-separated list: arc_challenge, hellaswag, mmlu,
+    /// mmlu_<subject>, truthfulqa_mc2, winogrande, gsm8k.
+    #[arg(long, default_value = "leaderboard")]
+    pub tasks: String,
+    /// Only the first N documents of each task (each MMLU subject), as lm-eval's --limit.
+    #[arg(long, conflicts_with = "sample")]
+    pub limit: Option<usize>,
+    /// A stratified random subset of N documents per task (MMLU: N in total over subjects).
+    #[arg(long)]
+    pub sample: Option<usize>,
+    /// Seed of --sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Shots for every task instead of the leaderboard's (TruthfulQA stays 0-shot).
+    #[arg(long)]
+    pub num_fewshot: Option<usize>,
+    /// Seed of the few-shot sampler (lm-eval's fewshot_random_seed).
+    #[arg(long, default_value_t = crate::eval::fewshot::DEFAULT_FEWSHOT_SEED)]
+    pub fewshot_seed: u64,
+    /// Generation batch size (GSM8K).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Directory with <task>/<split>.jsonl (default: PAFT_TASKS_DIR, ../shared/data/leaderboard, or
+    /// where `paft fetch tasks` writes).
+    #[arg(long, env = "PAFT_TASKS_DIR")]
+    pub tasks_dir: Option<PathBuf>,
+    /// Write results.json (and samples) here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Also write samples_<task>.jsonl with every document's requests and answers.
+    #[arg(long)]
+    pub log_samples: bool,
+    /// TruthfulQA mc2 true set as the leaderboard had it (answers before the first false one).
+    #[arg(long)]
+    pub legacy_mc2: bool,
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    if args.log_samples && args.output.is_none() {
+        bail!("--log-samples needs --output DIR");
+    }
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let store = TaskStore::new(args.tasks_dir.clone().unwrap_or_else(TaskStore::default_root));
+    let mut config = EvalConfig::new(parse_task_list(&args.tasks)?);
+    config.selection = match (args.limit, args.sample) {
+        (Some(n), _) => Selection::Limit(n),
+        (None, Some(n)) => Selection::Sample { n, seed: args.seed },
+        (None, None) => Selection::All,
+    };
+    config.num_fewshot = args.num_fewshot;
+    config.fewshot_seed = args.fewshot_seed;
+    config.batch_size = args.batch_size;
+    config.task_options = TaskOptions {
+        legacy_mc2_true_set: args.legacy_mc2,
+    };
+
+    let device = model::parse_device(&args.model.device)?;
+    let dtype = model::parse_dtype(&args.model.dtype)?;
+    let dir = model::source::resolve_model(&args.model.model, args.model.revision.as_deref())?;
+    let pre = Pretrained::load(&dir, Some(dtype), &device)?;
+    let net = pre.model(Mode::Inference, None)?;
+
+    let suite = PreparedSuite::prepare(&store, &pre.tokenizer, pre.config.max_position_embeddings, config)
+        .with_context(|| format!("preparing tasks from {}", store.root().display()))?;
+    tracing::info!(
+        "{} documents in {} task(s) from {}",
+        suite.num_docs(),
+        suite.tasks.len(),
+        store.root().display()
+    );
+    let target = EvalModel {
+        model: &net,
+        tokenizer: &pre.tokenizer,
+        stop_token_ids: pre.stop_token_ids(),
+        pad_id: pre.pad_token_id(),
+    };
+    let bar = crate::progress::bar(suite.num_docs() as u64, "eval");
+    let result = suite.evaluate(&target, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+
+    if let Some(out) = &args.output {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        let config = json!({
+            "model": args.model.model,
+            "model_dir": dir,
+            "device": args.model.device,
+            "dtype": args.model.dtype,
+            "tasks": args.tasks,
+            "limit": args.limit,
+            "sample": args.sample.map(|n| json!({"n": n, "seed": args.seed})),
+            "num_fewshot": args.num_fewshot,
+            "fewshot_seed": args.fewshot_seed,
+            "batch_size": args.batch_size,
+            "tasks_dir": store.root(),
+            "legacy_mc2": args.legacy_mc2,
+        });
+        let json = serde_json::to_vec_pretty(&result.to_json(config))?;
+        model::weights::write_file_atomic(&out.join("results.json"), &json)?;
+        if args.log_samples {
+            write_samples(out, &suite, &result)?;
+        }
+        tracing::info!("results written to {}", out.display());
+    }
+    if let Some(micro) = result.mmlu_micro() {
+        tracing::info!("MMLU micro mean (lm-eval's group number): {:.2}", 100.0 * micro);
+    }
+    tracing::info!(
+        "{} requests in {:.1}s",
+        result.num_requests(),
+        result.seconds
+    );
+    print!("{}", result.table(&args.model.model));
+    Ok(())
+}

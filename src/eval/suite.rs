@@ -1,0 +1,260 @@
+//! A prepared evaluation: tasks loaded, documents selected, shots drawn and requests tokenized
+//! once, then run against any number of models that share the tokenizer (the merge search
+//! scores every candidate this way, with no disk round trip).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use super::engine::{self, Prefilled};
+use super::fewshot::{shot_plan, DEFAULT_FEWSHOT_SEED};
+use super::results::{DocRecord, SuiteResult, TaskResult};
+use super::store::TaskStore;
+use super::subset::{stratified_sample, Selection};
+use super::task::{Benchmark, Response, Task};
+use super::tasks::{load_tasks, TaskOptions, TaskSpec};
+use super::tokenize::{common_prefix_len, RequestEncoder, TokenizedRequests};
+use crate::model::{LlamaModel, ModelTokenizer};
+
+/// What to evaluate and how.
+#[derive(Debug, Clone)]
+pub struct EvalConfig {
+    pub tasks: Vec<TaskSpec>,
+    pub selection: Selection,
+    /// Overrides every task's shot count (TruthfulQA has no few-shot pool and stays 0-shot).
+    pub num_fewshot: Option<usize>,
+    pub fewshot_seed: u64,
+    /// Generation batch size (GSM8K).
+    pub batch_size: usize,
+    pub task_options: TaskOptions,
+}
+
+impl EvalConfig {
+    pub fn new(tasks: Vec<TaskSpec>) -> Self {
+        Self {
+            tasks,
+            selection: Selection::All,
+            num_fewshot: None,
+            fewshot_seed: DEFAULT_FEWSHOT_SEED,
+            batch_size: 8,
+            task_options: TaskOptions::default(),
+        }
+    }
+}
+
+/// The model being evaluated, with what generation needs to know about its tokenizer.
+pub struct EvalModel<'a> {
+    pub model: &'a LlamaModel,
+    pub tokenizer: &'a ModelTokenizer,
+    pub stop_token_ids: Vec<u32>,
+    pub pad_id: u32,
+}
+
+pub struct PreparedTask {
+    pub task: Box<dyn Task>,
+    pub num_fewshot: usize,
+    /// Selected documents, ascending.
+    pub doc_ids: Vec<usize>,
+    /// Shot indices per selected document.
+    pub shots: Vec<Vec<usize>>,
+    pub requests: Vec<TokenizedRequests>,
+    /// Tokens every selected document starts with (prefilled once per model).
+    pub shared_prefix: Vec<u32>,
+}
+
+/// Below this many tokens a task-wide shared prefix is not worth a separate prefill.
+const MIN_SHARED_PREFIX: usize = 16;
+
+impl PreparedTask {
+    pub fn num_requests(&self) -> usize {
+        self.requests
+            .iter()
+            .map(|r| match r {
+                TokenizedRequests::Loglikelihood(c) => c.len(),
+                TokenizedRequests::Generate(_) => 1,
+            })
+            .sum()
+    }
+}
+
+pub struct PreparedSuite {
+    pub config: EvalConfig,
+    pub tasks: Vec<PreparedTask>,
+}
+
+impl PreparedSuite {
+    pub fn prepare(
+        store: &TaskStore,
+        tokenizer: &ModelTokenizer,
+        max_length: usize,
+        config: EvalConfig,
+    ) -> Result<Self> {
+        let tasks = load_tasks(store, &config.tasks, &config.task_options)?;
+        let selected = select_documents(&tasks, config.selection);
+        let encoder = RequestEncoder {
+            tokenizer,
+            max_length,
+        };
+        let mut prepared = vec![];
+        for (task, doc_ids) in tasks.into_iter().zip(selected) {
+            let num_fewshot = match task.benchmark() {
+                Benchmark::TruthfulQa => 0,
+                b => config.num_fewshot.unwrap_or(b.default_num_fewshot()),
+            };
+            let plan = shot_plan(task.as_ref(), num_fewshot, config.fewshot_seed);
+            let shots: Vec<Vec<usize>> = doc_ids.iter().map(|&d| plan[d].clone()).collect();
+            let requests = doc_ids
+                .par_iter()
+                .zip(&shots)
+                .map(|(&d, s)| {
+                    encoder
+                        .tokenize(&task.instance(d, s).requests)
+                        .with_context(|| format!("task {}, document {d}", task.name()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let shared_prefix = task_shared_prefix(&requests);
+            tracing::debug!(
+                task = task.name(),
+                docs = doc_ids.len(),
+                shared_prefix = shared_prefix.len(),
+                "prepared"
+            );
+            prepared.push(PreparedTask {
+                task,
+                num_fewshot,
+                doc_ids,
+                shots,
+                requests,
+                shared_prefix,
+            });
+        }
+        Ok(Self {
+            config,
+            tasks: prepared,
+        })
+    }
+
+    pub fn num_docs(&self) -> usize {
+        self.tasks.iter().map(|t| t.doc_ids.len()).sum()
+    }
+
+    /// Runs every task on `model`; `on_doc` is called after each document (for progress).
+    pub fn evaluate(&self, model: &EvalModel, on_doc: &(dyn Fn() + Sync)) -> Result<SuiteResult> {
+        let start = Instant::now();
+        let mut results = vec![];
+        for t in &self.tasks {
+            let task_start = Instant::now();
+            let responses = run_task(t, model, self.config.batch_size.max(1), on_doc)
+                .with_context(|| format!("evaluating {}", t.task.name()))?;
+            let mut records = vec![];
+            for ((&doc, shots), response) in t.doc_ids.iter().zip(&t.shots).zip(responses) {
+                let score = t.task.score(doc, &response)?;
+                records.push(DocRecord {
+                    doc_id: doc,
+                    shots: shots.clone(),
+                    response,
+                    score,
+                });
+            }
+            results.push(TaskResult::new(t, records, task_start.elapsed().as_secs_f64()));
+        }
+        Ok(SuiteResult::new(results, start.elapsed().as_secs_f64()))
+    }
+}
+
+fn run_task(
+    t: &PreparedTask,
+    m: &EvalModel,
+    batch_size: usize,
+    on_doc: &(dyn Fn() + Sync),
+) -> Result<Vec<Response>> {
+    let mut out: Vec<Option<Response>> = vec![None; t.requests.len()];
+    let base = if t.shared_prefix.is_empty() {
+        Prefilled::empty(m.model)
+    } else {
+        engine::prefill(m.model, &Prefilled::empty(m.model), &t.shared_prefix, m.pad_id)?
+    };
+    let mut generations = vec![];
+    for (i, r) in t.requests.iter().enumerate() {
+        match r {
+            TokenizedRequests::Loglikelihood(c) => {
+                let scores = engine::score_choices(m.model, &base, c, m.pad_id)
+                    .with_context(|| format!("document {}", t.doc_ids[i]))?;
+                out[i] = Some(Response::Loglikelihood(scores));
+                on_doc();
+            }
+            TokenizedRequests::Generate(g) => generations.push((i, g)),
+        }
+    }
+    // Longest contexts first, as lm-eval orders them, so a batch holds similar lengths.
+    generations.sort_by_key(|(i, g)| (std::cmp::Reverse(g.context.len()), *i));
+    for chunk in generations.chunks(batch_size) {
+        let reqs: Vec<_> = chunk.iter().map(|(_, g)| *g).collect();
+        let texts = engine::generate_until(m.model, m.tokenizer, &reqs, &m.stop_token_ids, m.pad_id)?;
+        for ((i, _), text) in chunk.iter().zip(texts) {
+            out[*i] = Some(Response::Generation(text));
+            on_doc();
+        }
+    }
+    Ok(out.into_iter().map(|r| r.expect("every request answered")).collect())
+}
+
+/// The longest prefix shared by every document's prefillable prefix, if long enough to matter.
+fn task_shared_prefix(requests: &[TokenizedRequests]) -> Vec<u32> {
+    let prefixes: Vec<&[u32]> = requests
+        .iter()
+        .filter_map(|r| match r {
+            TokenizedRequests::Loglikelihood(c) => {
+                Some(&c.shared[..engine::document_prefix_len(c)])
+            }
+            TokenizedRequests::Generate(_) => None,
+        })
+        .collect();
+    if prefixes.len() < 2 {
+        return vec![];
+    }
+    let n = common_prefix_len(prefixes.iter().copied());
+    if n < MIN_SHARED_PREFIX {
+        return vec![];
+    }
+    prefixes[0][..n].to_vec()
+}
+
+/// Selected document ids per task. `Sample` draws per benchmark; MMLU's subjects are strata of
+/// one sample, so its size is the total over subjects.
+fn select_documents(tasks: &[Box<dyn Task>], selection: Selection) -> Vec<Vec<usize>> {
+    match selection {
+        Selection::All => tasks.iter().map(|t| (0..t.num_docs()).collect()).collect(),
+        Selection::Limit(n) => tasks
+            .iter()
+            .map(|t| (0..t.num_docs().min(n)).collect())
+            .collect(),
+        Selection::Sample { n, seed } => {
+            let mut out = vec![vec![]; tasks.len()];
+            let mmlu: Vec<usize> = (0..tasks.len())
+                .filter(|&i| tasks[i].benchmark() == Benchmark::Mmlu)
+                .collect();
+            // Flatten MMLU (subject = stratum) into one population.
+            let mut population: Vec<(usize, usize)> = vec![];
+            let mut strata: Vec<&str> = vec![];
+            for &i in &mmlu {
+                for d in 0..tasks[i].num_docs() {
+                    population.push((i, d));
+                    strata.push(tasks[i].name());
+                }
+            }
+            for j in stratified_sample(&strata, n, seed) {
+                let (i, d) = population[j];
+                out[i].push(d);
+            }
+            for (i, t) in tasks.iter().enumerate() {
+                if t.benchmark() != Benchmark::Mmlu {
+                    let strata: Vec<&str> = (0..t.num_docs()).map(|d| t.stratum(d)).collect();
+                    out[i] = stratified_sample(&strata, n, seed);
+                }
+            }
+            out
+        }
+    }
+}

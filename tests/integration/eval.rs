@@ -1,0 +1,349 @@
+//! The leaderboard evaluator: the spec's prompt test vectors, parity with lm-evaluation-harness
+//! 0.4.13 (fixtures made by scripts/reference/make_eval_fixtures.py), task fetching from a local
+//! Hub server, and bad task data.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use paft::eval::fewshot::{shot_plan, DEFAULT_FEWSHOT_SEED};
+use paft::eval::task::Requests;
+use paft::eval::tasks::load_tasks;
+use paft::eval::{
+    parse_task_list, EvalConfig, EvalModel, PreparedSuite, Selection, TaskOptions, TaskStore,
+};
+use paft::model::{tiny::TinySpec, Mode, Pretrained};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::common::{self, expect_clean_failure};
+
+fn shared_store() -> Option<TaskStore> {
+    let shared = common::require_shared()?;
+    Some(TaskStore::new(shared.join("data").join("leaderboard")))
+}
+
+fn sha256_hex(s: &str) -> String {
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every request context of a document, in request order.
+fn contexts(req: &Requests) -> Vec<String> {
+    match req {
+        Requests::Loglikelihood(r) => r.iter().map(|q| q.context.clone()).collect(),
+        Requests::Generate(g) => vec![g.context.clone()],
+    }
+}
+
+#[test]
+fn prompts_match_the_spec_test_vectors() {
+    let Some(store) = shared_store() else { return };
+    // leaderboard-tasks.md §11: first 16 hex of sha256(context), docs 0 and 1 (Winogrande: one
+    // context per option).
+    let want: [(&str, [&[&str]; 2]); 6] = [
+        ("arc_challenge", [&["5b8ffc5d2a429b43"], &["4cad27772555bab2"]]),
+        ("hellaswag", [&["4b81d6ac293923c8"], &["249e586c53a06f81"]]),
+        ("mmlu_abstract_algebra", [&["ff9b00310e214bea"], &["2885f321f1938150"]]),
+        ("truthfulqa_mc2", [&["add27f6e382a585e"], &["9f41d64ce976a73f"]]),
+        ("winogrande", [&["a66667096ca1e2c2", "093f5b6ea2dd5861"], &["7bd83ac98e62e2fe", "9c3f275f29a28da9"]]),
+        ("gsm8k", [&["32680f263ba83280"], &["e6b9a0195411932e"]]),
+    ];
+    let names: Vec<&str> = want.iter().map(|w| w.0).collect();
+    let specs = parse_task_list(&names.join(",")).unwrap();
+    let tasks = load_tasks(&store, &specs, &TaskOptions::default()).unwrap();
+    assert_eq!(tasks.len(), 6);
+    for task in &tasks {
+        let (_, docs) = want.iter().find(|w| w.0 == task.name()).unwrap();
+        let k = task.benchmark().default_num_fewshot();
+        let plan = shot_plan(task.as_ref(), k, DEFAULT_FEWSHOT_SEED);
+        for (doc, expected) in docs.iter().enumerate() {
+            let inst = task.instance(doc, &plan[doc]);
+            let mut got: Vec<String> = contexts(&inst.requests)
+                .iter()
+                .map(|c| sha256_hex(c)[..16].to_string())
+                .collect();
+            got.dedup();
+            assert_eq!(got, *expected, "{} doc {doc}", task.name());
+        }
+    }
+}
+
+struct FixtureDoc {
+    doc_id: usize,
+    context_sha256: Vec<String>,
+    continuations: Vec<String>,
+    lls: Vec<f64>,
+    is_greedy: Vec<bool>,
+    metrics: BTreeMap<String, f64>,
+    generation: Option<String>,
+}
+
+fn read_fixture(path: &Path) -> Vec<FixtureDoc> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let strings = |k: &str| -> Vec<String> {
+                v[k].as_array()
+                    .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+                    .unwrap_or_default()
+            };
+            let metrics = ["acc", "acc_norm", "exact_match,strict-match", "exact_match,flexible-extract"]
+                .iter()
+                .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
+                .collect();
+            FixtureDoc {
+                doc_id: v["doc_id"].as_u64().unwrap() as usize,
+                context_sha256: strings("context_sha256"),
+                continuations: strings("continuations"),
+                lls: v["loglikelihoods"]
+                    .as_array()
+                    .map(|a| a.iter().map(|x| x.as_f64().unwrap()).collect())
+                    .unwrap_or_default(),
+                is_greedy: v["is_greedy"]
+                    .as_array()
+                    .map(|a| a.iter().map(|x| x.as_bool().unwrap()).collect())
+                    .unwrap_or_default(),
+                metrics,
+                generation: v["generation"].as_str().map(String::from),
+            }
+        })
+        .collect()
+}
+
+/// Index of the best score and its margin over the runner-up.
+fn best_and_margin(scores: &[f64]) -> (usize, f64) {
+    let best = paft::eval::task::argmax(scores.iter().copied());
+    let runner_up = scores
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != best)
+        .map(|(_, s)| *s)
+        .fold(f64::NEG_INFINITY, f64::max);
+    (best, scores[best] - runner_up)
+}
+
+#[test]
+fn matches_lm_evaluation_harness() {
+    let Some(store) = shared_store() else { return };
+    let model_dir = common::smollm_dir().unwrap();
+    let fixture_dir = common::fixture("eval");
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir.join("lm_eval_results.json")).unwrap(),
+    )
+    .unwrap();
+    let mut fixtures = BTreeMap::new();
+    for entry in std::fs::read_dir(&fixture_dir).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if let Some(task) = name.strip_prefix("samples_").and_then(|n| n.strip_suffix(".jsonl")) {
+            fixtures.insert(task.to_string(), read_fixture(&p));
+        }
+    }
+    assert!(fixtures.len() >= 8, "expected fixtures for all six tasks, found {:?}", fixtures.keys());
+
+    let pre = Pretrained::load(model_dir, None, &candle_core::Device::Cpu).unwrap();
+    let net = pre.model(Mode::Inference, None).unwrap();
+    let target = EvalModel {
+        model: &net,
+        tokenizer: &pre.tokenizer,
+        stop_token_ids: pre.stop_token_ids(),
+        pad_id: pre.pad_token_id(),
+    };
+    let names: Vec<&str> = fixtures.keys().map(String::as_str).collect();
+    let mut config = EvalConfig::new(parse_task_list(&names.join(",")).unwrap());
+    // The acceptance check's workload: 40 documents per task (GSM8K: 20).
+    config.selection = Selection::Limit(40);
+    let mut gsm_config = config.clone();
+    config.tasks.retain(|t| *t != parse_task_list("gsm8k").unwrap()[0]);
+    gsm_config.tasks = parse_task_list("gsm8k").unwrap();
+    gsm_config.selection = Selection::Limit(20);
+
+    let mut worst_ll = 0f64;
+    for config in [config, gsm_config] {
+        let suite = PreparedSuite::prepare(&store, &pre.tokenizer, 8192, config).unwrap();
+        let result = suite.evaluate(&target, &|| {}).unwrap();
+        for (prepared, task_result) in suite.tasks.iter().zip(&result.tasks) {
+            let name = task_result.name.as_str();
+            let want = &fixtures[name];
+            let n = task_result.records.len();
+            assert!(n > 0 && n <= want.len(), "{name}: {n} documents vs fixture {}", want.len());
+            let mut metric_sums: BTreeMap<String, f64> = BTreeMap::new();
+            for (rec, w) in task_result.records.iter().zip(want) {
+                assert_eq!(rec.doc_id, w.doc_id, "{name}");
+                let inst = prepared.task.instance(rec.doc_id, &rec.shots);
+                let ctx: Vec<String> = contexts(&inst.requests).iter().map(|c| sha256_hex(c)).collect();
+                match &inst.requests {
+                    Requests::Loglikelihood(reqs) => {
+                        assert_eq!(ctx, w.context_sha256, "{name} doc {}: contexts differ", w.doc_id);
+                        let conts: Vec<&str> = reqs.iter().map(|r| r.continuation.as_str()).collect();
+                        assert_eq!(conts, w.continuations, "{name} doc {}", w.doc_id);
+                        let paft::eval::task::Response::Loglikelihood(got) = &rec.response else {
+                            panic!("{name}: expected log-likelihoods")
+                        };
+                        for (j, ((ll, greedy), (want_ll, want_greedy))) in
+                            got.iter().zip(w.lls.iter().zip(&w.is_greedy)).enumerate()
+                        {
+                            let d = (ll - want_ll).abs();
+                            worst_ll = worst_ll.max(d);
+                            assert!(d < 2e-3, "{name} doc {} choice {j}: {ll} vs lm-eval {want_ll}", w.doc_id);
+                            assert_eq!(greedy, want_greedy, "{name} doc {} choice {j}: is_greedy", w.doc_id);
+                        }
+                        // Same prediction wherever lm-eval's top two are more than 1e-3 apart.
+                        let (want_best, margin) = best_and_margin(&w.lls);
+                        let got_lls: Vec<f64> = got.iter().map(|g| g.0).collect();
+                        if margin > 1e-3 {
+                            assert_eq!(best_and_margin(&got_lls).0, want_best, "{name} doc {}", w.doc_id);
+                        }
+                    }
+                    Requests::Generate(_) => {
+                        assert_eq!(ctx[0], w.context_sha256[0], "{name} doc {}", w.doc_id);
+                        let paft::eval::task::Response::Generation(text) = &rec.response else {
+                            panic!("{name}: expected a generation")
+                        };
+                        assert_eq!(Some(text), w.generation.as_ref(), "{name} doc {}: generation", w.doc_id);
+                    }
+                }
+                for (k, v) in &rec.score.metrics {
+                    let key = if k.filter == "none" { k.metric.to_string() } else { k.to_string() };
+                    let want_v = w.metrics.get(&key).unwrap_or_else(|| panic!("{name}: fixture lacks {key}"));
+                    // TruthfulQA's mc2 is continuous; the rest are 0/1.
+                    assert!((v - want_v).abs() < 1e-3, "{name} doc {} {key}: {v} vs {want_v}", w.doc_id);
+                    *metric_sums.entry(key).or_default() += v;
+                }
+            }
+            // Task metrics: lm-eval's aggregate where the document counts agree, else the mean of
+            // the fixture's first n per-document values.
+            for (key, sum) in metric_sums {
+                let got = sum / n as f64;
+                let reference_value = if n == want.len() {
+                    let k = if key.contains(',') { key.clone() } else { format!("{key},none") };
+                    reference["results"][name][&k].as_f64().unwrap()
+                } else {
+                    want[..n].iter().map(|w| w.metrics[&key]).sum::<f64>() / n as f64
+                };
+                assert!((got - reference_value).abs() < 1e-3, "{name} {key}: {got} vs lm-eval {reference_value}");
+                eprintln!("{name} {key}: paft {got:.4} lm-eval {reference_value:.4} (n={n})");
+            }
+        }
+    }
+    eprintln!("worst per-choice log-likelihood difference: {worst_ll:.2e}");
+}
+
+// ---------------------------------------------------------------- bad input and task fetching
+
+/// A task store with Winogrande's first rows from the shared copy, plus `edit` applied.
+fn winogrande_store(edit: impl FnOnce(&mut Vec<String>)) -> Option<tempfile::TempDir> {
+    let shared = common::require_shared()?;
+    let src = std::fs::read_to_string(shared.join("data/leaderboard/winogrande/validation.jsonl")).unwrap();
+    let mut lines: Vec<String> = src.lines().take(8).map(String::from).collect();
+    edit(&mut lines);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("winogrande")).unwrap();
+    std::fs::write(dir.path().join("winogrande/validation.jsonl"), lines.join("\n") + "\n").unwrap();
+    Some(dir)
+}
+
+fn eval_with_store(model: &Path, store: &Path, tasks: &str) -> std::process::Output {
+    common::run_paft(&[
+        "--quiet",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--tasks",
+        tasks,
+        "--tasks-dir",
+        store.to_str().unwrap(),
+        "--limit",
+        "2",
+    ])
+}
+
+#[test]
+fn bad_task_data_gives_clear_errors() {
+    let Some(model) = common::tiny_model(&TinySpec::llama(5)) else { return };
+
+    let store = winogrande_store(|l| l[3] = "{\"sentence\": \"broken".into()).unwrap();
+    let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "winogrande"));
+    assert!(err.contains("validation.jsonl:4") && err.contains("malformed JSON"), "{err}");
+
+    let store = winogrande_store(|l| {
+        l[2] = l[2].replace("\"answer\": \"1\"", "\"answer\": \"3\"").replace("\"answer\": \"2\"", "\"answer\": \"3\"")
+    })
+    .unwrap();
+    let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "winogrande"));
+    assert!(err.contains("validation.jsonl:3") && err.contains("out of range"), "{err}");
+
+    let store = winogrande_store(|_| {}).unwrap();
+    let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "gsm8k"));
+    assert!(
+        err.contains(&store.path().join("gsm8k").join("test.jsonl").display().to_string())
+            && err.contains("paft fetch tasks"),
+        "{err}"
+    );
+
+    let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "winogrande,arc_easy"));
+    assert!(err.contains("arc_easy") && err.contains("arc_challenge") && err.contains("leaderboard"), "{err}");
+
+    // A gold index out of range in a multiple-choice task (ARC's answer key not among the labels).
+    let shared = common::require_shared().unwrap();
+    let arc = std::fs::read_to_string(shared.join("data/leaderboard/arc_challenge/test.jsonl")).unwrap();
+    let mut rows: Vec<String> = arc.lines().take(5).map(String::from).collect();
+    rows[1] = rows[1].replace("\"answerKey\": \"", "\"answerKey\": \"Z");
+    std::fs::create_dir_all(store.path().join("arc_challenge")).unwrap();
+    std::fs::write(store.path().join("arc_challenge/test.jsonl"), rows.join("\n")).unwrap();
+    let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "arc_challenge"));
+    assert!(err.contains("test.jsonl:2") && err.contains("answerKey"), "{err}");
+}
+
+#[test]
+fn fetch_tasks_from_a_local_hub_and_evaluate() {
+    use polars::prelude::{JsonReader, ParquetWriter, SerReader};
+    let Some(model) = common::tiny_model(&TinySpec::llama(6)) else { return };
+    let shared = common::require_shared().unwrap();
+    // Serve the first rows of every shared file as the Hub's parquet files.
+    let hub_root = tempfile::tempdir().unwrap();
+    let mut routes = vec![];
+    let mut expected = vec![];
+    for f in &paft::eval::fetch::LEADERBOARD_FILES {
+        let src = shared
+            .join("data/leaderboard")
+            .join(f.task_dir)
+            .join(format!("{}.jsonl", f.split));
+        let rows: Vec<String> = std::fs::read_to_string(&src).unwrap().lines().take(12).map(String::from).collect();
+        let mut df = JsonReader::new(std::io::Cursor::new(rows.join("\n")))
+            .with_json_format(polars::prelude::JsonFormat::JsonLines)
+            .finish()
+            .unwrap();
+        let dir = hub_root.path().join(f.repo.replace('/', "__"));
+        let dest = dir.join(f.file);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        ParquetWriter::new(std::fs::File::create(&dest).unwrap()).finish(&mut df).unwrap();
+        routes.push((format!("/datasets/{}/resolve/", f.repo), dir));
+        expected.push((f.task_dir, f.split, rows));
+    }
+    routes.dedup_by(|a, b| a.0 == b.0);
+    let hub = crate::hub::serve_routes(routes);
+    let hf_home = tempfile::tempdir().unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = crate::hub::paft_with_hub(&hub.url, hf_home.path())
+        .env_remove("PAFT_TASKS_DIR")
+        .args(["fetch", "tasks", "--out", out_dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (task, split, rows) in expected {
+        let got = std::fs::read_to_string(out_dir.path().join(task).join(format!("{split}.jsonl"))).unwrap();
+        let got: Vec<Value> = got.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let want: Vec<Value> = rows.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(got, want, "{task}/{split}");
+    }
+    // The fetched store evaluates.
+    let res = eval_with_store(model.path(), out_dir.path(), "arc_challenge,truthfulqa_mc2,winogrande");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let table = String::from_utf8_lossy(&res.stdout);
+    assert!(table.contains("ARC") && table.contains("Winogrande"), "{table}");
+}
