@@ -4,9 +4,66 @@
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
+/// One layer's keys and values `(b, kv_heads, capacity, head_dim)`, of which the first `len`
+/// time steps are filled. Appending writes in place while there is room, so a decode step does
+/// not copy the whole cache; a clone shares the buffers and copies them on its first append (so
+/// a prefix cache reused by many documents is never written through).
+#[derive(Debug)]
+pub(crate) struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+    owned: bool,
+}
+
+impl Clone for LayerKv {
+    fn clone(&self) -> Self {
+        Self {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            len: self.len,
+            owned: false,
+        }
+    }
+}
+
+impl LayerKv {
+    /// Appends `k`, `v` of shape `(b, kv_heads, t, head_dim)` and returns all keys and values so far.
+    pub(crate) fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let t = k.dim(2)?;
+        let len = slot.as_ref().map_or(0, |s| s.len);
+        let fits = slot
+            .as_ref()
+            .is_some_and(|s| s.owned && len + t <= s.k.dim(2).unwrap_or(0));
+        if !fits {
+            // Room for a few more decode steps, growing by a quarter so appends stay amortised O(1).
+            let capacity = len + t + (len + t).div_ceil(4).max(32);
+            let (b, h, _, d) = k.dims4()?;
+            let nk = Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, capacity, d), v.dtype(), v.device())?;
+            if let Some(old) = slot.as_ref() {
+                nk.slice_set(&old.k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&old.v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            *slot = Some(LayerKv {
+                k: nk,
+                v: nv,
+                len,
+                owned: true,
+            });
+        }
+        let s = slot.as_mut().expect("allocated above");
+        s.k.slice_set(&k, 2, len)?;
+        s.v.slice_set(&v, 2, len)?;
+        s.len = len + t;
+        Ok((s.k.narrow(2, 0, s.len)?, s.v.narrow(2, 0, s.len)?))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+    pub(crate) layers: Vec<Option<LayerKv>>,
     /// Per row: the position of each cached key.
     pub(crate) key_positions: Vec<Vec<u32>>,
     /// Per row: whether each cached key is a real token (false for padding).
@@ -68,9 +125,15 @@ impl KvCache {
             .iter()
             .map(|l| {
                 l.as_ref()
-                    .map(|(k, v)| {
-                        let idx = idx.to_device(k.device())?;
-                        Ok::<_, anyhow::Error>((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))
+                    .map(|l| {
+                        let idx = idx.to_device(l.k.device())?;
+                        Ok::<_, anyhow::Error>(LayerKv {
+                            // Whole buffers (spare capacity included) are contiguous.
+                            k: l.k.index_select(&idx, 0)?,
+                            v: l.v.index_select(&idx, 0)?,
+                            len: l.len,
+                            owned: true,
+                        })
                     })
                     .transpose()
             })

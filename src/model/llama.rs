@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::ModelConfig;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, LayerKv};
 use super::lora::{LoraAdapter, TargetModule};
 use super::weights::WeightMap;
 
@@ -349,7 +349,7 @@ impl LlamaModel {
         layer: &Layer,
         x: &Tensor,
         inputs: &AttentionInputs,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
         let h = self.rms_norm(x, &layer.input_norm)?;
         let attn = self.attention(&layer.attn, &h, inputs, kv)?;
@@ -366,7 +366,7 @@ impl LlamaModel {
         attn: &Attention,
         x: &Tensor,
         inputs: &AttentionInputs,
-        kv: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -394,18 +394,7 @@ impl LlamaModel {
         let q = self.rope(&q, inputs.cos, inputs.sin)?;
         let k = self.rope(&k, inputs.cos, inputs.sin)?;
         let (k, v) = match kv {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    // cat along time comes back with transposed strides; matmul needs contiguous
-                    Some((pk, pv)) => (
-                        Tensor::cat(&[&pk, &k], 2)?.contiguous()?,
-                        Tensor::cat(&[&pv, &v], 2)?.contiguous()?,
-                    ),
-                    None => (k, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => LayerKv::append(slot, &k, &v)?,
             None => (k, v.contiguous()?),
         };
         let total = k.dim(2)?;
