@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use polars::prelude::{JsonFormat, JsonWriter, ParquetReader, SerReader, SerWriter};
-
 use crate::model::weights::write_file_atomic;
 
 /// A split of a Hub dataset and where it goes in the task store.
@@ -27,20 +25,6 @@ pub const LEADERBOARD_FILES: [DatasetFile; 8] = [
     DatasetFile { repo: "openai/gsm8k", file: "main/test-00000-of-00001.parquet", task_dir: "gsm8k", split: "test" },
     DatasetFile { repo: "openai/gsm8k", file: "main/train-00000-of-00001.parquet", task_dir: "gsm8k", split: "train" },
 ];
-
-/// A parquet file as JSON lines (one object per row, nested columns as JSON objects/arrays).
-pub fn parquet_to_jsonl(path: &Path) -> Result<String> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut df = ParquetReader::new(file)
-        .finish()
-        .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-    let mut buf = vec![];
-    JsonWriter::new(&mut buf)
-        .with_json_format(JsonFormat::JsonLines)
-        .finish(&mut df)
-        .with_context(|| format!("{}: cannot convert to JSON lines", path.display()))?;
-    Ok(String::from_utf8(buf)?)
-}
 
 /// Downloads every leaderboard file and writes `<out>/<task>/<split>.jsonl`; returns the paths.
 pub fn fetch_tasks(out: &Path) -> Result<Vec<PathBuf>> {
@@ -64,7 +48,7 @@ pub fn fetch_tasks(out: &Path) -> Result<Vec<PathBuf>> {
                     f.repo
                 )
             })?;
-        let jsonl = parquet_to_jsonl(&parquet)?;
+        let jsonl = crate::data::parquet_to_jsonl(&parquet)?;
         let dest = out.join(f.task_dir).join(format!("{}.jsonl", f.split));
         std::fs::create_dir_all(dest.parent().expect("has a parent"))?;
         write_file_atomic(&dest, jsonl.as_bytes())?;

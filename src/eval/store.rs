@@ -129,7 +129,7 @@ fn read_jsonl_rows(path: &Path) -> Result<Vec<Row>> {
 }
 
 fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
-    let json = crate::eval::fetch::parquet_to_jsonl(path)?;
+    let json = crate::data::parquet_to_jsonl(path)?;
     json.lines()
         .enumerate()
         .map(|(i, l)| {

@@ -1,2 +1,16 @@
-//! SFT (with L1-sparsified deltas), DPO and ORPO on the differentiable forward pass, LoRA or full,
-//! run in parallel. Arrives with the Trainer issue.
+//! Training: SFT (with optional L1-sparsified deltas), DPO and ORPO with TRL's losses, LoRA or
+//! full fine-tuning, AdamW with warm-up and decay, checkpoints that resume exactly.
+//!
+//! Sparsity of the SFT delta: `l1_mode = "proximal"` soft-thresholds δ = θ − θ₀ after every
+//! optimizer step and gives exact zeros when training every weight (`lora_r = 0`). On LoRA it
+//! soft-thresholds the factors A and B, which makes them sparse but not the product B·A.
+//! `l1_mode = "penalty"` adds λ‖δ‖₁ to the loss; AdamW then shrinks δ without making it exactly 0.
+
+pub mod config;
+pub mod objective;
+pub mod optimizer;
+pub mod params;
+pub mod trainer;
+
+pub use config::{L1Mode, Objective, TrainConfig};
+pub use trainer::Trainer;

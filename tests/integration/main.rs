@@ -10,3 +10,4 @@ mod kv_cache;
 mod merge;
 mod model_io;
 mod parity;
+mod train;

@@ -1,0 +1,448 @@
+//! The training loop: batches → objective → backward → clip → AdamW → (proximal L1), with
+//! atomic checkpoints (weights, optimizer state, data position) that `--resume` continues from
+//! exactly, metrics as JSONL and a progress bar.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::config::{L1Mode, Objective, TrainConfig};
+use super::objective::{dpo_loss, orpo_loss, pair_logps, sft_loss, DpoParams};
+use super::optimizer::{clip_grads, collect_grads, grad_norm, learning_rate, AdamW, AdamWParams};
+use super::params::Trainable;
+use crate::data::examples::{parse_preference, parse_sft, resolve_dataset};
+use crate::data::{length_grouped_batches, load_rows, PreferencePair, TokenizedSequence, Tokenization};
+use crate::model::weights::{write_file_atomic, write_safetensors, write_weights, AtomicDir, DEFAULT_SHARD_BYTES};
+use crate::model::{self, pretrained::copy_tokenizer_files, LoraAdapter, LoraConfig, Mode, Pretrained, TargetModule};
+
+/// Tokenized training data of one objective.
+pub enum Dataset {
+    Sft(Vec<TokenizedSequence>),
+    Preference(Vec<PreferencePair>),
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        match self {
+            Dataset::Sft(v) => v.len(),
+            Dataset::Preference(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lengths(&self) -> Vec<usize> {
+        match self {
+            Dataset::Sft(v) => v.iter().map(|s| s.len()).collect(),
+            Dataset::Preference(v) => v.iter().map(|p| p.chosen.len().max(p.rejected.len())).collect(),
+        }
+    }
+}
+
+pub fn load_dataset(cfg: &TrainConfig, objective: Objective, pre: &Pretrained) -> Result<Dataset> {
+    let path = resolve_dataset(&cfg.dataset)?;
+    let mut rows = load_rows(&path)?;
+    if let Some(n) = cfg.limit {
+        rows.truncate(n);
+    }
+    let tok = Tokenization {
+        tokenizer: &pre.tokenizer,
+        max_length: cfg.max_length,
+        truncation: cfg.truncation,
+    };
+    let what = |n: usize| format!("{}: row {n}", path.display());
+    Ok(match objective {
+        Objective::Sft => {
+            let ex = parse_sft(&path, &rows)?;
+            Dataset::Sft(
+                ex.iter()
+                    .zip(&rows)
+                    .map(|(e, (n, _))| tok.sft(e, &what(*n)))
+                    .collect::<Result<_>>()?,
+            )
+        }
+        Objective::Dpo | Objective::Orpo => {
+            let ex = parse_preference(&path, &rows)?;
+            Dataset::Preference(
+                ex.iter()
+                    .zip(&rows)
+                    .map(|(e, (n, _))| tok.preference(e, &what(*n)))
+                    .collect::<Result<_>>()?,
+            )
+        }
+    })
+}
+
+/// Where a run stands; saved with every checkpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct RunState {
+    step: u64,
+    objective: Objective,
+    config: TrainConfig,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub objective: Objective,
+    pub pre: Pretrained,
+    pub params: Trainable,
+    pub data: Dataset,
+    /// DPO: the reference model's summed log-probs per example (chosen, rejected).
+    reference: Option<Vec<(f64, f64)>>,
+    optimizer: AdamW,
+    pad_id: u32,
+}
+
+fn lora_config(cfg: &TrainConfig) -> Result<LoraConfig> {
+    Ok(LoraConfig {
+        r: cfg.lora_r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        target_modules: cfg.lora_targets.iter().map(|t| TargetModule::parse(t)).collect::<Result<_>>()?,
+        use_rslora: false,
+    })
+}
+
+impl Trainer {
+    pub fn new(cfg: TrainConfig, objective: Objective) -> Result<Self> {
+        let device = model::parse_device(&cfg.device)?;
+        let dtype = model::parse_dtype(&cfg.dtype)?;
+        let dir = model::source::resolve_model(&cfg.model, None)?;
+        let pre = Pretrained::load(&dir, Some(dtype), &device)?;
+        let data = load_dataset(&cfg, objective, &pre)?;
+        let params = if cfg.lora_r == 0 {
+            Trainable::full(&pre.config, &pre.weights)?
+        } else {
+            let init = cfg
+                .lora_init
+                .as_ref()
+                .map(|p| LoraAdapter::load(p, dtype, &device))
+                .transpose()?;
+            Trainable::lora(&pre.config, &pre.weights, &lora_config(&cfg)?, init.as_ref(), cfg.seed)?
+        };
+        let optimizer = AdamW::new(
+            &params.vars,
+            AdamWParams {
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        let pad_id = pre.pad_token_id();
+        let mut t = Self {
+            cfg,
+            objective,
+            pre,
+            params,
+            data,
+            reference: None,
+            optimizer,
+            pad_id,
+        };
+        if objective == Objective::Dpo && !t.cfg.reference_free {
+            t.reference = Some(t.reference_logps()?);
+        }
+        Ok(t)
+    }
+
+    /// Reference log-probs of every pair, computed once with the frozen reference model.
+    fn reference_logps(&self) -> Result<Vec<(f64, f64)>> {
+        let Dataset::Preference(pairs) = &self.data else { bail!("DPO needs preference data") };
+        let owned;
+        let reference = match &self.cfg.reference_model {
+            Some(spec) => {
+                let dir = model::source::resolve_model(spec, None)?;
+                owned = Pretrained::load(&dir, Some(self.params.dtype()), self.pre.weights.values().next().unwrap().device())?;
+                &owned
+            }
+            None => &self.pre,
+        };
+        // The policy's code path, so an unchanged policy has exactly zero rewards, as in TRL.
+        let net = reference.model(Mode::Differentiable, None)?;
+        let bar = crate::progress::bar(pairs.len() as u64, "reference");
+        let mut out = vec![];
+        for chunk in pairs.chunks(self.cfg.batch_size) {
+            let c: Vec<&TokenizedSequence> = chunk.iter().map(|p| &p.chosen).collect();
+            let r: Vec<&TokenizedSequence> = chunk.iter().map(|p| &p.rejected).collect();
+            let (lc, lr) = pair_logps(&net, &c, &r, self.pad_id)?;
+            let lc: Vec<f64> = lc.to_dtype(DType::F64)?.to_vec1()?;
+            let lr: Vec<f64> = lr.to_dtype(DType::F64)?.to_vec1()?;
+            out.extend(lc.into_iter().zip(lr));
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        Ok(out)
+    }
+
+    /// Loss of one micro-batch (example indices) and its metrics.
+    pub fn loss(&self, model: &model::LlamaModel, idx: &[usize]) -> Result<(Tensor, BTreeMap<&'static str, f64>, usize)> {
+        let mut metrics = BTreeMap::new();
+        match (&self.data, self.objective) {
+            (Dataset::Sft(seqs), _) => {
+                let batch: Vec<&TokenizedSequence> = idx.iter().map(|&i| &seqs[i]).collect();
+                let (loss, n) = sft_loss(model, &batch, self.pad_id)?;
+                Ok((loss, metrics, n))
+            }
+            (Dataset::Preference(pairs), Objective::Dpo) => {
+                let c: Vec<&TokenizedSequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
+                let r: Vec<&TokenizedSequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
+                let (pc, pr) = pair_logps(model, &c, &r, self.pad_id)?;
+                let refs = match &self.reference {
+                    Some(all) => {
+                        let dev = pc.device();
+                        let rc: Vec<f64> = idx.iter().map(|&i| all[i].0).collect();
+                        let rr: Vec<f64> = idx.iter().map(|&i| all[i].1).collect();
+                        Some((
+                            Tensor::new(rc, dev)?.to_dtype(pc.dtype())?,
+                            Tensor::new(rr, dev)?.to_dtype(pc.dtype())?,
+                        ))
+                    }
+                    None => None,
+                };
+                let out = dpo_loss(
+                    (&pc, &pr),
+                    refs.as_ref().map(|(a, b)| (a, b)),
+                    DpoParams {
+                        beta: self.cfg.beta,
+                        label_smoothing: self.cfg.label_smoothing,
+                    },
+                )?;
+                let n = out.chosen_rewards.len() as f64;
+                metrics.insert("rewards/chosen", out.chosen_rewards.iter().sum::<f64>() / n);
+                metrics.insert("rewards/rejected", out.rejected_rewards.iter().sum::<f64>() / n);
+                metrics.insert("rewards/accuracy", out.reward_accuracy());
+                metrics.insert("rewards/margin", out.reward_margin());
+                Ok((out.loss, metrics, c.iter().chain(&r).map(|s| s.num_targets()).sum()))
+            }
+            (Dataset::Preference(pairs), _) => {
+                let c: Vec<&TokenizedSequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
+                let r: Vec<&TokenizedSequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
+                let out = orpo_loss(model, &c, &r, self.pad_id, self.cfg.beta)?;
+                metrics.insert("nll", out.nll);
+                metrics.insert("log_odds", out.log_odds.iter().sum::<f64>() / out.log_odds.len() as f64);
+                Ok((out.loss, metrics, c.iter().chain(&r).map(|s| s.num_targets()).sum()))
+            }
+        }
+    }
+
+    /// L1 penalty λ·Σ|θ − anchor| over the trainable parameters (penalty mode).
+    fn l1_penalty(&self) -> Result<Option<Tensor>> {
+        if self.cfg.l1_lambda == 0.0 || self.cfg.l1_mode != L1Mode::Penalty || self.objective != Objective::Sft {
+            return Ok(None);
+        }
+        let mut total: Option<Tensor> = None;
+        for (i, v) in self.params.vars.iter().enumerate() {
+            let term = (v.as_tensor() - self.params.anchor(i)?)?.abs()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + term)?,
+                None => term,
+            });
+        }
+        Ok(total.map(|t| t * self.cfg.l1_lambda).transpose()?)
+    }
+
+    /// Proximal L1: δ ← sign(δ)·max(|δ| − lr·λ, 0), which leaves exact zeros.
+    fn l1_proximal(&self, lr: f64) -> Result<()> {
+        if self.cfg.l1_lambda == 0.0 || self.cfg.l1_mode != L1Mode::Proximal || self.objective != Objective::Sft {
+            return Ok(());
+        }
+        let thr = lr * self.cfg.l1_lambda;
+        for (i, v) in self.params.vars.iter().enumerate() {
+            let anchor = self.params.anchor(i)?;
+            let d = (v.as_tensor() - &anchor)?;
+            let shrunk = (d.sign()? * (d.abs()? - thr)?.relu()?)?;
+            v.set(&(anchor + shrunk)?)?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint_root(&self) -> PathBuf {
+        self.cfg.output.join("checkpoints")
+    }
+
+    fn save_checkpoint(&self, step: u64) -> Result<()> {
+        let root = self.checkpoint_root();
+        std::fs::create_dir_all(&root)?;
+        let dir = AtomicDir::new(&root.join(format!("step-{step:06}")))?;
+        write_safetensors(&dir.path().join("params.safetensors"), self.params.tensors())?;
+        write_safetensors(&dir.path().join("optimizer.safetensors"), self.optimizer.state(&self.params.names))?;
+        let state = RunState {
+            step,
+            objective: self.objective,
+            config: self.cfg.clone(),
+        };
+        std::fs::write(dir.path().join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+        dir.commit()?;
+        // Older checkpoints are superseded once the new one is complete.
+        for e in std::fs::read_dir(&root)? {
+            let p = e?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with("step-") && name != format!("step-{step:06}") {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores the latest complete checkpoint; returns its step (0 when there is none).
+    fn restore(&mut self) -> Result<u64> {
+        let root = self.checkpoint_root();
+        let Ok(entries) = std::fs::read_dir(&root) else { return Ok(0) };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+            .collect();
+        dirs.sort();
+        let Some(dir) = dirs.pop() else { return Ok(0) };
+        let state: RunState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
+            .with_context(|| format!("{}: bad state.json", dir.display()))?;
+        if state.objective != self.objective {
+            bail!("{}: checkpoint is a {:?} run, not {:?}", dir.display(), state.objective, self.objective);
+        }
+        let dev = self.params.vars[0].device().clone();
+        let load = |f: &str| -> Result<BTreeMap<String, Tensor>> {
+            let p = dir.join(f);
+            Ok(candle_core::safetensors::load(&p, &dev)
+                .with_context(|| format!("cannot read {}", p.display()))?
+                .into_iter()
+                .collect())
+        };
+        self.params.load_tensors(&load("params.safetensors")?, &dir)?;
+        self.optimizer.load_state(&self.params.names, &load("optimizer.safetensors")?, state.step)?;
+        tracing::info!("resuming from {} (step {})", dir.display(), state.step);
+        Ok(state.step)
+    }
+
+    /// Runs to `max_steps` (from the last checkpoint with `resume`) and writes the result.
+    pub fn train(&mut self, resume: bool) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.cfg.output)
+            .with_context(|| format!("cannot create {}", self.cfg.output.display()))?;
+        let start = if resume { self.restore()? } else { 0 };
+        let metrics_path = self.cfg.output.join("metrics.jsonl");
+        keep_metrics_up_to(&metrics_path, start)?;
+        let model = self.params.model(Mode::Differentiable)?;
+        let lengths = self.data.lengths();
+        let mut plans: BTreeMap<u64, Vec<Vec<usize>>> = BTreeMap::new();
+        let accum = self.cfg.grad_accum as u64;
+        let bar = crate::progress::bar(self.cfg.max_steps, &format!("{:?}", self.objective).to_lowercase());
+        bar.set_position(start);
+        let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+        for step in start + 1..=self.cfg.max_steps {
+            let t0 = Instant::now();
+            let mut grads: Vec<Option<Tensor>> = vec![None; self.params.vars.len()];
+            let mut loss_sum = 0f64;
+            let mut tokens = 0usize;
+            let mut extra: BTreeMap<&'static str, f64> = BTreeMap::new();
+            for micro in 0..accum {
+                let k = (step - 1) * accum + micro;
+                let per_epoch = lengths.len().div_ceil(self.cfg.batch_size) as u64;
+                let (epoch, within) = (k / per_epoch, (k % per_epoch) as usize);
+                let plan = plans
+                    .entry(epoch)
+                    .or_insert_with(|| length_grouped_batches(&lengths, self.cfg.batch_size, self.cfg.seed, epoch));
+                let idx = plan[within].clone();
+                let (mut loss, m, n) = self.loss(&model, &idx)?;
+                if let Some(p) = self.l1_penalty()? {
+                    loss = (loss + p)?;
+                }
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !value.is_finite() {
+                    bail!(
+                        "loss is {value} at step {step}, batch {within} of epoch {epoch} (examples {idx:?}); \
+                         the run stops here (last checkpoint in {})",
+                        self.checkpoint_root().display()
+                    );
+                }
+                loss_sum += value;
+                tokens += n;
+                for (k, v) in m {
+                    *extra.entry(k).or_default() += v / accum as f64;
+                }
+                let store = (loss / accum as f64)?.backward()?;
+                for (g, new) in grads.iter_mut().zip(collect_grads(&self.params.vars, &store)) {
+                    *g = match (g.take(), new) {
+                        (Some(a), Some(b)) => Some((a + b)?),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+            let norm = grad_norm(&grads)?;
+            clip_grads(&mut grads, norm, self.cfg.max_grad_norm)?;
+            let lr = learning_rate(self.cfg.lr, self.cfg.schedule, self.cfg.warmup_steps, step, self.cfg.max_steps);
+            self.optimizer.step(&self.params.vars, &grads, &self.params.decay, lr)?;
+            self.l1_proximal(lr)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let loss = loss_sum / accum as f64;
+            let mut line = json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                                  "tokens": tokens, "tokens_per_s": tokens as f64 / secs, "seconds": secs});
+            for (k, v) in &extra {
+                line[*k] = json!(v);
+            }
+            writeln!(metrics_file, "{line}")?;
+            metrics_file.flush()?;
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", tokens as f64 / secs));
+            bar.inc(1);
+            tracing::debug!("{line}");
+            if self.cfg.save_every > 0 && step % self.cfg.save_every == 0 {
+                self.save_checkpoint(step)?;
+            }
+        }
+        bar.finish_and_clear();
+        self.save_result()
+    }
+
+    /// The trained model: a PEFT adapter (`adapter/`) or a Hugging Face directory (`model/`).
+    pub fn save_result(&self) -> Result<PathBuf> {
+        match self.params.adapter() {
+            Some(adapter) => {
+                let out = self.cfg.output.join("adapter");
+                let dir = AtomicDir::new(&out)?;
+                adapter.save(dir.path(), Some(&self.cfg.model))?;
+                dir.commit()?;
+                Ok(out)
+            }
+            None => {
+                let out = self.cfg.output.join("model");
+                let dir = AtomicDir::new(&out)?;
+                self.pre.config.write(&dir.path().join("config.json"))?;
+                copy_tokenizer_files(&self.pre.dir, dir.path())?;
+                let weights = self.params.tensors().into_iter().collect();
+                write_weights(dir.path(), &weights, None, DEFAULT_SHARD_BYTES)?;
+                dir.commit()?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Drops metric lines past `step` (from a run killed after its last checkpoint).
+fn keep_metrics_up_to(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)?;
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_file_atomic(path, kept.as_bytes())
+}
+
+/// Loads a training run's device for callers that need it.
+pub fn device_of(cfg: &TrainConfig) -> Result<Device> {
+    model::parse_device(&cfg.device)
+}

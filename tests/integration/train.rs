@@ -1,0 +1,146 @@
+//! Trainer parity with TRL 1.16 + PEFT 0.21 (fixtures from scripts/reference/make_train_fixtures.py):
+//! step-0 SFT/DPO/ORPO losses and the parameters after one AdamW step, full and LoRA.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use paft::data::TokenizedSequence;
+use paft::model::{LoraAdapter, ModelConfig, Mode, SafetensorsFiles};
+use paft::train::objective::{dpo_loss, orpo_loss, pair_logps, sft_loss, DpoParams};
+use paft::train::optimizer::{collect_grads, grad_norm, AdamW, AdamWParams};
+use paft::train::params::Trainable;
+use serde_json::Value;
+
+use crate::common::fixture;
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("train/expected.json")).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn seq(prompt: &Value, completion: &Value) -> TokenizedSequence {
+    let (p, c) = (ids(prompt), ids(completion));
+    TokenizedSequence {
+        loss_mask: (0..p.len() + c.len()).map(|i| i >= p.len()).collect(),
+        ids: [p, c].concat(),
+    }
+}
+
+fn trainable(lora: bool) -> Trainable {
+    let dir = fixture("train/tiny");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let w = SafetensorsFiles::open_dir(&dir).unwrap().load_all(None, &Device::Cpu).unwrap();
+    if lora {
+        let adapter = LoraAdapter::load(&fixture("train/lora_init"), DType::F32, &Device::Cpu).unwrap();
+        Trainable::lora(&cfg, &w, &adapter.config, Some(&adapter), 0).unwrap()
+    } else {
+        Trainable::full(&cfg, &w).unwrap()
+    }
+}
+
+fn close(got: f64, want: f64, rel: f64, what: &str) {
+    assert!(
+        (got - want).abs() <= rel * want.abs().max(1e-3),
+        "{what}: paft {got} vs TRL {want}"
+    );
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+}
+
+fn vec1(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+}
+
+/// One AdamW step as the fixture's Trainer took it; compares gradients and updated parameters.
+fn step_and_compare(p: &Trainable, loss: &Tensor, want: &Value, after: &str) {
+    let store = loss.backward().unwrap();
+    let grads = collect_grads(&p.vars, &store);
+    close(grad_norm(&grads).unwrap(), want["step"]["grad_global_l2_norm"].as_f64().unwrap(), 1e-4, "grad norm");
+    let mut opt = AdamW::new(
+        &p.vars,
+        AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+    )
+    .unwrap();
+    opt.step(&p.vars, &grads, &p.decay, 1e-3).unwrap();
+    let reference: BTreeMap<String, Tensor> =
+        candle_core::safetensors::load(fixture(&format!("train/after_step/{after}.safetensors")), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut worst = 0f32;
+    for (name, t) in p.tensors() {
+        // LoRA tensors are stored under PEFT's names.
+        let key = if name.ends_with(".lora_A") || name.ends_with(".lora_B") {
+            format!("base_model.model.{name}.weight")
+        } else {
+            name.clone()
+        };
+        let r = reference.get(&key).unwrap_or_else(|| panic!("{after}: fixture lacks {key}"));
+        let d = crate::common::max_abs_diff(&t, r);
+        worst = worst.max(d);
+        assert!(d < 1e-5, "{after}: {name} differs by {d}");
+    }
+    eprintln!("{after}: parameters after one AdamW step within {worst:.1e} of TRL");
+}
+
+#[test]
+fn sft_dpo_orpo_match_trl() {
+    let e = expected();
+    for (lora, tag) in [(false, "full"), (true, "lora")] {
+        // SFT
+        let p = trainable(lora);
+        let model = p.model(Mode::Differentiable).unwrap();
+        let sft: Vec<TokenizedSequence> =
+            e["batches"]["sft"].as_array().unwrap().iter().map(|b| seq(&b["prompt"], &b["completion"])).collect();
+        let (loss, _) = sft_loss(&model, &sft.iter().collect::<Vec<_>>(), 0).unwrap();
+        let want = &e["sft"][tag];
+        close(scalar(&loss), want["step0"]["loss"].as_f64().unwrap(), 1e-4, &format!("sft {tag} loss"));
+        step_and_compare(&p, &loss, want, &format!("sft_{tag}"));
+
+        let pref = e["batches"]["preference"].as_array().unwrap();
+        let chosen: Vec<TokenizedSequence> = pref.iter().map(|b| seq(&b["prompt"], &b["chosen"])).collect();
+        let rejected: Vec<TokenizedSequence> = pref.iter().map(|b| seq(&b["prompt"], &b["rejected"])).collect();
+        let (c, r): (Vec<_>, Vec<_>) = (chosen.iter().collect(), rejected.iter().collect());
+
+        // DPO: the reference is the initial model without the adapter.
+        let p = trainable(lora);
+        let model = p.model(Mode::Differentiable).unwrap();
+        // Same code path as the policy, so an unchanged policy has exactly zero rewards (as in TRL).
+        let base = trainable(false).model(Mode::Differentiable).unwrap();
+        let (rc, rr) = pair_logps(&base, &c, &r, 0).unwrap();
+        let (pc, pr) = pair_logps(&model, &c, &r, 0).unwrap();
+        let want = &e["dpo"][tag];
+        for (got, key) in [(&pc, "policy_chosen_logps"), (&pr, "policy_rejected_logps"), (&rc, "ref_chosen_logps"), (&rr, "ref_rejected_logps")] {
+            for (g, w) in vec1(got).iter().zip(want["step0"][key].as_array().unwrap()) {
+                close(*g, w.as_f64().unwrap(), 1e-4, &format!("dpo {tag} {key}"));
+            }
+        }
+        let out = dpo_loss((&pc, &pr), Some((&rc.detach(), &rr.detach())), DpoParams { beta: 0.1, label_smoothing: 0.0 }).unwrap();
+        close(scalar(&out.loss), want["step0"]["loss"].as_f64().unwrap(), 1e-4, &format!("dpo {tag} loss"));
+        for (g, w) in out.chosen_rewards.iter().zip(want["step0"]["chosen_rewards"].as_array().unwrap()) {
+            assert!((g - w.as_f64().unwrap()).abs() < 1e-5, "dpo {tag} chosen reward {g} vs {w}");
+        }
+        for (g, w) in out.rejected_rewards.iter().zip(want["step0"]["rejected_rewards"].as_array().unwrap()) {
+            assert!((g - w.as_f64().unwrap()).abs() < 1e-5, "dpo {tag} rejected reward {g} vs {w}");
+        }
+        close(out.reward_accuracy(), want["step0"]["reward_accuracy"].as_f64().unwrap(), 1e-9, "reward accuracy");
+        step_and_compare(&p, &out.loss, want, &format!("dpo_{tag}"));
+
+        // ORPO
+        let p = trainable(lora);
+        let model = p.model(Mode::Differentiable).unwrap();
+        let out = orpo_loss(&model, &c, &r, 0, 0.1).unwrap();
+        let want = &e["orpo"][tag];
+        close(scalar(&out.loss), want["step0"]["loss"].as_f64().unwrap(), 1e-4, &format!("orpo {tag} loss"));
+        close(out.nll, want["step0"]["nll_loss"].as_f64().unwrap(), 1e-4, &format!("orpo {tag} nll"));
+        for (g, w) in out.log_odds.iter().zip(want["step0"]["log_odds_ratio_per_example"].as_array().unwrap()) {
+            close(*g, w.as_f64().unwrap(), 1e-4, &format!("orpo {tag} log odds"));
+        }
+        step_and_compare(&p, &out.loss, want, &format!("orpo_{tag}"));
+    }
+}
