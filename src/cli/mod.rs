@@ -2,6 +2,7 @@
 
 mod eval;
 mod inspect;
+mod train;
 
 use std::path::PathBuf;
 
@@ -93,6 +94,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fine-tune: SFT, DPO or ORPO (TRL's losses), LoRA or full.
+    Train(train::TrainArgs),
     /// Score a model on the Open LLM Leaderboard tasks (lm-eval's definitions, local data).
     Eval(eval::EvalArgs),
     /// Greedy generation with the KV cache, stopping at EOS.
@@ -193,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(args) => eval::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Score { model, text, json } => inspect::score(&model, &text, json),
         Command::Generate {
             model,

@@ -1,5 +1,5 @@
 //! `paft train` configuration: a flat TOML file (every key documented in
-//! `examples/train-sft.toml`), each key also a command-line flag that overrides the file.
+//! `configs/train-sft.toml`), each key also a command-line flag that overrides the file.
 //! Unknown keys are errors.
 
 use std::path::{Path, PathBuf};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use serde_json::json;
 
 use super::config::{L1Mode, Objective, TrainConfig};
@@ -440,9 +440,4 @@ fn keep_metrics_up_to(path: &Path, step: u64) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     write_file_atomic(path, kept.as_bytes())
-}
-
-/// Loads a training run's device for callers that need it.
-pub fn device_of(cfg: &TrainConfig) -> Result<Device> {
-    model::parse_device(&cfg.device)
 }
