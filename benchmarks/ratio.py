@@ -9,7 +9,7 @@ import sys
 from collections import defaultdict
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-if rows and "tokens_per_s" in rows[0]:
+if rows and "batch" in rows[0]:
     best = defaultdict(float)
     for r in rows:
         key = (r["impl"], r["batch"])

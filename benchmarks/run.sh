@@ -2,6 +2,10 @@
 # Benchmarks against the peer tools, same machine, same thread count.
 #   benchmarks/run.sh prefill      # paft vs transformers: prefill tokens/s, SmolLM2-135M f32, seq 512, batch 1 and 4
 #   benchmarks/run.sh merge        # paft vs mergekit-yaml: TIES of three SmolLM2-135M-sized f32 models, wall time and peak RSS
+#   benchmarks/run.sh eval         # paft eval vs lm-evaluation-harness 0.4.13: the six tasks at --limit 40 (MMLU: three
+#                                  # subjects), SmolLM2-135M f32, wall time, requests/s, tokens/s, peak RSS.
+#                                  # PYTHON_LMEVAL (default scripts/.venv-lmeval/bin/python) runs the lm-eval side;
+#                                  # CPUS (default: all) pins both to the same cores.
 # Env: THREADS (default: nproc), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -62,5 +66,21 @@ YAML
     done
     python3 benchmarks/ratio.py "$log"
     ;;
-  *) echo "unknown benchmark '$what' (known: prefill, merge)" >&2; exit 2 ;;
+  eval)
+    log=$OUT/eval.jsonl
+    : > "$log"
+    PYL=${PYTHON_LMEVAL:-scripts/.venv-lmeval/bin/python}
+    CPUS=${CPUS:-$(seq -s, 0 $((THREADS - 1)))}
+    TASKS=arc_challenge,hellaswag,mmlu_abstract_algebra,mmlu_anatomy,mmlu_astronomy,truthfulqa_mc2,winogrande,gsm8k
+    rm -rf "$OUT/eval-paft"
+    /usr/bin/time -v -o "$OUT/eval-time.txt" taskset -c "$CPUS" "$BIN" --quiet eval --model "$MODEL" \
+      --tasks "$TASKS" --limit 40 --output "$OUT/eval-paft" > /dev/null
+    python3 benchmarks/eval_summary.py paft "$OUT/eval-paft/results.json" "$OUT/eval-time.txt" "$THREADS" | tee -a "$log"
+    # lm-eval on the same documents (its fixture script also records per-task wall time and token counts).
+    "$PYL" scripts/reference/make_eval_fixtures.py --model "$MODEL" --out "$OUT/eval-lmeval" \
+      --threads "$THREADS" --cpu "$CPUS" --limit 40
+    python3 benchmarks/eval_summary.py lm-eval "$OUT/eval-lmeval/lm_eval_results.json" - "$THREADS" | tee -a "$log"
+    python3 benchmarks/ratio.py "$log"
+    ;;
+  *) echo "unknown benchmark '$what' (known: prefill, merge, eval)" >&2; exit 2 ;;
 esac

@@ -144,3 +144,109 @@ fn sft_dpo_orpo_match_trl() {
         step_and_compare(&p, &out.loss, want, &format!("orpo_{tag}"));
     }
 }
+
+// ------------------------------------------------------------------ the command, resume, bad input
+
+fn write_lines(dir: &std::path::Path, name: &str, lines: &[String]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn shared_rows(rel: &str, n: usize) -> Vec<String> {
+    let shared = crate::common::require_shared().unwrap();
+    std::fs::read_to_string(shared.join(rel)).unwrap().lines().take(n).map(String::from).collect()
+}
+
+fn train_cmd(objective: &str, model: &std::path::Path, data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Command {
+    let mut cmd = crate::common::paft();
+    cmd.args(["--quiet", "train", objective, "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(),
+              "--output", out.to_str().unwrap(), "--batch-size", "2",
+              "--lora-r", "4", "--lr", "1e-3", "--seed", "3"]);
+    cmd.args(extra);
+    cmd
+}
+
+#[test]
+fn killed_run_resumes_to_the_same_weights() {
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(21)) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_lines(tmp.path(), "sft.jsonl", &shared_rows("data/train/sft/mixed_qa.jsonl", 24));
+    let args = ["--max-steps", "8", "--save-every", "2", "--max-length", "256", "--truncation", "keep_start"];
+
+    let full = tmp.path().join("full");
+    let out = train_cmd("sft", model.path(), &data, &full, &args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Kill with SIGKILL once a checkpoint exists, then resume.
+    let part = tmp.path().join("part");
+    let mut child = train_cmd("sft", model.path(), &data, &part, &args).spawn().unwrap();
+    let ckpt_root = part.join("checkpoints");
+    let start = std::time::Instant::now();
+    loop {
+        let done = std::fs::read_dir(&ckpt_root)
+            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+            .unwrap_or(false);
+        if done || start.elapsed().as_secs() > 120 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    if status.success() {
+        eprintln!("run finished before the kill; resuming a finished run must still reproduce it");
+    }
+    assert!(!part.join("adapter").exists() || status.success());
+    let out = train_cmd("sft", model.path(), &data, &part, &args).arg("--resume").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = std::fs::read(full.join("adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed run ended with different weights");
+    let steps: Vec<u64> = std::fs::read_to_string(part.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "one metrics line per step");
+}
+
+#[test]
+fn bad_training_data_and_config_give_clear_errors() {
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(22)) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let check = |objective: &str, data: &std::path::Path, extra: &[&str], needles: &[&str]| {
+        let res = train_cmd(objective, model.path(), data, &out, extra).args(["--max-steps", "1"]).output().unwrap();
+        let err = crate::common::expect_clean_failure(&res);
+        for n in needles {
+            assert!(err.contains(n), "expected {n:?} in: {err}");
+        }
+    };
+    let mut pref = shared_rows("data/train/preference/hh_harmless.jsonl", 4);
+    let mut row: Value = serde_json::from_str(&pref[2]).unwrap();
+    row.as_object_mut().unwrap().remove("chosen");
+    pref[2] = row.to_string();
+    let p = write_lines(tmp.path(), "pref.jsonl", &pref);
+    check("dpo", &p, &[], &["row 3", "`chosen`", "missing"]);
+
+    let sft = vec![
+        r#"{"prompt": "What is 2+2?", "completion": "4"}"#.to_string(),
+        r#"{"prompt": "Say nothing.", "completion": ""}"#.to_string(),
+    ];
+    let p = write_lines(tmp.path(), "empty.jsonl", &sft);
+    check("sft", &p, &[], &["row 2", "completion", "empty"]);
+
+    let long = vec![format!(r#"{{"prompt": "{}", "completion": "yes"}}"#, "word ".repeat(400))];
+    let p = write_lines(tmp.path(), "long.jsonl", &long);
+    check("sft", &p, &["--max-length", "256"], &["row 1", "max_length 256"]);
+
+    let cfg = tmp.path().join("bad.toml");
+    std::fs::write(&cfg, "learning_rate = 1e-4\n").unwrap();
+    let res = crate::common::paft()
+        .args(["--quiet", "train", "sft", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = crate::common::expect_clean_failure(&res);
+    assert!(err.contains("bad.toml") && err.contains("learning_rate"), "{err}");
+}
