@@ -60,7 +60,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let store = TaskStore::new(args.tasks_dir.clone().unwrap_or_else(TaskStore::default_root));
+    let store = TaskStore::new(
+        args.tasks_dir
+            .clone()
+            .unwrap_or_else(TaskStore::default_root),
+    );
     let mut config = EvalConfig::new(parse_task_list(&args.tasks)?);
     config.selection = match (args.limit, args.sample) {
         (Some(n), _) => Selection::Limit(n),
@@ -80,8 +84,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let pre = Pretrained::load(&dir, Some(dtype), &device)?;
     let net = pre.model(Mode::Inference, None)?;
 
-    let suite = PreparedSuite::prepare(&store, &pre.tokenizer, pre.config.max_position_embeddings, config)
-        .with_context(|| format!("preparing tasks from {}", store.root().display()))?;
+    let suite = PreparedSuite::prepare(
+        &store,
+        &pre.tokenizer,
+        pre.config.max_position_embeddings,
+        config,
+    )
+    .with_context(|| format!("preparing tasks from {}", store.root().display()))?;
     tracing::info!(
         "{} documents in {} task(s) from {}",
         suite.num_docs(),
@@ -122,7 +131,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         tracing::info!("results written to {}", out.display());
     }
     if let Some(micro) = result.mmlu_micro() {
-        tracing::info!("MMLU micro mean (lm-eval's group number): {:.2}", 100.0 * micro);
+        tracing::info!(
+            "MMLU micro mean (lm-eval's group number): {:.2}",
+            100.0 * micro
+        );
     }
     tracing::info!(
         "{} requests in {:.1}s",

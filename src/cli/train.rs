@@ -137,7 +137,9 @@ impl TrainFlags {
 /// A flag value as TOML would read it (`1e-4`, `true`, `["q_proj"]`), else as a string.
 fn parse_flag_value(v: &str) -> serde_json::Value {
     match toml::from_str::<toml::Table>(&format!("x = {v}")) {
-        Ok(mut t) => serde_json::to_value(t.remove("x")).unwrap_or(serde_json::Value::String(v.into())),
+        Ok(mut t) => {
+            serde_json::to_value(t.remove("x")).unwrap_or(serde_json::Value::String(v.into()))
+        }
         Err(_) => serde_json::Value::String(v.into()),
     }
 }

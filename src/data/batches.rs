@@ -11,7 +11,12 @@ pub type BatchPlan = Vec<Vec<usize>>;
 
 /// Shuffles, groups into windows of 50 batches sorted by length, cuts batches, and shuffles
 /// their order (the scheme of transformers' `group_by_length`).
-pub fn length_grouped_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch: u64) -> BatchPlan {
+pub fn length_grouped_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: u64,
+) -> BatchPlan {
     let batch_size = batch_size.max(1);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
@@ -40,10 +45,14 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..1000).collect::<Vec<_>>());
         // Within a batch lengths are close: far less spread than random batches would have.
-        let spread: usize = a.iter().map(|b| {
-            let l: Vec<usize> = b.iter().map(|&i| lengths[i]).collect();
-            l.iter().max().unwrap() - l.iter().min().unwrap()
-        }).sum::<usize>() / a.len();
+        let spread: usize = a
+            .iter()
+            .map(|b| {
+                let l: Vec<usize> = b.iter().map(|&i| lengths[i]).collect();
+                l.iter().max().unwrap() - l.iter().min().unwrap()
+            })
+            .sum::<usize>()
+            / a.len();
         assert!(spread < 30, "mean spread {spread}");
     }
 }

@@ -58,11 +58,15 @@ fn where_(path: &Path, row: usize, field: &str) -> String {
 }
 
 fn messages(v: &Value, at: &str) -> Result<Vec<ChatMessage>> {
-    let arr = v.as_array().with_context(|| format!("{at}: expected a list of messages"))?;
+    let arr = v
+        .as_array()
+        .with_context(|| format!("{at}: expected a list of messages"))?;
     arr.iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = m["role"].as_str().with_context(|| format!("{at}[{i}]: message without a string `role`"))?;
+            let role = m["role"]
+                .as_str()
+                .with_context(|| format!("{at}[{i}]: message without a string `role`"))?;
             let content = m["content"]
                 .as_str()
                 .with_context(|| format!("{at}[{i}]: message without a string `content`"))?;
@@ -87,7 +91,10 @@ pub fn parse_sft(path: &Path, rows: &[(usize, Value)]) -> Result<Vec<SftExample>
             if let Some(m) = row.get("messages") {
                 let msgs = messages(m, &where_(path, *n, "messages"))?;
                 if !msgs.iter().any(|m| m.role == "assistant") {
-                    bail!("{}: no assistant message to train on", where_(path, *n, "messages"));
+                    bail!(
+                        "{}: no assistant message to train on",
+                        where_(path, *n, "messages")
+                    );
                 }
                 return Ok(SftExample::Conversation(msgs));
             }
@@ -122,10 +129,12 @@ pub fn resolve_dataset(spec: &str) -> Result<PathBuf> {
     match spec.strip_prefix("hub:") {
         Some(rest) => {
             let mut parts = rest.splitn(3, '/');
-            let (Some(owner), Some(name), Some(file)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(owner), Some(name), Some(file)) = (parts.next(), parts.next(), parts.next())
+            else {
                 bail!("`{spec}`: a Hub dataset is hub:owner/name/path/to/file.jsonl");
             };
-            let client = hf_hub::HFClientSync::new().context("cannot set up the Hugging Face Hub client")?;
+            let client =
+                hf_hub::HFClientSync::new().context("cannot set up the Hugging Face Hub client")?;
             client
                 .dataset(owner, name)
                 .download_file()
@@ -145,7 +154,8 @@ pub fn resolve_dataset(spec: &str) -> Result<PathBuf> {
 
 /// A parquet file as JSON lines (one object per row, nested columns as JSON objects/arrays).
 pub fn parquet_to_jsonl(path: &Path) -> Result<String> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut df = ParquetReader::new(file)
         .finish()
         .with_context(|| format!("{}: not a readable parquet file", path.display()))?;
@@ -156,4 +166,3 @@ pub fn parquet_to_jsonl(path: &Path) -> Result<String> {
         .with_context(|| format!("{}: cannot convert to JSON lines", path.display()))?;
     Ok(String::from_utf8(buf)?)
 }
-

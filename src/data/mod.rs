@@ -9,4 +9,4 @@ pub mod tokenize;
 
 pub use batches::{length_grouped_batches, BatchPlan};
 pub use examples::{load_rows, parquet_to_jsonl, PreferenceExample, SftExample, Text};
-pub use tokenize::{PreferencePair, TokenizedSequence, Tokenization, Truncation};
+pub use tokenize::{PreferencePair, Tokenization, TokenizedSequence, Truncation};

@@ -53,7 +53,9 @@ pub struct Tokenization<'a> {
 
 impl Tokenization<'_> {
     fn render(&self, messages: &[ChatMessage], generation_prompt: bool) -> Result<Vec<u32>> {
-        let text = self.tokenizer.apply_chat_template(messages, generation_prompt)?;
+        let text = self
+            .tokenizer
+            .apply_chat_template(messages, generation_prompt)?;
         // The template already holds any special tokens.
         self.tokenizer.encode(&text, false)
     }
@@ -76,8 +78,11 @@ impl Tokenization<'_> {
                 (self.render(p, true)?, self.render(&all, false)?)
             }
             (Text::Messages(p), Text::Plain(c)) => {
-                let all: Vec<ChatMessage> =
-                    p.iter().cloned().chain([ChatMessage::new("assistant", c)]).collect();
+                let all: Vec<ChatMessage> = p
+                    .iter()
+                    .cloned()
+                    .chain([ChatMessage::new("assistant", c)])
+                    .collect();
                 (self.render(p, true)?, self.render(&all, false)?)
             }
             (Text::Plain(_), Text::Messages(_)) => {
@@ -86,7 +91,10 @@ impl Tokenization<'_> {
         };
         let n = prompt_ids.len().min(full.len());
         let loss_mask = (0..full.len()).map(|i| i >= n).collect();
-        Ok(TokenizedSequence { ids: full, loss_mask })
+        Ok(TokenizedSequence {
+            ids: full,
+            loss_mask,
+        })
     }
 
     /// A conversation with the mask on every assistant turn.
@@ -123,7 +131,9 @@ impl Tokenization<'_> {
             }
         }
         if s.num_targets() == 0 {
-            bail!("{what}: no completion tokens to train on (empty completion, or cut by max_length)");
+            bail!(
+                "{what}: no completion tokens to train on (empty completion, or cut by max_length)"
+            );
         }
         Ok(s)
     }
@@ -152,7 +162,10 @@ impl Tokenization<'_> {
             }
         }
         Ok(PreferencePair {
-            chosen: self.fit(self.prompt_completion(&ex.prompt, &ex.chosen)?, &format!("{what}, field `chosen`"))?,
+            chosen: self.fit(
+                self.prompt_completion(&ex.prompt, &ex.chosen)?,
+                &format!("{what}, field `chosen`"),
+            )?,
             rejected: self.fit(
                 self.prompt_completion(&ex.prompt, &ex.rejected)?,
                 &format!("{what}, field `rejected`"),

@@ -17,7 +17,11 @@ const PREFILL_CHUNK: usize = 128;
 
 /// Runs `batch` through the model in chunks of at most `PREFILL_CHUNK` time steps, appending to
 /// `cache`; returns the hidden state of each row's last column `(b, hidden)`.
-fn forward_in_chunks(model: &LlamaModel, batch: &TokenBatch, cache: &mut KvCache) -> Result<Tensor> {
+fn forward_in_chunks(
+    model: &LlamaModel,
+    batch: &TokenBatch,
+    cache: &mut KvCache,
+) -> Result<Tensor> {
     let t = batch.seq_len();
     let mut last = None;
     let mut start = 0;
@@ -63,15 +67,25 @@ impl Prefilled {
 }
 
 /// Extends `base` (batch 1) by `tokens[base.len()..]`.
-pub fn prefill(model: &LlamaModel, base: &Prefilled, tokens: &[u32], pad_id: u32) -> Result<Prefilled> {
+pub fn prefill(
+    model: &LlamaModel,
+    base: &Prefilled,
+    tokens: &[u32],
+    pad_id: u32,
+) -> Result<Prefilled> {
     if tokens.len() < base.len {
-        bail!("prefix of {} tokens is shorter than its base of {}", tokens.len(), base.len);
+        bail!(
+            "prefix of {} tokens is shorter than its base of {}",
+            tokens.len(),
+            base.len
+        );
     }
     if tokens.len() == base.len {
         return Ok(base.clone());
     }
     let mut cache = base.cache.clone();
-    let batch = TokenBatch::right_padded(&[tokens[base.len..].to_vec()], &[base.len as u32], pad_id);
+    let batch =
+        TokenBatch::right_padded(&[tokens[base.len..].to_vec()], &[base.len as u32], pad_id);
     let last_hidden = forward_in_chunks(model, &batch, &mut cache)?;
     Ok(Prefilled {
         cache,
@@ -164,7 +178,11 @@ pub fn score_choices(
     let selected = all.index_select(&Tensor::new(picks.as_slice(), dev)?, 0)?;
     let logp = candle_nn::ops::log_softmax(&model.logits(&selected)?, D::Minus1)?;
     let target_idx = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
-    let token_lp = logp.gather(&target_idx, 1)?.squeeze(1)?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+    let token_lp = logp
+        .gather(&target_idx, 1)?
+        .squeeze(1)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
     let greedy = logp.argmax(D::Minus1)?.to_vec1::<u32>()?;
 
     let mut out = vec![];

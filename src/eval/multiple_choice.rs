@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 
 use super::task::{
-    argmax, fewshot_context, Benchmark, DocScore, FewshotSampler, Instance, LoglikelihoodRequest,
-    MetricKey, Requests, Response, Task, TARGET_DELIMITER,
+    argmax, choice_requests, fewshot_context, Benchmark, DocScore, FewshotSampler, Instance,
+    MetricKey, Response, Task, TARGET_DELIMITER,
 };
 
 /// A processed document: prompt text, answer choices, gold index.
@@ -35,7 +35,10 @@ impl McDoc {
     }
 
     fn shot(&self) -> String {
-        format!("{}{}{}", self.text, TARGET_DELIMITER, self.choices[self.gold])
+        format!(
+            "{}{}{}",
+            self.text, TARGET_DELIMITER, self.choices[self.gold]
+        )
     }
 }
 
@@ -109,15 +112,7 @@ impl Task for MultipleChoiceTask {
         );
         Instance {
             doc_id: doc,
-            requests: Requests::Loglikelihood(
-                d.choices
-                    .iter()
-                    .map(|c| LoglikelihoodRequest {
-                        context: context.clone(),
-                        continuation: format!("{TARGET_DELIMITER}{c}"),
-                    })
-                    .collect(),
-            ),
+            requests: choice_requests(&context, &d.choices),
             target: Value::from(d.gold),
         }
     }

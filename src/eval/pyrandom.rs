@@ -179,7 +179,10 @@ mod tests {
     fn wide_and_zero_seeds_match_cpython() {
         // random.Random(2**40 + 5).getrandbits(32) x2; Random(0): randrange(1000), sample(range(100), 3)
         let mut r = PyRandom::new((1 << 40) + 5);
-        assert_eq!([r.getrandbits(32), r.getrandbits(32)], [2166296868, 2220160828]);
+        assert_eq!(
+            [r.getrandbits(32), r.getrandbits(32)],
+            [2166296868, 2220160828]
+        );
         let mut r = PyRandom::new(0);
         assert_eq!(r.randbelow(1000), 864);
         assert_eq!(r.sample_indices(100, 3), vec![49, 97, 53]);

@@ -65,7 +65,13 @@ impl TaskResult {
             .map(|&key| {
                 let values: Vec<f64> = records
                     .iter()
-                    .filter_map(|r| r.score.metrics.iter().find(|(k, _)| *k == key).map(|(_, v)| *v))
+                    .filter_map(|r| {
+                        r.score
+                            .metrics
+                            .iter()
+                            .find(|(k, _)| *k == key)
+                            .map(|(_, v)| *v)
+                    })
                     .collect();
                 let (mean, stderr) = mean_stderr(&values);
                 MetricSummary { key, mean, stderr }
@@ -127,7 +133,13 @@ impl SuiteResult {
         let stderr = if parts.len() == 1 {
             parts[0].stderr
         } else {
-            parts.iter().map(|m| m.stderr.powi(2)).filter(|v| v.is_finite()).sum::<f64>().sqrt() / k
+            parts
+                .iter()
+                .map(|m| m.stderr.powi(2))
+                .filter(|v| v.is_finite())
+                .sum::<f64>()
+                .sqrt()
+                / k
         };
         Some(Headline { value, stderr })
     }
@@ -173,7 +185,10 @@ impl SuiteResult {
             m.insert("alias".into(), json!(t.name));
             for s in &t.metrics {
                 m.insert(s.key.to_string(), finite(s.mean));
-                m.insert(format!("{}_stderr,{}", s.key.metric, s.key.filter), finite(s.stderr));
+                m.insert(
+                    format!("{}_stderr,{}", s.key.metric, s.key.filter),
+                    finite(s.stderr),
+                );
             }
             results.insert(t.name.clone(), Value::Object(m));
             n_shot.insert(t.name.clone(), json!(t.num_fewshot));
@@ -202,7 +217,10 @@ impl SuiteResult {
         }
         if let Some(avg) = self.average() {
             board.insert("Average".into(), json!(avg));
-            groups.insert("leaderboard".into(), json!({"alias": "leaderboard", "average,none": avg / 100.0}));
+            groups.insert(
+                "leaderboard".into(),
+                json!({"alias": "leaderboard", "average,none": avg / 100.0}),
+            );
         }
         json!({
             "results": results,
@@ -229,7 +247,11 @@ impl SuiteResult {
             header.push("Average".into());
             row.push(format!("{avg:.2}"));
         }
-        let widths: Vec<usize> = header.iter().zip(&row).map(|(h, r)| h.len().max(r.len())).collect();
+        let widths: Vec<usize> = header
+            .iter()
+            .zip(&row)
+            .map(|(h, r)| h.len().max(r.len()))
+            .collect();
         let fmt = |cells: &[String]| {
             let inner: Vec<String> = cells
                 .iter()
@@ -238,7 +260,10 @@ impl SuiteResult {
                 .collect();
             format!("|{}|", inner.join("|"))
         };
-        let rule: Vec<String> = widths.iter().map(|w| format!("-{}:", "-".repeat(*w))).collect();
+        let rule: Vec<String> = widths
+            .iter()
+            .map(|w| format!("-{}:", "-".repeat(*w)))
+            .collect();
         format!("{}\n|{}|\n{}\n", fmt(&header), rule.join("|"), fmt(&row))
     }
 }
@@ -266,7 +291,9 @@ pub fn write_samples(dir: &Path, suite: &PreparedSuite, result: &SuiteResult) ->
                     lls.iter().map(|(ll, g)| json!([ll, g])).collect::<Vec<_>>(),
                 ),
                 (Requests::Generate(g), Response::Generation(text)) => (
-                    vec![json!({"context": g.context, "until": g.until, "max_gen_toks": g.max_gen_toks})],
+                    vec![
+                        json!({"context": g.context, "until": g.until, "max_gen_toks": g.max_gen_toks}),
+                    ],
                     vec![json!(text)],
                 ),
                 _ => (vec![], vec![]),

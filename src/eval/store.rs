@@ -114,7 +114,8 @@ fn read_jsonl_rows(path: &Path) -> Result<Vec<Row>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut rows = vec![];
     for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        let line =
+            line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -134,8 +135,9 @@ fn read_parquet_rows(path: &Path) -> Result<Vec<Row>> {
         .enumerate()
         .map(|(i, l)| {
             Ok(Row {
-                value: serde_json::from_str(l)
-                    .with_context(|| format!("{}: row {}: cannot convert to JSON", path.display(), i + 1))?,
+                value: serde_json::from_str(l).with_context(|| {
+                    format!("{}: row {}: cannot convert to JSON", path.display(), i + 1)
+                })?,
                 line: i + 1,
             })
         })

@@ -13,7 +13,10 @@ pub enum Selection {
     /// The first `n` documents of each task (each MMLU subject), as lm-eval's `--limit`.
     Limit(usize),
     /// `n` documents per benchmark (MMLU: in total, spread over subjects), stratified.
-    Sample { n: usize, seed: u64 },
+    Sample {
+        n: usize,
+        seed: u64,
+    },
 }
 
 /// A stratified random sample of `n` items: each stratum gets its proportional share (largest
@@ -51,7 +54,11 @@ pub fn stratified_sample(strata: &[&str], n: usize, seed: u64) -> Vec<usize> {
     let mut rng = PyRandom::new(seed);
     let mut out = vec![];
     for ((_, members), k) in groups.iter().zip(take) {
-        out.extend(rng.sample_indices(members.len(), k).into_iter().map(|j| members[j]));
+        out.extend(
+            rng.sample_indices(members.len(), k)
+                .into_iter()
+                .map(|j| members[j]),
+        );
     }
     out.sort_unstable();
     out

@@ -157,7 +157,11 @@ impl PreparedSuite {
                     score,
                 });
             }
-            results.push(TaskResult::new(t, records, task_start.elapsed().as_secs_f64()));
+            results.push(TaskResult::new(
+                t,
+                records,
+                task_start.elapsed().as_secs_f64(),
+            ));
         }
         Ok(SuiteResult::new(results, start.elapsed().as_secs_f64()))
     }
@@ -173,7 +177,12 @@ fn run_task(
     let base = if t.shared_prefix.is_empty() {
         Prefilled::empty(m.model)
     } else {
-        engine::prefill(m.model, &Prefilled::empty(m.model), &t.shared_prefix, m.pad_id)?
+        engine::prefill(
+            m.model,
+            &Prefilled::empty(m.model),
+            &t.shared_prefix,
+            m.pad_id,
+        )?
     };
     let mut generations = vec![];
     for (i, r) in t.requests.iter().enumerate() {
@@ -191,13 +200,17 @@ fn run_task(
     generations.sort_by_key(|(i, g)| (std::cmp::Reverse(g.context.len()), *i));
     for chunk in generations.chunks(batch_size) {
         let reqs: Vec<_> = chunk.iter().map(|(_, g)| *g).collect();
-        let texts = engine::generate_until(m.model, m.tokenizer, &reqs, &m.stop_token_ids, m.pad_id)?;
+        let texts =
+            engine::generate_until(m.model, m.tokenizer, &reqs, &m.stop_token_ids, m.pad_id)?;
         for ((i, _), text) in chunk.iter().zip(texts) {
             out[*i] = Some(Response::Generation(text));
             on_doc();
         }
     }
-    Ok(out.into_iter().map(|r| r.expect("every request answered")).collect())
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every request answered"))
+        .collect())
 }
 
 /// The longest prefix shared by every document's prefillable prefix, if long enough to matter.

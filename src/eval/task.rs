@@ -188,7 +188,11 @@ pub fn argmax(values: impl IntoIterator<Item = f64>) -> usize {
 }
 
 /// Joins few-shot examples and the document text as lm-eval does: `description + Σ(shot + "\n\n") + text`.
-pub fn fewshot_context(description: &str, shots: impl IntoIterator<Item = String>, text: &str) -> String {
+pub fn fewshot_context(
+    description: &str,
+    shots: impl IntoIterator<Item = String>,
+    text: &str,
+) -> String {
     let mut ctx = description.to_string();
     for s in shots {
         ctx.push_str(&s);
@@ -196,6 +200,19 @@ pub fn fewshot_context(description: &str, shots: impl IntoIterator<Item = String
     }
     ctx.push_str(text);
     ctx
+}
+
+/// One request per answer choice, each scoring `" " + choice` after the same context.
+pub fn choice_requests(context: &str, choices: &[String]) -> Requests {
+    Requests::Loglikelihood(
+        choices
+            .iter()
+            .map(|c| LoglikelihoodRequest {
+                context: context.to_string(),
+                continuation: format!("{TARGET_DELIMITER}{c}"),
+            })
+            .collect(),
+    )
 }
 
 pub const TARGET_DELIMITER: &str = " ";

@@ -29,7 +29,11 @@ impl Clone for LayerKv {
 
 impl LayerKv {
     /// Appends `k`, `v` of shape `(b, kv_heads, t, head_dim)` and returns all keys and values so far.
-    pub(crate) fn append(slot: &mut Option<LayerKv>, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (k, v) = (k.contiguous()?, v.contiguous()?);
         let t = k.dim(2)?;
         let len = slot.as_ref().map_or(0, |s| s.len);

@@ -104,9 +104,17 @@ impl Default for TrainConfig {
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
-            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
+            lora_targets: [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
             lora_init: None,
             l1_lambda: 0.0,
             l1_mode: L1Mode::Penalty,
@@ -123,8 +131,10 @@ impl TrainConfig {
     pub fn load(file: Option<&Path>, overrides: serde_json::Value) -> Result<Self> {
         let mut value = match file {
             Some(f) => {
-                let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-                let table: toml::Table = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", f.display()))?;
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                let table: toml::Table = toml::from_str(&text)
+                    .with_context(|| format!("{}: invalid TOML", f.display()))?;
                 serde_json::to_value(table)?
             }
             None => serde_json::json!({}),
@@ -137,9 +147,10 @@ impl TrainConfig {
             }
         }
         let origin = file.map_or("command line".to_string(), |f| f.display().to_string());
-        let cfg: TrainConfig =
-            serde_json::from_value(value).with_context(|| format!("{origin}: invalid training config"))?;
-        cfg.validate().with_context(|| format!("{origin}: invalid training config"))?;
+        let cfg: TrainConfig = serde_json::from_value(value)
+            .with_context(|| format!("{origin}: invalid training config"))?;
+        cfg.validate()
+            .with_context(|| format!("{origin}: invalid training config"))?;
         Ok(cfg)
     }
 
@@ -156,7 +167,11 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 || self.max_steps == 0 {
             bail!("batch_size, grad_accum and max_steps must be at least 1");
         }
-        for (name, v) in [("lr", self.lr), ("beta", self.beta), ("l1_lambda", self.l1_lambda)] {
+        for (name, v) in [
+            ("lr", self.lr),
+            ("beta", self.beta),
+            ("l1_lambda", self.l1_lambda),
+        ] {
             if !v.is_finite() || v < 0.0 {
                 bail!("`{name}` must be a finite non-negative number, got {v}");
             }

@@ -67,7 +67,8 @@ impl TargetLogps {
         for (j, &r) in self.seq.iter().enumerate() {
             m[r * n + j] = 1.0;
         }
-        let m = Tensor::from_vec(m, (self.batch_size, n), self.logps.device())?.to_dtype(self.logps.dtype())?;
+        let m = Tensor::from_vec(m, (self.batch_size, n), self.logps.device())?
+            .to_dtype(self.logps.dtype())?;
         Ok(m.matmul(&self.logps.unsqueeze(1)?)?.squeeze(1)?)
     }
 
@@ -86,7 +87,11 @@ fn completion_mask<'a>(seqs: &'a [&'a TokenizedSequence]) -> impl Fn(usize, usiz
 
 /// SFT: the sum of −log p over completion targets divided by their number in the batch
 /// (TRL's token mean, not a mean of per-sequence means).
-pub fn sft_loss(model: &LlamaModel, seqs: &[&TokenizedSequence], pad_id: u32) -> Result<(Tensor, usize)> {
+pub fn sft_loss(
+    model: &LlamaModel,
+    seqs: &[&TokenizedSequence],
+    pad_id: u32,
+) -> Result<(Tensor, usize)> {
     let t = target_logps(model, seqs, pad_id, completion_mask(seqs))?;
     let n = t.seq.len();
     Ok(((t.logps.sum_all()? * (-1.0 / n as f64))?, n))
@@ -123,12 +128,22 @@ pub struct DpoOutput {
 impl DpoOutput {
     pub fn reward_accuracy(&self) -> f64 {
         let n = self.chosen_rewards.len() as f64;
-        self.chosen_rewards.iter().zip(&self.rejected_rewards).filter(|(c, r)| c > r).count() as f64 / n
+        self.chosen_rewards
+            .iter()
+            .zip(&self.rejected_rewards)
+            .filter(|(c, r)| c > r)
+            .count() as f64
+            / n
     }
 
     pub fn reward_margin(&self) -> f64 {
         let n = self.chosen_rewards.len() as f64;
-        self.chosen_rewards.iter().zip(&self.rejected_rewards).map(|(c, r)| c - r).sum::<f64>() / n
+        self.chosen_rewards
+            .iter()
+            .zip(&self.rejected_rewards)
+            .map(|(c, r)| c - r)
+            .sum::<f64>()
+            / n
     }
 }
 
@@ -154,9 +169,12 @@ pub fn dpo_loss(
     let h = ((&dc - &dr)? * p.beta)?;
     let mut loss = neg_log_sigmoid(&h)?;
     if p.label_smoothing > 0.0 {
-        loss = ((loss * (1.0 - p.label_smoothing))? + (neg_log_sigmoid(&h.neg()?)? * p.label_smoothing)?)?;
+        loss = ((loss * (1.0 - p.label_smoothing))?
+            + (neg_log_sigmoid(&h.neg()?)? * p.label_smoothing)?)?;
     }
-    let to_vec = |t: &Tensor| -> Result<Vec<f64>> { Ok((t.detach() * p.beta)?.to_dtype(DType::F64)?.to_vec1()?) };
+    let to_vec = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok((t.detach() * p.beta)?.to_dtype(DType::F64)?.to_vec1()?)
+    };
     Ok(DpoOutput {
         loss: loss.mean_all()?,
         chosen_rewards: to_vec(&dc)?,
@@ -217,7 +235,10 @@ pub fn orpo_loss(
     let avg = (sums * Tensor::from_vec(inv, all.len(), dev)?.to_dtype(dt)?)?;
     let (ac, ar) = (avg.narrow(0, 0, n)?, avg.narrow(0, n, n)?);
     let log_odds = ((&ac - &ar)? - (log1m_exp(&ac)? - log1m_exp(&ar)?)?)?;
-    let nll = (t.logps.mul(&Tensor::from_vec(nll_w, t.seq.len(), dev)?.to_dtype(dt)?)?.sum_all()?
+    let nll = (t
+        .logps
+        .mul(&Tensor::from_vec(nll_w, t.seq.len(), dev)?.to_dtype(dt)?)?
+        .sum_all()?
         * (-1.0 / nll_count as f64))?;
     let ratio = (neg_log_sigmoid(&log_odds)?.mean_all()? * beta)?;
     let loss = (&nll + ratio)?;

@@ -27,13 +27,25 @@ impl AdamW {
         Ok(Self {
             params,
             step: 0,
-            m: vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?,
-            v: vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?,
+            m: vars
+                .iter()
+                .map(|v| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+            v: vars
+                .iter()
+                .map(|v| v.as_tensor().zeros_like())
+                .collect::<candle_core::Result<_>>()?,
         })
     }
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `vars[i]` (None: no gradient).
-    pub fn step(&mut self, vars: &[Var], grads: &[Option<Tensor>], decay: &[bool], lr: f64) -> Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &[Var],
+        grads: &[Option<Tensor>],
+        decay: &[bool],
+        lr: f64,
+    ) -> Result<()> {
         self.step += 1;
         let p = self.params;
         let bc1 = 1.0 - p.beta1.powi(self.step as i32);
@@ -63,10 +75,21 @@ impl AdamW {
         out
     }
 
-    pub fn load_state(&mut self, names: &[String], saved: &BTreeMap<String, Tensor>, step: u64) -> Result<()> {
+    pub fn load_state(
+        &mut self,
+        names: &[String],
+        saved: &BTreeMap<String, Tensor>,
+        step: u64,
+    ) -> Result<()> {
         for (i, n) in names.iter().enumerate() {
-            self.m[i] = saved.get(&format!("{n}.exp_avg")).cloned().with_context(|| format!("optimizer state lacks {n}"))?;
-            self.v[i] = saved.get(&format!("{n}.exp_avg_sq")).cloned().with_context(|| format!("optimizer state lacks {n}"))?;
+            self.m[i] = saved
+                .get(&format!("{n}.exp_avg"))
+                .cloned()
+                .with_context(|| format!("optimizer state lacks {n}"))?;
+            self.v[i] = saved
+                .get(&format!("{n}.exp_avg_sq"))
+                .cloned()
+                .with_context(|| format!("optimizer state lacks {n}"))?;
         }
         self.step = step;
         Ok(())
@@ -75,14 +98,20 @@ impl AdamW {
 
 /// Gradients of `vars` from a backward pass, in order.
 pub fn collect_grads(vars: &[Var], store: &GradStore) -> Vec<Option<Tensor>> {
-    vars.iter().map(|v| store.get(v.as_tensor()).cloned()).collect()
+    vars.iter()
+        .map(|v| store.get(v.as_tensor()).cloned())
+        .collect()
 }
 
 /// Global L2 norm of the gradients.
 pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter().flatten() {
-        sq += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        sq += g
+            .to_dtype(candle_core::DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     Ok(sq.sqrt())
 }

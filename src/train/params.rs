@@ -69,8 +69,9 @@ impl Trainable {
                     Some(p) => (p.a.to_dtype(dtype)?, p.b.to_dtype(dtype)?),
                     None => {
                         let bound = 1.0 / (inp as f64).sqrt();
-                        let data: Vec<f32> =
-                            (0..lora.r * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
+                        let data: Vec<f32> = (0..lora.r * inp)
+                            .map(|_| rng.random_range(-bound..bound) as f32)
+                            .collect();
                         (
                             Tensor::from_vec(data, (lora.r, inp), &dev)?.to_dtype(dtype)?,
                             Tensor::zeros((out, lora.r), dtype, &dev)?,
@@ -106,13 +107,18 @@ impl Trainable {
                 },
             );
         }
-        Some(LoraAdapter { config: cfg, layers })
+        Some(LoraAdapter {
+            config: cfg,
+            layers,
+        })
     }
 
     /// The model with the current parameters, differentiable in them.
     pub fn model(&self, mode: Mode) -> Result<LlamaModel> {
         match self.adapter() {
-            Some(adapter) => LlamaModel::from_weights(&self.config, &self.base, Some(&adapter), mode),
+            Some(adapter) => {
+                LlamaModel::from_weights(&self.config, &self.base, Some(&adapter), mode)
+            }
             None => {
                 let weights: WeightMap = self
                     .names

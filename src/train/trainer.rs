@@ -16,9 +16,15 @@ use super::objective::{dpo_loss, orpo_loss, pair_logps, sft_loss, DpoParams};
 use super::optimizer::{clip_grads, collect_grads, grad_norm, learning_rate, AdamW, AdamWParams};
 use super::params::Trainable;
 use crate::data::examples::{parse_preference, parse_sft, resolve_dataset};
-use crate::data::{length_grouped_batches, load_rows, PreferencePair, TokenizedSequence, Tokenization};
-use crate::model::weights::{write_file_atomic, write_safetensors, write_weights, AtomicDir, DEFAULT_SHARD_BYTES};
-use crate::model::{self, pretrained::copy_tokenizer_files, LoraAdapter, LoraConfig, Mode, Pretrained, TargetModule};
+use crate::data::{
+    length_grouped_batches, load_rows, PreferencePair, Tokenization, TokenizedSequence,
+};
+use crate::model::weights::{
+    write_file_atomic, write_safetensors, write_weights, AtomicDir, DEFAULT_SHARD_BYTES,
+};
+use crate::model::{
+    self, pretrained::copy_tokenizer_files, LoraAdapter, LoraConfig, Mode, Pretrained, TargetModule,
+};
 
 /// Tokenized training data of one objective.
 pub enum Dataset {
@@ -41,7 +47,10 @@ impl Dataset {
     fn lengths(&self) -> Vec<usize> {
         match self {
             Dataset::Sft(v) => v.iter().map(|s| s.len()).collect(),
-            Dataset::Preference(v) => v.iter().map(|p| p.chosen.len().max(p.rejected.len())).collect(),
+            Dataset::Preference(v) => v
+                .iter()
+                .map(|p| p.chosen.len().max(p.rejected.len()))
+                .collect(),
         }
     }
 }
@@ -105,7 +114,11 @@ fn lora_config(cfg: &TrainConfig) -> Result<LoraConfig> {
         r: cfg.lora_r,
         alpha: cfg.lora_alpha,
         dropout: cfg.lora_dropout,
-        target_modules: cfg.lora_targets.iter().map(|t| TargetModule::parse(t)).collect::<Result<_>>()?,
+        target_modules: cfg
+            .lora_targets
+            .iter()
+            .map(|t| TargetModule::parse(t))
+            .collect::<Result<_>>()?,
         use_rslora: false,
     })
 }
@@ -125,7 +138,13 @@ impl Trainer {
                 .as_ref()
                 .map(|p| LoraAdapter::load(p, dtype, &device))
                 .transpose()?;
-            Trainable::lora(&pre.config, &pre.weights, &lora_config(&cfg)?, init.as_ref(), cfg.seed)?
+            Trainable::lora(
+                &pre.config,
+                &pre.weights,
+                &lora_config(&cfg)?,
+                init.as_ref(),
+                cfg.seed,
+            )?
         };
         let optimizer = AdamW::new(
             &params.vars,
@@ -155,12 +174,18 @@ impl Trainer {
 
     /// Reference log-probs of every pair, computed once with the frozen reference model.
     fn reference_logps(&self) -> Result<Vec<(f64, f64)>> {
-        let Dataset::Preference(pairs) = &self.data else { bail!("DPO needs preference data") };
+        let Dataset::Preference(pairs) = &self.data else {
+            bail!("DPO needs preference data")
+        };
         let owned;
         let reference = match &self.cfg.reference_model {
             Some(spec) => {
                 let dir = model::source::resolve_model(spec, None)?;
-                owned = Pretrained::load(&dir, Some(self.params.dtype()), self.pre.weights.values().next().unwrap().device())?;
+                owned = Pretrained::load(
+                    &dir,
+                    Some(self.params.dtype()),
+                    self.pre.weights.values().next().unwrap().device(),
+                )?;
                 &owned
             }
             None => &self.pre,
@@ -183,7 +208,11 @@ impl Trainer {
     }
 
     /// Loss of one micro-batch (example indices) and its metrics.
-    pub fn loss(&self, model: &model::LlamaModel, idx: &[usize]) -> Result<(Tensor, BTreeMap<&'static str, f64>, usize)> {
+    pub fn loss(
+        &self,
+        model: &model::LlamaModel,
+        idx: &[usize],
+    ) -> Result<(Tensor, BTreeMap<&'static str, f64>, usize)> {
         let mut metrics = BTreeMap::new();
         match (&self.data, self.objective) {
             (Dataset::Sft(seqs), _) => {
@@ -217,25 +246,42 @@ impl Trainer {
                 )?;
                 let n = out.chosen_rewards.len() as f64;
                 metrics.insert("rewards/chosen", out.chosen_rewards.iter().sum::<f64>() / n);
-                metrics.insert("rewards/rejected", out.rejected_rewards.iter().sum::<f64>() / n);
+                metrics.insert(
+                    "rewards/rejected",
+                    out.rejected_rewards.iter().sum::<f64>() / n,
+                );
                 metrics.insert("rewards/accuracy", out.reward_accuracy());
                 metrics.insert("rewards/margin", out.reward_margin());
-                Ok((out.loss, metrics, c.iter().chain(&r).map(|s| s.num_targets()).sum()))
+                Ok((
+                    out.loss,
+                    metrics,
+                    c.iter().chain(&r).map(|s| s.num_targets()).sum(),
+                ))
             }
             (Dataset::Preference(pairs), _) => {
                 let c: Vec<&TokenizedSequence> = idx.iter().map(|&i| &pairs[i].chosen).collect();
                 let r: Vec<&TokenizedSequence> = idx.iter().map(|&i| &pairs[i].rejected).collect();
                 let out = orpo_loss(model, &c, &r, self.pad_id, self.cfg.beta)?;
                 metrics.insert("nll", out.nll);
-                metrics.insert("log_odds", out.log_odds.iter().sum::<f64>() / out.log_odds.len() as f64);
-                Ok((out.loss, metrics, c.iter().chain(&r).map(|s| s.num_targets()).sum()))
+                metrics.insert(
+                    "log_odds",
+                    out.log_odds.iter().sum::<f64>() / out.log_odds.len() as f64,
+                );
+                Ok((
+                    out.loss,
+                    metrics,
+                    c.iter().chain(&r).map(|s| s.num_targets()).sum(),
+                ))
             }
         }
     }
 
     /// L1 penalty λ·Σ|θ − anchor| over the trainable parameters (penalty mode).
     fn l1_penalty(&self) -> Result<Option<Tensor>> {
-        if self.cfg.l1_lambda == 0.0 || self.cfg.l1_mode != L1Mode::Penalty || self.objective != Objective::Sft {
+        if self.cfg.l1_lambda == 0.0
+            || self.cfg.l1_mode != L1Mode::Penalty
+            || self.objective != Objective::Sft
+        {
             return Ok(None);
         }
         let mut total: Option<Tensor> = None;
@@ -251,7 +297,10 @@ impl Trainer {
 
     /// Proximal L1: δ ← sign(δ)·max(|δ| − lr·λ, 0), which leaves exact zeros.
     fn l1_proximal(&self, lr: f64) -> Result<()> {
-        if self.cfg.l1_lambda == 0.0 || self.cfg.l1_mode != L1Mode::Proximal || self.objective != Objective::Sft {
+        if self.cfg.l1_lambda == 0.0
+            || self.cfg.l1_mode != L1Mode::Proximal
+            || self.objective != Objective::Sft
+        {
             return Ok(());
         }
         let thr = lr * self.cfg.l1_lambda;
@@ -272,14 +321,23 @@ impl Trainer {
         let root = self.checkpoint_root();
         std::fs::create_dir_all(&root)?;
         let dir = AtomicDir::new(&root.join(format!("step-{step:06}")))?;
-        write_safetensors(&dir.path().join("params.safetensors"), self.params.tensors())?;
-        write_safetensors(&dir.path().join("optimizer.safetensors"), self.optimizer.state(&self.params.names))?;
+        write_safetensors(
+            &dir.path().join("params.safetensors"),
+            self.params.tensors(),
+        )?;
+        write_safetensors(
+            &dir.path().join("optimizer.safetensors"),
+            self.optimizer.state(&self.params.names),
+        )?;
         let state = RunState {
             step,
             objective: self.objective,
             config: self.cfg.clone(),
         };
-        std::fs::write(dir.path().join("state.json"), serde_json::to_vec_pretty(&state)?)?;
+        std::fs::write(
+            dir.path().join("state.json"),
+            serde_json::to_vec_pretty(&state)?,
+        )?;
         dir.commit()?;
         // Older checkpoints are superseded once the new one is complete.
         for e in std::fs::read_dir(&root)? {
@@ -295,17 +353,28 @@ impl Trainer {
     /// Restores the latest complete checkpoint; returns its step (0 when there is none).
     fn restore(&mut self) -> Result<u64> {
         let root = self.checkpoint_root();
-        let Ok(entries) = std::fs::read_dir(&root) else { return Ok(0) };
+        let Ok(entries) = std::fs::read_dir(&root) else {
+            return Ok(0);
+        };
         let mut dirs: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+            })
             .collect();
         dirs.sort();
         let Some(dir) = dirs.pop() else { return Ok(0) };
         let state: RunState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
             .with_context(|| format!("{}: bad state.json", dir.display()))?;
         if state.objective != self.objective {
-            bail!("{}: checkpoint is a {:?} run, not {:?}", dir.display(), state.objective, self.objective);
+            bail!(
+                "{}: checkpoint is a {:?} run, not {:?}",
+                dir.display(),
+                state.objective,
+                self.objective
+            );
         }
         let dev = self.params.vars[0].device().clone();
         let load = |f: &str| -> Result<BTreeMap<String, Tensor>> {
@@ -315,8 +384,13 @@ impl Trainer {
                 .into_iter()
                 .collect())
         };
-        self.params.load_tensors(&load("params.safetensors")?, &dir)?;
-        self.optimizer.load_state(&self.params.names, &load("optimizer.safetensors")?, state.step)?;
+        self.params
+            .load_tensors(&load("params.safetensors")?, &dir)?;
+        self.optimizer.load_state(
+            &self.params.names,
+            &load("optimizer.safetensors")?,
+            state.step,
+        )?;
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
         Ok(state.step)
     }
@@ -332,9 +406,15 @@ impl Trainer {
         let lengths = self.data.lengths();
         let mut plans: BTreeMap<u64, Vec<Vec<usize>>> = BTreeMap::new();
         let accum = self.cfg.grad_accum as u64;
-        let bar = crate::progress::bar(self.cfg.max_steps, &format!("{:?}", self.objective).to_lowercase());
+        let bar = crate::progress::bar(
+            self.cfg.max_steps,
+            &format!("{:?}", self.objective).to_lowercase(),
+        );
         bar.set_position(start);
-        let mut metrics_file = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path)?;
+        let mut metrics_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)?;
         for step in start + 1..=self.cfg.max_steps {
             let t0 = Instant::now();
             let mut grads: Vec<Option<Tensor>> = vec![None; self.params.vars.len()];
@@ -345,9 +425,9 @@ impl Trainer {
                 let k = (step - 1) * accum + micro;
                 let per_epoch = lengths.len().div_ceil(self.cfg.batch_size) as u64;
                 let (epoch, within) = (k / per_epoch, (k % per_epoch) as usize);
-                let plan = plans
-                    .entry(epoch)
-                    .or_insert_with(|| length_grouped_batches(&lengths, self.cfg.batch_size, self.cfg.seed, epoch));
+                let plan = plans.entry(epoch).or_insert_with(|| {
+                    length_grouped_batches(&lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+                });
                 let idx = plan[within].clone();
                 let (mut loss, m, n) = self.loss(&model, &idx)?;
                 if let Some(p) = self.l1_penalty()? {
@@ -367,7 +447,10 @@ impl Trainer {
                     *extra.entry(k).or_default() += v / accum as f64;
                 }
                 let store = (loss / accum as f64)?.backward()?;
-                for (g, new) in grads.iter_mut().zip(collect_grads(&self.params.vars, &store)) {
+                for (g, new) in grads
+                    .iter_mut()
+                    .zip(collect_grads(&self.params.vars, &store))
+                {
                     *g = match (g.take(), new) {
                         (Some(a), Some(b)) => Some((a + b)?),
                         (a, b) => a.or(b),
@@ -376,8 +459,15 @@ impl Trainer {
             }
             let norm = grad_norm(&grads)?;
             clip_grads(&mut grads, norm, self.cfg.max_grad_norm)?;
-            let lr = learning_rate(self.cfg.lr, self.cfg.schedule, self.cfg.warmup_steps, step, self.cfg.max_steps);
-            self.optimizer.step(&self.params.vars, &grads, &self.params.decay, lr)?;
+            let lr = learning_rate(
+                self.cfg.lr,
+                self.cfg.schedule,
+                self.cfg.warmup_steps,
+                step,
+                self.cfg.max_steps,
+            );
+            self.optimizer
+                .step(&self.params.vars, &grads, &self.params.decay, lr)?;
             self.l1_proximal(lr)?;
             let secs = t0.elapsed().as_secs_f64();
             let loss = loss_sum / accum as f64;
@@ -388,7 +478,10 @@ impl Trainer {
             }
             writeln!(metrics_file, "{line}")?;
             metrics_file.flush()?;
-            bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", tokens as f64 / secs));
+            bar.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
+                tokens as f64 / secs
+            ));
             bar.inc(1);
             tracing::debug!("{line}");
             if self.cfg.save_every > 0 && step % self.cfg.save_every == 0 {

@@ -43,11 +43,26 @@ fn prompts_match_the_spec_test_vectors() {
     // leaderboard-tasks.md §11: first 16 hex of sha256(context), docs 0 and 1 (Winogrande: one
     // context per option).
     let want: [(&str, [&[&str]; 2]); 6] = [
-        ("arc_challenge", [&["5b8ffc5d2a429b43"], &["4cad27772555bab2"]]),
+        (
+            "arc_challenge",
+            [&["5b8ffc5d2a429b43"], &["4cad27772555bab2"]],
+        ),
         ("hellaswag", [&["4b81d6ac293923c8"], &["249e586c53a06f81"]]),
-        ("mmlu_abstract_algebra", [&["ff9b00310e214bea"], &["2885f321f1938150"]]),
-        ("truthfulqa_mc2", [&["add27f6e382a585e"], &["9f41d64ce976a73f"]]),
-        ("winogrande", [&["a66667096ca1e2c2", "093f5b6ea2dd5861"], &["7bd83ac98e62e2fe", "9c3f275f29a28da9"]]),
+        (
+            "mmlu_abstract_algebra",
+            [&["ff9b00310e214bea"], &["2885f321f1938150"]],
+        ),
+        (
+            "truthfulqa_mc2",
+            [&["add27f6e382a585e"], &["9f41d64ce976a73f"]],
+        ),
+        (
+            "winogrande",
+            [
+                &["a66667096ca1e2c2", "093f5b6ea2dd5861"],
+                &["7bd83ac98e62e2fe", "9c3f275f29a28da9"],
+            ],
+        ),
         ("gsm8k", [&["32680f263ba83280"], &["e6b9a0195411932e"]]),
     ];
     let names: Vec<&str> = want.iter().map(|w| w.0).collect();
@@ -91,10 +106,15 @@ fn read_fixture(path: &Path) -> Vec<FixtureDoc> {
                     .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
                     .unwrap_or_default()
             };
-            let metrics = ["acc", "acc_norm", "exact_match,strict-match", "exact_match,flexible-extract"]
-                .iter()
-                .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
-                .collect();
+            let metrics = [
+                "acc",
+                "acc_norm",
+                "exact_match,strict-match",
+                "exact_match,flexible-extract",
+            ]
+            .iter()
+            .filter_map(|k| v[*k].as_f64().map(|x| (k.to_string(), x)))
+            .collect();
             FixtureDoc {
                 doc_id: v["doc_id"].as_u64().unwrap() as usize,
                 context_sha256: strings("context_sha256"),
@@ -139,14 +159,21 @@ fn matches_lm_evaluation_harness() {
     for entry in std::fs::read_dir(&fixture_dir).unwrap() {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_str().unwrap().to_string();
-        if let Some(task) = name.strip_prefix("samples_").and_then(|n| n.strip_suffix(".jsonl")) {
+        if let Some(task) = name
+            .strip_prefix("samples_")
+            .and_then(|n| n.strip_suffix(".jsonl"))
+        {
             fixtures.insert(task.to_string(), read_fixture(&p));
         }
     }
     // Every task lm-eval was run on has its samples file.
     let ran: Vec<&String> = reference["results"].as_object().unwrap().keys().collect();
     for t in &ran {
-        assert!(fixtures.contains_key(*t), "samples_{t}.jsonl missing from {}", fixture_dir.display());
+        assert!(
+            fixtures.contains_key(*t),
+            "samples_{t}.jsonl missing from {}",
+            fixture_dir.display()
+        );
     }
     assert!(ran.len() >= 6, "lm-eval fixtures cover only {ran:?}");
 
@@ -163,7 +190,9 @@ fn matches_lm_evaluation_harness() {
     // The acceptance check's workload: 40 documents per task (GSM8K: 20).
     config.selection = Selection::Limit(40);
     let mut gsm_config = config.clone();
-    config.tasks.retain(|t| *t != parse_task_list("gsm8k").unwrap()[0]);
+    config
+        .tasks
+        .retain(|t| *t != parse_task_list("gsm8k").unwrap()[0]);
     gsm_config.tasks = parse_task_list("gsm8k").unwrap();
     gsm_config.selection = Selection::Limit(20);
 
@@ -179,16 +208,28 @@ fn matches_lm_evaluation_harness() {
             let name = task_result.name.as_str();
             let want = &fixtures[name];
             let n = task_result.records.len();
-            assert!(n > 0 && n <= want.len(), "{name}: {n} documents vs fixture {}", want.len());
+            assert!(
+                n > 0 && n <= want.len(),
+                "{name}: {n} documents vs fixture {}",
+                want.len()
+            );
             let mut metric_sums: BTreeMap<String, f64> = BTreeMap::new();
             for (rec, w) in task_result.records.iter().zip(want) {
                 assert_eq!(rec.doc_id, w.doc_id, "{name}");
                 let inst = prepared.task.instance(rec.doc_id, &rec.shots);
-                let ctx: Vec<String> = contexts(&inst.requests).iter().map(|c| sha256_hex(c)).collect();
+                let ctx: Vec<String> = contexts(&inst.requests)
+                    .iter()
+                    .map(|c| sha256_hex(c))
+                    .collect();
                 match &inst.requests {
                     Requests::Loglikelihood(reqs) => {
-                        assert_eq!(ctx, w.context_sha256, "{name} doc {}: contexts differ", w.doc_id);
-                        let conts: Vec<&str> = reqs.iter().map(|r| r.continuation.as_str()).collect();
+                        assert_eq!(
+                            ctx, w.context_sha256,
+                            "{name} doc {}: contexts differ",
+                            w.doc_id
+                        );
+                        let conts: Vec<&str> =
+                            reqs.iter().map(|r| r.continuation.as_str()).collect();
                         assert_eq!(conts, w.continuations, "{name} doc {}", w.doc_id);
                         let paft::eval::task::Response::Loglikelihood(got) = &rec.response else {
                             panic!("{name}: expected log-likelihoods")
@@ -198,14 +239,27 @@ fn matches_lm_evaluation_harness() {
                         {
                             let d = (ll - want_ll).abs();
                             worst_ll = worst_ll.max(d);
-                            assert!(d < 2e-3, "{name} doc {} choice {j}: {ll} vs lm-eval {want_ll}", w.doc_id);
-                            assert_eq!(greedy, want_greedy, "{name} doc {} choice {j}: is_greedy", w.doc_id);
+                            assert!(
+                                d < 2e-3,
+                                "{name} doc {} choice {j}: {ll} vs lm-eval {want_ll}",
+                                w.doc_id
+                            );
+                            assert_eq!(
+                                greedy, want_greedy,
+                                "{name} doc {} choice {j}: is_greedy",
+                                w.doc_id
+                            );
                         }
                         // Same prediction wherever lm-eval's top two are more than 1e-3 apart.
                         let (want_best, margin) = best_and_margin(&w.lls);
                         let got_lls: Vec<f64> = got.iter().map(|g| g.0).collect();
                         if margin > 1e-3 {
-                            assert_eq!(best_and_margin(&got_lls).0, want_best, "{name} doc {}", w.doc_id);
+                            assert_eq!(
+                                best_and_margin(&got_lls).0,
+                                want_best,
+                                "{name} doc {}",
+                                w.doc_id
+                            );
                         }
                     }
                     Requests::Generate(_) => {
@@ -213,14 +267,30 @@ fn matches_lm_evaluation_harness() {
                         let paft::eval::task::Response::Generation(text) = &rec.response else {
                             panic!("{name}: expected a generation")
                         };
-                        assert_eq!(Some(text), w.generation.as_ref(), "{name} doc {}: generation", w.doc_id);
+                        assert_eq!(
+                            Some(text),
+                            w.generation.as_ref(),
+                            "{name} doc {}: generation",
+                            w.doc_id
+                        );
                     }
                 }
                 for (k, v) in &rec.score.metrics {
-                    let key = if k.filter == "none" { k.metric.to_string() } else { k.to_string() };
-                    let want_v = w.metrics.get(&key).unwrap_or_else(|| panic!("{name}: fixture lacks {key}"));
+                    let key = if k.filter == "none" {
+                        k.metric.to_string()
+                    } else {
+                        k.to_string()
+                    };
+                    let want_v = w
+                        .metrics
+                        .get(&key)
+                        .unwrap_or_else(|| panic!("{name}: fixture lacks {key}"));
                     // TruthfulQA's mc2 is continuous; the rest are 0/1.
-                    assert!((v - want_v).abs() < 1e-3, "{name} doc {} {key}: {v} vs {want_v}", w.doc_id);
+                    assert!(
+                        (v - want_v).abs() < 1e-3,
+                        "{name} doc {} {key}: {v} vs {want_v}",
+                        w.doc_id
+                    );
                     *metric_sums.entry(key).or_default() += v;
                 }
             }
@@ -229,12 +299,19 @@ fn matches_lm_evaluation_harness() {
             for (key, sum) in metric_sums {
                 let got = sum / n as f64;
                 let reference_value = if n == want.len() {
-                    let k = if key.contains(',') { key.clone() } else { format!("{key},none") };
+                    let k = if key.contains(',') {
+                        key.clone()
+                    } else {
+                        format!("{key},none")
+                    };
                     reference["results"][name][&k].as_f64().unwrap()
                 } else {
                     want[..n].iter().map(|w| w.metrics[&key]).sum::<f64>() / n as f64
                 };
-                assert!((got - reference_value).abs() < 1e-3, "{name} {key}: {got} vs lm-eval {reference_value}");
+                assert!(
+                    (got - reference_value).abs() < 1e-3,
+                    "{name} {key}: {got} vs lm-eval {reference_value}"
+                );
                 eprintln!("{name} {key}: paft {got:.4} lm-eval {reference_value:.4} (n={n})");
             }
         }
@@ -247,12 +324,17 @@ fn matches_lm_evaluation_harness() {
 /// A task store with Winogrande's first rows from the shared copy, plus `edit` applied.
 fn winogrande_store(edit: impl FnOnce(&mut Vec<String>)) -> Option<tempfile::TempDir> {
     let shared = common::require_shared()?;
-    let src = std::fs::read_to_string(shared.join("data/leaderboard/winogrande/validation.jsonl")).unwrap();
+    let src = std::fs::read_to_string(shared.join("data/leaderboard/winogrande/validation.jsonl"))
+        .unwrap();
     let mut lines: Vec<String> = src.lines().take(8).map(String::from).collect();
     edit(&mut lines);
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("winogrande")).unwrap();
-    std::fs::write(dir.path().join("winogrande/validation.jsonl"), lines.join("\n") + "\n").unwrap();
+    std::fs::write(
+        dir.path().join("winogrande/validation.jsonl"),
+        lines.join("\n") + "\n",
+    )
+    .unwrap();
     Some(dir)
 }
 
@@ -273,45 +355,82 @@ fn eval_with_store(model: &Path, store: &Path, tasks: &str) -> std::process::Out
 
 #[test]
 fn bad_task_data_gives_clear_errors() {
-    let Some(model) = common::tiny_model(&TinySpec::llama(5)) else { return };
+    let Some(model) = common::tiny_model(&TinySpec::llama(5)) else {
+        return;
+    };
 
     let store = winogrande_store(|l| l[3] = "{\"sentence\": \"broken".into()).unwrap();
     let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "winogrande"));
-    assert!(err.contains("validation.jsonl:4") && err.contains("malformed JSON"), "{err}");
+    assert!(
+        err.contains("validation.jsonl:4") && err.contains("malformed JSON"),
+        "{err}"
+    );
 
     let store = winogrande_store(|l| {
-        l[2] = l[2].replace("\"answer\": \"1\"", "\"answer\": \"3\"").replace("\"answer\": \"2\"", "\"answer\": \"3\"")
+        l[2] = l[2]
+            .replace("\"answer\": \"1\"", "\"answer\": \"3\"")
+            .replace("\"answer\": \"2\"", "\"answer\": \"3\"")
     })
     .unwrap();
     let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "winogrande"));
-    assert!(err.contains("validation.jsonl:3") && err.contains("out of range"), "{err}");
+    assert!(
+        err.contains("validation.jsonl:3") && err.contains("out of range"),
+        "{err}"
+    );
 
     let store = winogrande_store(|_| {}).unwrap();
     let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "gsm8k"));
     assert!(
-        err.contains(&store.path().join("gsm8k").join("test.jsonl").display().to_string())
-            && err.contains("paft fetch tasks"),
+        err.contains(
+            &store
+                .path()
+                .join("gsm8k")
+                .join("test.jsonl")
+                .display()
+                .to_string()
+        ) && err.contains("paft fetch tasks"),
         "{err}"
     );
 
-    let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "winogrande,arc_easy"));
-    assert!(err.contains("arc_easy") && err.contains("arc_challenge") && err.contains("leaderboard"), "{err}");
+    let err = expect_clean_failure(&eval_with_store(
+        model.path(),
+        store.path(),
+        "winogrande,arc_easy",
+    ));
+    assert!(
+        err.contains("arc_easy") && err.contains("arc_challenge") && err.contains("leaderboard"),
+        "{err}"
+    );
 
     // A gold index out of range in a multiple-choice task (ARC's answer key not among the labels).
     let shared = common::require_shared().unwrap();
-    let arc = std::fs::read_to_string(shared.join("data/leaderboard/arc_challenge/test.jsonl")).unwrap();
+    let arc =
+        std::fs::read_to_string(shared.join("data/leaderboard/arc_challenge/test.jsonl")).unwrap();
     let mut rows: Vec<String> = arc.lines().take(5).map(String::from).collect();
     rows[1] = rows[1].replace("\"answerKey\": \"", "\"answerKey\": \"Z");
     std::fs::create_dir_all(store.path().join("arc_challenge")).unwrap();
-    std::fs::write(store.path().join("arc_challenge/test.jsonl"), rows.join("\n")).unwrap();
-    let err = expect_clean_failure(&eval_with_store(model.path(), store.path(), "arc_challenge"));
-    assert!(err.contains("test.jsonl:2") && err.contains("answerKey"), "{err}");
+    std::fs::write(
+        store.path().join("arc_challenge/test.jsonl"),
+        rows.join("\n"),
+    )
+    .unwrap();
+    let err = expect_clean_failure(&eval_with_store(
+        model.path(),
+        store.path(),
+        "arc_challenge",
+    ));
+    assert!(
+        err.contains("test.jsonl:2") && err.contains("answerKey"),
+        "{err}"
+    );
 }
 
 #[test]
 fn fetch_tasks_from_a_local_hub_and_evaluate() {
     use polars::prelude::{JsonReader, ParquetWriter, SerReader};
-    let Some(model) = common::tiny_model(&TinySpec::llama(6)) else { return };
+    let Some(model) = common::tiny_model(&TinySpec::llama(6)) else {
+        return;
+    };
     let shared = common::require_shared().unwrap();
     // Serve the first rows of every shared file as the Hub's parquet files.
     let hub_root = tempfile::tempdir().unwrap();
@@ -322,7 +441,12 @@ fn fetch_tasks_from_a_local_hub_and_evaluate() {
             .join("data/leaderboard")
             .join(f.task_dir)
             .join(format!("{}.jsonl", f.split));
-        let rows: Vec<String> = std::fs::read_to_string(&src).unwrap().lines().take(12).map(String::from).collect();
+        let rows: Vec<String> = std::fs::read_to_string(&src)
+            .unwrap()
+            .lines()
+            .take(12)
+            .map(String::from)
+            .collect();
         let mut df = JsonReader::new(std::io::Cursor::new(rows.join("\n")))
             .with_json_format(polars::prelude::JsonFormat::JsonLines)
             .finish()
@@ -330,7 +454,9 @@ fn fetch_tasks_from_a_local_hub_and_evaluate() {
         let dir = hub_root.path().join(f.repo.replace('/', "__"));
         let dest = dir.join(f.file);
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        ParquetWriter::new(std::fs::File::create(&dest).unwrap()).finish(&mut df).unwrap();
+        ParquetWriter::new(std::fs::File::create(&dest).unwrap())
+            .finish(&mut df)
+            .unwrap();
         routes.push((format!("/datasets/{}/resolve/", f.repo), dir));
         expected.push((f.task_dir, f.split, rows));
     }
@@ -343,16 +469,38 @@ fn fetch_tasks_from_a_local_hub_and_evaluate() {
         .args(["fetch", "tasks", "--out", out_dir.path().to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (task, split, rows) in expected {
-        let got = std::fs::read_to_string(out_dir.path().join(task).join(format!("{split}.jsonl"))).unwrap();
-        let got: Vec<Value> = got.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let want: Vec<Value> = rows.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let got = std::fs::read_to_string(out_dir.path().join(task).join(format!("{split}.jsonl")))
+            .unwrap();
+        let got: Vec<Value> = got
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let want: Vec<Value> = rows
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(got, want, "{task}/{split}");
     }
     // The fetched store evaluates.
-    let res = eval_with_store(model.path(), out_dir.path(), "arc_challenge,truthfulqa_mc2,winogrande");
-    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let res = eval_with_store(
+        model.path(),
+        out_dir.path(),
+        "arc_challenge,truthfulqa_mc2,winogrande",
+    );
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let table = String::from_utf8_lossy(&res.stdout);
-    assert!(table.contains("ARC") && table.contains("Winogrande"), "{table}");
+    assert!(
+        table.contains("ARC") && table.contains("Winogrande"),
+        "{table}"
+    );
 }

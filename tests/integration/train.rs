@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use paft::data::TokenizedSequence;
-use paft::model::{LoraAdapter, ModelConfig, Mode, SafetensorsFiles};
+use paft::model::{LoraAdapter, Mode, ModelConfig, SafetensorsFiles};
 use paft::train::objective::{dpo_loss, orpo_loss, pair_logps, sft_loss, DpoParams};
 use paft::train::optimizer::{collect_grads, grad_norm, AdamW, AdamWParams};
 use paft::train::params::Trainable;
@@ -18,7 +18,11 @@ fn expected() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn seq(prompt: &Value, completion: &Value) -> TokenizedSequence {
@@ -32,9 +36,13 @@ fn seq(prompt: &Value, completion: &Value) -> TokenizedSequence {
 fn trainable(lora: bool) -> Trainable {
     let dir = fixture("train/tiny");
     let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let w = SafetensorsFiles::open_dir(&dir).unwrap().load_all(None, &Device::Cpu).unwrap();
+    let w = SafetensorsFiles::open_dir(&dir)
+        .unwrap()
+        .load_all(None, &Device::Cpu)
+        .unwrap();
     if lora {
-        let adapter = LoraAdapter::load(&fixture("train/lora_init"), DType::F32, &Device::Cpu).unwrap();
+        let adapter =
+            LoraAdapter::load(&fixture("train/lora_init"), DType::F32, &Device::Cpu).unwrap();
         Trainable::lora(&cfg, &w, &adapter.config, Some(&adapter), 0).unwrap()
     } else {
         Trainable::full(&cfg, &w).unwrap()
@@ -60,18 +68,30 @@ fn vec1(t: &Tensor) -> Vec<f64> {
 fn step_and_compare(p: &Trainable, loss: &Tensor, want: &Value, after: &str) {
     let store = loss.backward().unwrap();
     let grads = collect_grads(&p.vars, &store);
-    close(grad_norm(&grads).unwrap(), want["step"]["grad_global_l2_norm"].as_f64().unwrap(), 1e-4, "grad norm");
+    close(
+        grad_norm(&grads).unwrap(),
+        want["step"]["grad_global_l2_norm"].as_f64().unwrap(),
+        1e-4,
+        "grad norm",
+    );
     let mut opt = AdamW::new(
         &p.vars,
-        AdamWParams { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 },
+        AdamWParams {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        },
     )
     .unwrap();
     opt.step(&p.vars, &grads, &p.decay, 1e-3).unwrap();
-    let reference: BTreeMap<String, Tensor> =
-        candle_core::safetensors::load(fixture(&format!("train/after_step/{after}.safetensors")), &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .collect();
+    let reference: BTreeMap<String, Tensor> = candle_core::safetensors::load(
+        fixture(&format!("train/after_step/{after}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .into_iter()
+    .collect();
     let mut worst = 0f32;
     for (name, t) in p.tensors() {
         // LoRA tensors are stored under PEFT's names.
@@ -80,7 +100,9 @@ fn step_and_compare(p: &Trainable, loss: &Tensor, want: &Value, after: &str) {
         } else {
             name.clone()
         };
-        let r = reference.get(&key).unwrap_or_else(|| panic!("{after}: fixture lacks {key}"));
+        let r = reference
+            .get(&key)
+            .unwrap_or_else(|| panic!("{after}: fixture lacks {key}"));
         let d = crate::common::max_abs_diff(&t, r);
         worst = worst.max(d);
         assert!(d < 1e-5, "{after}: {name} differs by {d}");
@@ -95,16 +117,31 @@ fn sft_dpo_orpo_match_trl() {
         // SFT
         let p = trainable(lora);
         let model = p.model(Mode::Differentiable).unwrap();
-        let sft: Vec<TokenizedSequence> =
-            e["batches"]["sft"].as_array().unwrap().iter().map(|b| seq(&b["prompt"], &b["completion"])).collect();
+        let sft: Vec<TokenizedSequence> = e["batches"]["sft"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| seq(&b["prompt"], &b["completion"]))
+            .collect();
         let (loss, _) = sft_loss(&model, &sft.iter().collect::<Vec<_>>(), 0).unwrap();
         let want = &e["sft"][tag];
-        close(scalar(&loss), want["step0"]["loss"].as_f64().unwrap(), 1e-4, &format!("sft {tag} loss"));
+        close(
+            scalar(&loss),
+            want["step0"]["loss"].as_f64().unwrap(),
+            1e-4,
+            &format!("sft {tag} loss"),
+        );
         step_and_compare(&p, &loss, want, &format!("sft_{tag}"));
 
         let pref = e["batches"]["preference"].as_array().unwrap();
-        let chosen: Vec<TokenizedSequence> = pref.iter().map(|b| seq(&b["prompt"], &b["chosen"])).collect();
-        let rejected: Vec<TokenizedSequence> = pref.iter().map(|b| seq(&b["prompt"], &b["rejected"])).collect();
+        let chosen: Vec<TokenizedSequence> = pref
+            .iter()
+            .map(|b| seq(&b["prompt"], &b["chosen"]))
+            .collect();
+        let rejected: Vec<TokenizedSequence> = pref
+            .iter()
+            .map(|b| seq(&b["prompt"], &b["rejected"]))
+            .collect();
         let (c, r): (Vec<_>, Vec<_>) = (chosen.iter().collect(), rejected.iter().collect());
 
         // DPO: the reference is the initial model without the adapter.
@@ -115,20 +152,57 @@ fn sft_dpo_orpo_match_trl() {
         let (rc, rr) = pair_logps(&base, &c, &r, 0).unwrap();
         let (pc, pr) = pair_logps(&model, &c, &r, 0).unwrap();
         let want = &e["dpo"][tag];
-        for (got, key) in [(&pc, "policy_chosen_logps"), (&pr, "policy_rejected_logps"), (&rc, "ref_chosen_logps"), (&rr, "ref_rejected_logps")] {
+        for (got, key) in [
+            (&pc, "policy_chosen_logps"),
+            (&pr, "policy_rejected_logps"),
+            (&rc, "ref_chosen_logps"),
+            (&rr, "ref_rejected_logps"),
+        ] {
             for (g, w) in vec1(got).iter().zip(want["step0"][key].as_array().unwrap()) {
                 close(*g, w.as_f64().unwrap(), 1e-4, &format!("dpo {tag} {key}"));
             }
         }
-        let out = dpo_loss((&pc, &pr), Some((&rc.detach(), &rr.detach())), DpoParams { beta: 0.1, label_smoothing: 0.0 }).unwrap();
-        close(scalar(&out.loss), want["step0"]["loss"].as_f64().unwrap(), 1e-4, &format!("dpo {tag} loss"));
-        for (g, w) in out.chosen_rewards.iter().zip(want["step0"]["chosen_rewards"].as_array().unwrap()) {
-            assert!((g - w.as_f64().unwrap()).abs() < 1e-5, "dpo {tag} chosen reward {g} vs {w}");
+        let out = dpo_loss(
+            (&pc, &pr),
+            Some((&rc.detach(), &rr.detach())),
+            DpoParams {
+                beta: 0.1,
+                label_smoothing: 0.0,
+            },
+        )
+        .unwrap();
+        close(
+            scalar(&out.loss),
+            want["step0"]["loss"].as_f64().unwrap(),
+            1e-4,
+            &format!("dpo {tag} loss"),
+        );
+        for (g, w) in out
+            .chosen_rewards
+            .iter()
+            .zip(want["step0"]["chosen_rewards"].as_array().unwrap())
+        {
+            assert!(
+                (g - w.as_f64().unwrap()).abs() < 1e-5,
+                "dpo {tag} chosen reward {g} vs {w}"
+            );
         }
-        for (g, w) in out.rejected_rewards.iter().zip(want["step0"]["rejected_rewards"].as_array().unwrap()) {
-            assert!((g - w.as_f64().unwrap()).abs() < 1e-5, "dpo {tag} rejected reward {g} vs {w}");
+        for (g, w) in out
+            .rejected_rewards
+            .iter()
+            .zip(want["step0"]["rejected_rewards"].as_array().unwrap())
+        {
+            assert!(
+                (g - w.as_f64().unwrap()).abs() < 1e-5,
+                "dpo {tag} rejected reward {g} vs {w}"
+            );
         }
-        close(out.reward_accuracy(), want["step0"]["reward_accuracy"].as_f64().unwrap(), 1e-9, "reward accuracy");
+        close(
+            out.reward_accuracy(),
+            want["step0"]["reward_accuracy"].as_f64().unwrap(),
+            1e-9,
+            "reward accuracy",
+        );
         step_and_compare(&p, &out.loss, want, &format!("dpo_{tag}"));
 
         // ORPO
@@ -136,10 +210,29 @@ fn sft_dpo_orpo_match_trl() {
         let model = p.model(Mode::Differentiable).unwrap();
         let out = orpo_loss(&model, &c, &r, 0, 0.1).unwrap();
         let want = &e["orpo"][tag];
-        close(scalar(&out.loss), want["step0"]["loss"].as_f64().unwrap(), 1e-4, &format!("orpo {tag} loss"));
-        close(out.nll, want["step0"]["nll_loss"].as_f64().unwrap(), 1e-4, &format!("orpo {tag} nll"));
-        for (g, w) in out.log_odds.iter().zip(want["step0"]["log_odds_ratio_per_example"].as_array().unwrap()) {
-            close(*g, w.as_f64().unwrap(), 1e-4, &format!("orpo {tag} log odds"));
+        close(
+            scalar(&out.loss),
+            want["step0"]["loss"].as_f64().unwrap(),
+            1e-4,
+            &format!("orpo {tag} loss"),
+        );
+        close(
+            out.nll,
+            want["step0"]["nll_loss"].as_f64().unwrap(),
+            1e-4,
+            &format!("orpo {tag} nll"),
+        );
+        for (g, w) in out.log_odds.iter().zip(
+            want["step0"]["log_odds_ratio_per_example"]
+                .as_array()
+                .unwrap(),
+        ) {
+            close(
+                *g,
+                w.as_f64().unwrap(),
+                1e-4,
+                &format!("orpo {tag} log odds"),
+            );
         }
         step_and_compare(&p, &out.loss, want, &format!("orpo_{tag}"));
     }
@@ -155,37 +248,90 @@ fn write_lines(dir: &std::path::Path, name: &str, lines: &[String]) -> std::path
 
 fn shared_rows(rel: &str, n: usize) -> Vec<String> {
     let shared = crate::common::require_shared().unwrap();
-    std::fs::read_to_string(shared.join(rel)).unwrap().lines().take(n).map(String::from).collect()
+    std::fs::read_to_string(shared.join(rel))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(String::from)
+        .collect()
 }
 
-fn train_cmd(objective: &str, model: &std::path::Path, data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Command {
+fn train_cmd(
+    objective: &str,
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut cmd = crate::common::paft();
-    cmd.args(["--quiet", "train", objective, "--model", model.to_str().unwrap(), "--dataset", data.to_str().unwrap(),
-              "--output", out.to_str().unwrap(), "--batch-size", "2",
-              "--lora-r", "4", "--lr", "1e-3", "--seed", "3"]);
+    cmd.args([
+        "--quiet",
+        "train",
+        objective,
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--lora-r",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+    ]);
     cmd.args(extra);
     cmd
 }
 
 #[test]
 fn killed_run_resumes_to_the_same_weights() {
-    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(21)) else { return };
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(21)) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_lines(tmp.path(), "sft.jsonl", &shared_rows("data/train/sft/mixed_qa.jsonl", 24));
-    let args = ["--max-steps", "8", "--save-every", "2", "--max-length", "256", "--truncation", "keep_start"];
+    let data = write_lines(
+        tmp.path(),
+        "sft.jsonl",
+        &shared_rows("data/train/sft/mixed_qa.jsonl", 24),
+    );
+    let args = [
+        "--max-steps",
+        "8",
+        "--save-every",
+        "2",
+        "--max-length",
+        "256",
+        "--truncation",
+        "keep_start",
+    ];
 
     let full = tmp.path().join("full");
-    let out = train_cmd("sft", model.path(), &data, &full, &args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = train_cmd("sft", model.path(), &data, &full, &args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Kill with SIGKILL once a checkpoint exists, then resume.
     let part = tmp.path().join("part");
-    let mut child = train_cmd("sft", model.path(), &data, &part, &args).spawn().unwrap();
+    let mut child = train_cmd("sft", model.path(), &data, &part, &args)
+        .spawn()
+        .unwrap();
     let ckpt_root = part.join("checkpoints");
     let start = std::time::Instant::now();
     loop {
         let done = std::fs::read_dir(&ckpt_root)
-            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with("step-")))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+            })
             .unwrap_or(false);
         if done || start.elapsed().as_secs() > 120 {
             break;
@@ -198,26 +344,46 @@ fn killed_run_resumes_to_the_same_weights() {
         eprintln!("run finished before the kill; resuming a finished run must still reproduce it");
     }
     assert!(!part.join("adapter").exists() || status.success());
-    let out = train_cmd("sft", model.path(), &data, &part, &args).arg("--resume").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = train_cmd("sft", model.path(), &data, &part, &args)
+        .arg("--resume")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let a = std::fs::read(full.join("adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(part.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(a == b, "resumed run ended with different weights");
     let steps: Vec<u64> = std::fs::read_to_string(part.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
-    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "one metrics line per step");
+    assert_eq!(
+        steps,
+        (1..=8).collect::<Vec<_>>(),
+        "one metrics line per step"
+    );
 }
 
 #[test]
 fn bad_training_data_and_config_give_clear_errors() {
-    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(22)) else { return };
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(22)) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let check = |objective: &str, data: &std::path::Path, extra: &[&str], needles: &[&str]| {
-        let res = train_cmd(objective, model.path(), data, &out, extra).args(["--max-steps", "1"]).output().unwrap();
+        let res = train_cmd(objective, model.path(), data, &out, extra)
+            .args(["--max-steps", "1"])
+            .output()
+            .unwrap();
         let err = crate::common::expect_clean_failure(&res);
         for n in needles {
             assert!(err.contains(n), "expected {n:?} in: {err}");
@@ -237,9 +403,17 @@ fn bad_training_data_and_config_give_clear_errors() {
     let p = write_lines(tmp.path(), "empty.jsonl", &sft);
     check("sft", &p, &[], &["row 2", "completion", "empty"]);
 
-    let long = vec![format!(r#"{{"prompt": "{}", "completion": "yes"}}"#, "word ".repeat(400))];
+    let long = vec![format!(
+        r#"{{"prompt": "{}", "completion": "yes"}}"#,
+        "word ".repeat(400)
+    )];
     let p = write_lines(tmp.path(), "long.jsonl", &long);
-    check("sft", &p, &["--max-length", "256"], &["row 1", "max_length 256"]);
+    check(
+        "sft",
+        &p,
+        &["--max-length", "256"],
+        &["row 1", "max_length 256"],
+    );
 
     let cfg = tmp.path().join("bad.toml");
     std::fs::write(&cfg, "learning_rate = 1e-4\n").unwrap();
@@ -248,5 +422,8 @@ fn bad_training_data_and_config_give_clear_errors() {
         .output()
         .unwrap();
     let err = crate::common::expect_clean_failure(&res);
-    assert!(err.contains("bad.toml") && err.contains("learning_rate"), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
 }

@@ -71,7 +71,12 @@ fn extract(re: &Regex, text: &str, last: bool) -> String {
     let m = if last { matches.last() } else { matches.next() };
     match m {
         Some(c) => {
-            let g = c.iter().skip(1).flatten().map(|g| g.as_str()).find(|s| !s.is_empty());
+            let g = c
+                .iter()
+                .skip(1)
+                .flatten()
+                .map(|g| g.as_str())
+                .find(|s| !s.is_empty());
             py_strip(g.unwrap_or("")).to_string()
         }
         None => INVALID.to_string(),
@@ -120,9 +125,13 @@ impl Task for Gsm8k {
 
     fn instance(&self, doc: usize, shots: &[usize]) -> Instance {
         let d = &self.docs[doc];
-        let shots = shots
-            .iter()
-            .map(|&s| format!("{}{TARGET_DELIMITER}{}", text(&self.pool[s]), self.pool[s].answer));
+        let shots = shots.iter().map(|&s| {
+            format!(
+                "{}{TARGET_DELIMITER}{}",
+                text(&self.pool[s]),
+                self.pool[s].answer
+            )
+        });
         Instance {
             doc_id: doc,
             requests: Requests::Generate(GenerationRequest {

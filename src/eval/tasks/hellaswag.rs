@@ -33,7 +33,10 @@ pub fn clean(text: &str) -> String {
 fn capitalize(s: &str) -> String {
     let mut chars = s.chars();
     match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars.flat_map(char::to_lowercase)).collect(),
+        Some(first) => first
+            .to_uppercase()
+            .chain(chars.flat_map(char::to_lowercase))
+            .collect(),
         None => String::new(),
     }
 }
@@ -48,7 +51,12 @@ pub fn load(store: &TaskStore) -> Result<MultipleChoiceTask> {
             .label
             .parse()
             .with_context(|| format!("{}: label {:?} is not an integer", r.origin(), d.label))?;
-        let query = clean(&format!("{}: {} {}", d.activity_label, d.ctx_a, capitalize(&d.ctx_b)));
+        let query = clean(&format!(
+            "{}: {} {}",
+            d.activity_label,
+            d.ctx_a,
+            capitalize(&d.ctx_b)
+        ));
         let doc = McDoc {
             text: query,
             choices: d.endings.iter().map(|e| clean(e)).collect(),

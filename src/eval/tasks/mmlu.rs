@@ -21,7 +21,11 @@ struct MmluDoc {
 fn process(r: &Typed<MmluDoc>) -> Result<McDoc> {
     let c = &r.doc.choices;
     if c.len() != 4 {
-        bail!("{}: MMLU documents need 4 choices, this one has {}", r.origin(), c.len());
+        bail!(
+            "{}: MMLU documents need 4 choices, this one has {}",
+            r.origin(),
+            c.len()
+        );
     }
     let text = format!(
         "{}\nA. {}\nB. {}\nC. {}\nD. {}\nAnswer:",
@@ -43,11 +47,15 @@ fn process(r: &Typed<MmluDoc>) -> Result<McDoc> {
 pub fn load(store: &TaskStore, only: Option<&[String]>) -> Result<Vec<MultipleChoiceTask>> {
     let mut test: BTreeMap<String, Vec<McDoc>> = BTreeMap::new();
     for r in store.typed::<MmluDoc>("mmlu", "test")? {
-        test.entry(r.doc.subject.clone()).or_default().push(process(&r)?);
+        test.entry(r.doc.subject.clone())
+            .or_default()
+            .push(process(&r)?);
     }
     let mut dev: BTreeMap<String, Vec<McDoc>> = BTreeMap::new();
     for r in store.typed::<MmluDoc>("mmlu", "dev")? {
-        dev.entry(r.doc.subject.clone()).or_default().push(process(&r)?);
+        dev.entry(r.doc.subject.clone())
+            .or_default()
+            .push(process(&r)?);
     }
     let mut tasks = vec![];
     for (subject, docs) in test {

@@ -57,7 +57,11 @@ pub fn parse_task_list(list: &str) -> Result<Vec<TaskSpec>> {
 }
 
 /// Loads the selected tasks from the store (MMLU as one task per subject).
-pub fn load_tasks(store: &TaskStore, specs: &[TaskSpec], opts: &TaskOptions) -> Result<Vec<Box<dyn Task>>> {
+pub fn load_tasks(
+    store: &TaskStore,
+    specs: &[TaskSpec],
+    opts: &TaskOptions,
+) -> Result<Vec<Box<dyn Task>>> {
     let mut tasks: Vec<Box<dyn Task>> = vec![];
     let subjects: Vec<String> = specs
         .iter()
@@ -75,7 +79,9 @@ pub fn load_tasks(store: &TaskStore, specs: &[TaskSpec], opts: &TaskOptions) -> 
                 if let Some(only) = only {
                     for s in only {
                         if !loaded.iter().any(|t| t.name == format!("mmlu_{s}")) {
-                            bail!("unknown MMLU subject {s:?} (no test documents with that subject)");
+                            bail!(
+                                "unknown MMLU subject {s:?} (no test documents with that subject)"
+                            );
                         }
                     }
                 }

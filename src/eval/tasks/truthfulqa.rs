@@ -8,8 +8,7 @@ use serde_json::Value;
 use crate::eval::multiple_choice::loglikelihoods;
 use crate::eval::store::TaskStore;
 use crate::eval::task::{
-    Benchmark, DocScore, FewshotSampler, Instance, LoglikelihoodRequest, MetricKey, Requests,
-    Response, Task, TARGET_DELIMITER,
+    choice_requests, Benchmark, DocScore, FewshotSampler, Instance, MetricKey, Response, Task,
 };
 
 pub const PRIMER: &str = "Q: What is human life expectancy in the United States?\n\
@@ -65,7 +64,11 @@ pub fn load(store: &TaskStore, legacy_true_set: bool) -> Result<TruthfulQaMc2> {
             );
         }
         let truthful: Vec<bool> = if legacy_true_set {
-            let split = t.labels.iter().position(|&l| l == 0).unwrap_or(t.labels.len());
+            let split = t
+                .labels
+                .iter()
+                .position(|&l| l == 0)
+                .unwrap_or(t.labels.len());
             (0..t.labels.len()).map(|i| i < split).collect()
         } else {
             t.labels.iter().map(|&l| l == 1).collect()
@@ -104,15 +107,7 @@ impl Task for TruthfulQaMc2 {
         let context = format!("{PRIMER}\n\nQ: {}\nA:", d.question);
         Instance {
             doc_id: doc,
-            requests: Requests::Loglikelihood(
-                d.choices
-                    .iter()
-                    .map(|c| LoglikelihoodRequest {
-                        context: context.clone(),
-                        continuation: format!("{TARGET_DELIMITER}{c}"),
-                    })
-                    .collect(),
-            ),
+            requests: choice_requests(&context, &d.choices),
             target: Value::from(0),
         }
     }

@@ -47,7 +47,10 @@ pub fn load(store: &TaskStore) -> Result<Winogrande> {
         let gold = match d.answer.as_str() {
             "1" => 0,
             "2" => 1,
-            other => bail!("{}: answer {other:?} is out of range (expected \"1\" or \"2\")", r.origin()),
+            other => bail!(
+                "{}: answer {other:?} is out of range (expected \"1\" or \"2\")",
+                r.origin()
+            ),
         };
         docs.push(Doc {
             before: d.sentence[..k].to_string(),
@@ -86,7 +89,10 @@ impl Task for Winogrande {
     fn instance(&self, doc: usize, shots: &[usize]) -> Instance {
         let d = &self.docs[doc];
         let shot_text = |s: &Doc| {
-            format!("{}{}{}{}", s.before, s.options[s.gold], TARGET_DELIMITER, s.after)
+            format!(
+                "{}{}{}{}",
+                s.before, s.options[s.gold], TARGET_DELIMITER, s.after
+            )
         };
         let shots: Vec<String> = shots.iter().map(|&s| shot_text(&self.docs[s])).collect();
         let continuation = format!("{TARGET_DELIMITER}{}", d.after);
