@@ -1,2 +1,7 @@
-//! Evaluation-driven merge search with argmin solvers, journal and resume. Arrives with the Search
-//! issue.
+//! Evaluation-driven merge search: a space of merge hyperparameters (`space`), solvers that
+//! propose candidates (`solver`), candidates merged in memory and scored on a frozen subset,
+//! successive halving onto larger subsets, and a journal that makes every evaluation durable.
+
+pub mod journal;
+
+pub use journal::{Journal, JournalEntry};
