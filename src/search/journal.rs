@@ -82,7 +82,10 @@ impl Journal {
                     .with_context(|| format!("cannot repair journal {}", path.display()))?;
             } else if !text.is_empty() && !text.ends_with('\n') {
                 // A complete entry without its newline: add it so the next append starts a line.
-                OpenOptions::new().append(true).open(path)?.write_all(b"\n")?;
+                OpenOptions::new()
+                    .append(true)
+                    .open(path)?
+                    .write_all(b"\n")?;
             }
         }
         Ok(Self {

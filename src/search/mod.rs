@@ -3,5 +3,7 @@
 //! successive halving onto larger subsets, and a journal that makes every evaluation durable.
 
 pub mod journal;
+pub mod solver;
 
 pub use journal::{Journal, JournalEntry};
+pub use solver::{minimize, Candidate, Outcome, Problem, SolverKind, SolverSettings};
