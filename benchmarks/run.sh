@@ -6,6 +6,10 @@
 #                                  # subjects), SmolLM2-135M f32, wall time, requests/s, tokens/s, peak RSS.
 #                                  # PYTHON_LMEVAL (default scripts/.venv-lmeval/bin/python) runs the lm-eval side;
 #                                  # CPUS (default: all) pins both to the same cores.
+#   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID TIES grid (the two weights) vs Nelder-Mead,
+#                                  # particle swarm and random search on one frozen subset (TASKS, DOCS per task): evaluations
+#                                  # each needs to come within 0.5 points of the grid's best. Deltas: the LoRA adapters of
+#                                  # RUN (default runs/smollm2-paft, made by `paft parallel --config configs/experiment-smollm2.toml`).
 # Env: THREADS (default: nproc), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -16,7 +20,9 @@ SHARED=${PAFT_SHARED:-../shared}
 PY=${PYTHON:-scripts/.venv/bin/python}
 OUT=target/bench-assets
 mkdir -p "$OUT"
-[ -x "$PY" ] || { echo "no Python at $PY: create the reference venv as scripts/reference/README.md says" >&2; exit 1; }
+if [ "$what" != search ]; then
+  [ -x "$PY" ] || { echo "no Python at $PY: create the reference venv as scripts/reference/README.md says" >&2; exit 1; }
+fi
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 # The dev profile: numeric dependencies (candle, gemm, tokenizers, …) at opt-level 3 without debug
@@ -27,6 +33,16 @@ MODEL=$OUT/smollm-f32
 [ -f "$MODEL/config.json" ] || "$BIN" --quiet import-gguf "$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL"
 
 case "$what" in
+  search)
+    log=$OUT/search.jsonl
+    RUN=${RUN:-runs/smollm2-paft}
+    for a in sft dpo; do
+      [ -f "$RUN/train/$a/adapter/adapter_config.json" ] || { echo "no $a adapter in $RUN/train: run paft parallel first" >&2; exit 1; }
+    done
+    cargo bench --profile dev --quiet --bench search_efficiency -- --base "$MODEL" \
+      --sft "$MODEL+$RUN/train/sft/adapter" --pref "$MODEL+$RUN/train/dpo/adapter" \
+      --tasks "${TASKS:-leaderboard}" --docs "${DOCS:-10}" --grid "${GRID:-6}" | tee "$log"
+    ;;
   prefill)
     log=$OUT/prefill.jsonl
     : > "$log"

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod merge;
 pub mod model;
 pub mod paths;
+pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod search;

@@ -2,6 +2,8 @@
 
 mod eval;
 mod inspect;
+mod pipeline;
+mod search;
 mod train;
 
 use std::path::PathBuf;
@@ -96,6 +98,29 @@ pub enum Command {
     },
     /// Fine-tune: SFT, DPO or ORPO (TRL's losses), LoRA or full.
     Train(train::TrainArgs),
+    /// The whole PAFT pipeline of an experiment file, resumable stage by stage.
+    Run {
+        experiment: PathBuf,
+        #[command(flatten)]
+        tasks: pipeline::TasksDirArg,
+    },
+    /// The default experiment on SmolLM2-135M (about 30 minutes on 2 CPU cores); prints the report.
+    Demo {
+        #[command(flatten)]
+        tasks: pipeline::TasksDirArg,
+    },
+    /// Train an experiment's SFT and preference runs concurrently from the same base.
+    Parallel {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The sequential baseline of an experiment: SFT, then DPO/ORPO from the SFT model.
+    Sequential {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Search merge hyperparameters of the SFT and preference deltas, scored on the leaderboard tasks.
+    Search(search::SearchArgs),
     /// Score a model on the Open LLM Leaderboard tasks (lm-eval's definitions, local data).
     Eval(eval::EvalArgs),
     /// Greedy generation with the KV cache, stopping at EOS.
@@ -196,6 +221,11 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(args) => eval::run(&args),
+        Command::Search(args) => search::run(&args),
+        Command::Run { experiment, tasks } => pipeline::run(&experiment, &tasks),
+        Command::Demo { tasks } => pipeline::demo(&tasks),
+        Command::Parallel { config } => pipeline::parallel(&config),
+        Command::Sequential { config } => pipeline::sequential(&config),
         Command::Train(args) => train::run(&args),
         Command::Score { model, text, json } => inspect::score(&model, &text, json),
         Command::Generate {

@@ -10,4 +10,6 @@ mod kv_cache;
 mod merge;
 mod model_io;
 mod parity;
+mod pipeline;
+mod search;
 mod train;

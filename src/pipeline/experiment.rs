@@ -1,0 +1,212 @@
+//! The experiment file of `paft run` / `paft parallel` / `paft sequential`: one base model, the
+//! SFT run and the preference run (their `paft train` keys), the search space and the final
+//! evaluation. Relative paths are relative to the current directory, like every other command.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::train::{Objective, TrainConfig};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    pub name: String,
+    /// Base model: HF directory, .gguf or Hub id.
+    pub base: String,
+    /// Run directory (default `runs/<name>`).
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    /// Report directory (default `reports/<name>`).
+    #[serde(default)]
+    pub report: Option<PathBuf>,
+    /// CPU threads for the whole experiment (default: all); the parallel stage splits them.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Devices for the two parallel runs (`["cuda:0", "cuda:1"]`); default CPU.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// `paft train sft` keys (model and output are set by the experiment).
+    pub sft: toml::Table,
+    /// `paft train dpo|orpo` keys plus `objective = "dpo" | "orpo"`.
+    pub pref: toml::Table,
+    /// Overrides of `pref` for the sequential baseline's preference stage.
+    #[serde(default)]
+    pub sequential: toml::Table,
+    pub search: SearchStage,
+    #[serde(default)]
+    pub eval: EvalStage,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SearchStage {
+    /// Search space file (`search-spaces/*.toml`).
+    pub space: PathBuf,
+    #[serde(default)]
+    pub solver: Option<crate::search::SolverKind>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStage {
+    /// Documents per task for the final comparison (stratified sample, seed below); omit for
+    /// the full task sets.
+    #[serde(default)]
+    pub docs: Option<usize>,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub tasks: Option<String>,
+}
+
+impl Experiment {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read experiment {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("invalid experiment {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let e: Experiment = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        if e.name.is_empty() || e.name.contains(['/', '\\']) {
+            bail!("`name` must be a plain non-empty name, got `{}`", e.name);
+        }
+        e.pref_objective()?;
+        e.train_config(Stage::Sft)?;
+        e.train_config(Stage::Pref)?;
+        e.train_config(Stage::SequentialPref)?;
+        if e.devices.len() > 2 {
+            bail!("`devices` takes at most two devices (SFT, preference)");
+        }
+        Ok(e)
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+
+    pub fn report_dir(&self) -> PathBuf {
+        self.report
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("reports").join(&self.name))
+    }
+
+    pub fn pref_objective(&self) -> Result<Objective> {
+        match self.pref.get("objective").and_then(|v| v.as_str()) {
+            Some("dpo") | None => Ok(Objective::Dpo),
+            Some("orpo") => Ok(Objective::Orpo),
+            Some(other) => bail!("[pref] objective must be `dpo` or `orpo`, got `{other}`"),
+        }
+    }
+
+    /// The preference row's name (`dpo` or `orpo`), used for directories and labels.
+    pub fn pref_name(&self) -> &'static str {
+        match self.pref_objective() {
+            Ok(Objective::Orpo) => "orpo",
+            _ => "dpo",
+        }
+    }
+
+    /// The `paft train` config of a stage, with the base model and output directory filled in.
+    pub fn train_config(&self, stage: Stage) -> Result<TrainConfig> {
+        let mut table = match stage {
+            Stage::Sft => self.sft.clone(),
+            Stage::Pref => self.pref.clone(),
+            Stage::SequentialPref => {
+                let mut t = self.pref.clone();
+                t.extend(self.sequential.clone());
+                t
+            }
+        };
+        table.remove("objective");
+        for key in ["model", "output"] {
+            if table.contains_key(key) {
+                bail!("[{}] must not set `{key}`: the experiment sets it", stage.section());
+            }
+        }
+        let out = self.out().join("train").join(stage.dir(self.pref_name()));
+        table.insert("model".into(), toml::Value::String(self.base.clone()));
+        table.insert(
+            "output".into(),
+            toml::Value::String(out.to_string_lossy().into_owned()),
+        );
+        let json = serde_json::to_value(&table)?;
+        let cfg: TrainConfig = serde_json::from_value(json)
+            .with_context(|| format!("[{}]", stage.section()))?;
+        cfg.validate()
+            .with_context(|| format!("[{}]", stage.section()))?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Sft,
+    Pref,
+    SequentialPref,
+}
+
+impl Stage {
+    fn section(self) -> &'static str {
+        match self {
+            Stage::Sft => "sft",
+            Stage::Pref => "pref",
+            Stage::SequentialPref => "sequential",
+        }
+    }
+
+    fn dir(self, pref: &str) -> String {
+        match self {
+            Stage::Sft => "sft".into(),
+            Stage::Pref => pref.into(),
+            Stage::SequentialPref => format!("sequential-{pref}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXP: &str = r#"
+        name = "t"
+        base = "base-dir"
+        [sft]
+        dataset = "sft.jsonl"
+        max_steps = 4
+        [pref]
+        objective = "orpo"
+        dataset = "pref.jsonl"
+        beta = 0.2
+        [sequential]
+        max_steps = 2
+        [search]
+        space = "space.toml"
+    "#;
+
+    #[test]
+    fn stages_get_the_base_and_their_own_outputs() {
+        let e = Experiment::from_toml(EXP).unwrap();
+        assert_eq!(e.pref_objective().unwrap(), Objective::Orpo);
+        let sft = e.train_config(Stage::Sft).unwrap();
+        assert_eq!(sft.model, "base-dir");
+        assert_eq!(sft.output, Path::new("runs/t/train/sft"));
+        let seq = e.train_config(Stage::SequentialPref).unwrap();
+        assert_eq!((seq.max_steps, seq.beta), (2, 0.2));
+        assert_eq!(seq.output, Path::new("runs/t/train/sequential-orpo"));
+    }
+
+    #[test]
+    fn bad_experiments_name_the_section() {
+        let err = |from: &str, to: &str| {
+            format!("{:#}", Experiment::from_toml(&EXP.replace(from, to)).unwrap_err())
+        };
+        assert!(err("beta = 0.2", "betta = 0.2").contains("[pref]"));
+        assert!(err("max_steps = 4", "model = \"x\"").contains("must not set `model`"));
+        assert!(err("\"orpo\"", "\"ppo\"").contains("objective"));
+    }
+}

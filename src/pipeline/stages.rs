@@ -1,0 +1,291 @@
+//! The stages of `paft run` and the two training commands built from them.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use serde_json::json;
+
+use super::experiment::{Experiment, Stage};
+use crate::eval::TaskStore;
+use crate::merge::inspect::inspect_delta;
+use crate::merge::ModelRef;
+use crate::model::weights::write_file_atomic;
+use crate::model::{self, Pretrained};
+use crate::search::scorer::load_f32;
+use crate::search::{run_search, CandidateScorer, MergeInputs, SearchOptions, SearchSpace};
+use crate::train::{TrainConfig, Trainer};
+
+/// Marks finished stages so a rerun of the pipeline skips them.
+struct StageMarks {
+    dir: PathBuf,
+}
+
+impl StageMarks {
+    fn new(out: &Path) -> Result<Self> {
+        let dir = out.join("stages");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self { dir })
+    }
+
+    fn done(&self, stage: &str) -> bool {
+        self.dir.join(format!("{stage}.done")).exists()
+    }
+
+    fn finish(&self, stage: &str, seconds: f64) -> Result<()> {
+        tracing::info!("stage {stage} finished in {seconds:.0}s");
+        write_file_atomic(
+            &self.dir.join(format!("{stage}.done")),
+            json!({"seconds": seconds}).to_string().as_bytes(),
+        )
+    }
+
+    /// Runs `work` unless the stage is already marked done.
+    fn run(&self, stage: &str, work: impl FnOnce() -> Result<()>) -> Result<()> {
+        if self.done(stage) {
+            tracing::info!("stage {stage}: already done, skipped");
+            return Ok(());
+        }
+        tracing::info!("stage {stage}");
+        let t = Instant::now();
+        work().with_context(|| format!("stage {stage}"))?;
+        self.finish(stage, t.elapsed().as_secs_f64())
+    }
+}
+
+fn threads(exp: &Experiment) -> usize {
+    exp.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}
+
+/// Trains one run to completion, resuming from its last checkpoint if there is one.
+fn train_one(cfg: TrainConfig, objective: crate::train::Objective) -> Result<PathBuf> {
+    let result = cfg.output.join(if cfg.lora_r > 0 { "adapter" } else { "model" });
+    if result.exists() {
+        return Ok(result);
+    }
+    let resume = cfg.output.join("checkpoints").exists();
+    let mut trainer = Trainer::new(cfg, objective)?;
+    trainer.train(resume)
+}
+
+/// The reference of a trained run's model: `BASE+ADAPTER` for LoRA, the directory otherwise.
+fn trained_ref(base_dir: &Path, result: &Path) -> String {
+    if result.ends_with("adapter") {
+        format!("{}+{}", base_dir.display(), result.display())
+    } else {
+        result.display().to_string()
+    }
+}
+
+/// `paft parallel`: the SFT and the preference run from the same base, concurrently — on two
+/// devices when the experiment names two, else each on half of the CPU threads. Returns the
+/// two model references (SFT, preference).
+pub fn train_parallel(exp: &Experiment) -> Result<(String, String)> {
+    let base_dir = model::source::resolve_model(&exp.base, None)?;
+    let mut sft = exp.train_config(Stage::Sft)?;
+    let mut pref = exp.train_config(Stage::Pref)?;
+    let objective = exp.pref_objective()?;
+    sft.model = base_dir.display().to_string();
+    pref.model = base_dir.display().to_string();
+    if let [a, b] = exp.devices.as_slice() {
+        sft.device = a.clone();
+        pref.device = b.clone();
+    }
+    let per_run = (threads(exp) / 2).max(1);
+    let pool = || {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(per_run)
+            .build()
+            .context("cannot start a thread pool")
+    };
+    let (sft_pool, pref_pool) = (pool()?, pool()?);
+    tracing::info!(
+        "training SFT and {} in parallel, {per_run} thread(s) each",
+        exp.pref_name()
+    );
+    let (sft_out, pref_out) = std::thread::scope(|s| {
+        let a = s.spawn(|| sft_pool.install(|| train_one(sft, crate::train::Objective::Sft)));
+        let b = s.spawn(|| pref_pool.install(|| train_one(pref, objective)));
+        (
+            a.join().expect("the SFT thread panicked"),
+            b.join().expect("the preference thread panicked"),
+        )
+    });
+    let sft_out = sft_out.context("SFT run")?;
+    let pref_out = pref_out.with_context(|| format!("{} run", exp.pref_name()))?;
+    write_manifest(exp, &base_dir, &sft_out, &pref_out)?;
+    Ok((trained_ref(&base_dir, &sft_out), trained_ref(&base_dir, &pref_out)))
+}
+
+fn write_manifest(exp: &Experiment, base_dir: &Path, sft: &Path, pref: &Path) -> Result<()> {
+    let manifest = json!({
+        "experiment": exp.name,
+        "base": exp.base,
+        "base_dir": base_dir,
+        "sft": {"result": sft, "config": exp.train_config(Stage::Sft)?},
+        exp.pref_name(): {"result": pref, "config": exp.train_config(Stage::Pref)?},
+        "paft_version": env!("CARGO_PKG_VERSION"),
+    });
+    let path = exp.out().join("train").join("manifest.json");
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    write_file_atomic(&path, &serde_json::to_vec_pretty(&manifest)?)
+}
+
+/// The SFT run alone (the first half of `paft sequential`); returns its model reference.
+pub fn train_sft_only(cfg: TrainConfig) -> Result<String> {
+    let base_dir = PathBuf::from(&cfg.model);
+    let out = train_one(cfg, crate::train::Objective::Sft)?;
+    Ok(trained_ref(&base_dir, &out))
+}
+
+/// `paft sequential`: the baseline — the preference stage trained from the SFT result (LoRA
+/// adapters are merged into a full model first), with the SFT model as DPO reference.
+pub fn train_sequential(exp: &Experiment, sft_ref: &str) -> Result<String> {
+    let sft_full = exp.out().join("train").join("sft-merged");
+    if !sft_full.exists() {
+        materialize(sft_ref, &sft_full)?;
+    }
+    let mut cfg = exp.train_config(Stage::SequentialPref)?;
+    cfg.model = sft_full.display().to_string();
+    cfg.reference_model = None; // the policy's start, i.e. the SFT model
+    let out = train_one(cfg, exp.pref_objective()?)?;
+    Ok(trained_ref(&sft_full, &out))
+}
+
+/// Writes `reference` (possibly `BASE+ADAPTER`) as a full Hugging Face directory.
+fn materialize(reference: &str, out: &Path) -> Result<()> {
+    let r = ModelRef::parse(reference);
+    let base_dir = model::source::resolve_model(&r.model, r.revision.as_deref())?;
+    let base = Pretrained::load(&base_dir, Some(DType::F32), &Device::Cpu)?;
+    let names: Vec<String> = base.config.expected_tensors().into_iter().map(|t| t.0).collect();
+    let merged = Pretrained {
+        weights: load_f32(&r, &names)?,
+        ..base
+    };
+    merged.save(out, None, crate::model::weights::DEFAULT_SHARD_BYTES)
+}
+
+/// `paft run`: every stage, skipping those already done. Returns the report's index.html.
+pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
+    let out = exp.out();
+    let marks = StageMarks::new(&out)?;
+    let started = Instant::now();
+    let base_dir = model::source::resolve_model(&exp.base, None)?;
+    let base_ref = base_dir.display().to_string();
+    let pref = exp.pref_name();
+
+    let mut refs: Option<(String, String)> = None;
+    marks.run("train-parallel", || {
+        refs = Some(train_parallel(exp)?);
+        Ok(())
+    })?;
+    let (sft_ref, pref_ref) = match refs {
+        Some(r) => r,
+        None => train_parallel(exp)?, // finished before: returns the saved results at once
+    };
+    let mut seq_ref = None;
+    marks.run("train-sequential", || {
+        seq_ref = Some(train_sequential(exp, &sft_ref)?);
+        Ok(())
+    })?;
+    let seq_ref = match seq_ref {
+        Some(r) => r,
+        None => train_sequential(exp, &sft_ref)?,
+    };
+
+    marks.run("deltas", || {
+        let dir = out.join("deltas");
+        std::fs::create_dir_all(&dir)?;
+        for (name, r) in [("sft", &sft_ref), (pref, &pref_ref)] {
+            let report = inspect_delta(&ModelRef::parse(&base_ref), &ModelRef::parse(r))?;
+            write_file_atomic(
+                &dir.join(format!("{name}.json")),
+                &serde_json::to_vec_pretty(&report)?,
+            )?;
+        }
+        Ok(())
+    })?;
+
+    let space_text = std::fs::read_to_string(&exp.search.space).with_context(|| {
+        format!("cannot read search space {}", exp.search.space.display())
+    })?;
+    let space = SearchSpace::from_toml(&space_text, "search")
+        .with_context(|| format!("invalid search space {}", exp.search.space.display()))?;
+    let inputs = MergeInputs {
+        base: base_ref.clone(),
+        sft: sft_ref.clone(),
+        pref: pref_ref.clone(),
+    };
+    marks.run("search", || {
+        let opts = SearchOptions {
+            out: out.clone(),
+            solver: exp.search.solver,
+            resume: true,
+            device: Device::Cpu,
+            tasks_dir: tasks_dir.to_path_buf(),
+        };
+        run_search(&space, &space_text, inputs.clone(), &opts)?;
+        Ok(())
+    })?;
+
+    let rows = [
+        ("base", base_ref.clone()),
+        ("sft", sft_ref.clone()),
+        (pref, pref_ref.clone()),
+        ("sequential", seq_ref.clone()),
+        (
+            "paft",
+            crate::search::run::RunFiles::best_model(&out)
+                .display()
+                .to_string(),
+        ),
+    ];
+    let pending: Vec<_> = rows
+        .iter()
+        .filter(|(name, _)| !marks.done(&format!("eval-{name}")))
+        .collect();
+    if !pending.is_empty() {
+        let tasks = exp.eval.tasks.clone().unwrap_or(space.budget.tasks.clone());
+        let mut scorer = CandidateScorer::new(
+            inputs,
+            TaskStore::new(tasks_dir.to_path_buf()),
+            &tasks,
+            exp.eval.seed,
+            space.objective.clone(),
+            Device::Cpu,
+            space.seed,
+        )?;
+        for (name, r) in pending {
+            marks.run(&format!("eval-{name}"), || {
+                let result = scorer.evaluate_model(&ModelRef::parse(r), exp.eval.docs)?;
+                let dir = out.join("evals").join(name);
+                std::fs::create_dir_all(&dir)?;
+                let config = json!({"model": r, "tasks": tasks, "docs_per_task": exp.eval.docs,
+                                    "subset_seed": exp.eval.seed});
+                write_file_atomic(
+                    &dir.join("results.json"),
+                    &serde_json::to_vec_pretty(&result.to_json(config))?,
+                )?;
+                print!("{}", result.table(name));
+                Ok(())
+            })?;
+        }
+    }
+
+    let report_dir = exp.report_dir();
+    let index = report_dir.join("index.html"); // TODO(report)
+    tracing::info!(
+        "experiment {} done in {:.0}s",
+        exp.name,
+        started.elapsed().as_secs_f64()
+    );
+    if !index.exists() {
+        bail!("the report was not written to {}", index.display());
+    }
+    Ok(index)
+}

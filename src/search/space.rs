@@ -1,0 +1,567 @@
+//! Search spaces: which merge hyperparameters a search varies, within what bounds, what it
+//! optimises and on how many documents. Read from TOML (`search-spaces/*.toml`, documented in
+//! `search-spaces/README.md`); every value is checked before anything is loaded.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use super::solver::SolverKind;
+use crate::eval::Benchmark;
+use crate::merge::MergeMethod;
+
+/// The two task vectors PAFT merges, as parameter prefixes (`sft.weight`, `pref.density`).
+pub const MODELS: [&str; 2] = ["sft", "pref"];
+const MODEL_PARAMS: [&str; 4] = ["weight", "density", "gamma", "epsilon"];
+const GLOBAL_PARAMS: [&str; 1] = ["lambda"];
+const CHOICES: [(&str, &[&str]); 1] = [("sign_rule", &["sum", "count"])];
+
+/// Methods that merge the two task vectors onto the base.
+const SEARCHABLE: [MergeMethod; 9] = [
+    MergeMethod::Linear,
+    MergeMethod::TaskArithmetic,
+    MergeMethod::Ties,
+    MergeMethod::DareTies,
+    MergeMethod::DareLinear,
+    MergeMethod::Breadcrumbs,
+    MergeMethod::BreadcrumbsTies,
+    MergeMethod::Della,
+    MergeMethod::DellaLinear,
+];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Range {
+    pub low: f64,
+    pub high: f64,
+    pub log: bool,
+}
+
+impl Range {
+    /// Unit-box coordinate → parameter value.
+    pub fn value(&self, u: f64) -> f64 {
+        let u = u.clamp(0.0, 1.0);
+        if self.log {
+            (self.low.ln() + u * (self.high.ln() - self.low.ln())).exp()
+        } else {
+            self.low + u * (self.high - self.low)
+        }
+    }
+
+    /// Parameter value → unit-box coordinate.
+    pub fn unit(&self, v: f64) -> f64 {
+        let u = if self.log {
+            (v.ln() - self.low.ln()) / (self.high.ln() - self.low.ln())
+        } else {
+            (v - self.low) / (self.high - self.low)
+        };
+        u.clamp(0.0, 1.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    Fixed(f64),
+    Searched(Range),
+}
+
+/// Documents and promotion rules of successive halving.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    /// Solver evaluations on the screening subset.
+    pub evaluations: usize,
+    pub tasks: String,
+    /// Documents per task of the screening subset.
+    pub docs: usize,
+    /// Larger subsets the best candidates are re-scored on, in order.
+    pub rungs: Vec<usize>,
+    /// Fraction of a rung's candidates promoted to the next (at least one).
+    pub promote: f64,
+    /// Candidates scored on the full task sets at the end.
+    pub finalists: usize,
+    /// Seed of the stratified subsets (the same documents for every candidate).
+    pub subset_seed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchSpace {
+    pub name: String,
+    pub methods: Vec<MergeMethod>,
+    /// Numeric parameters by name (`sft.weight`, `lambda`, …), fixed or searched.
+    pub params: BTreeMap<String, Param>,
+    /// Categorical parameters other than the method (`sign_rule`).
+    pub choices: BTreeMap<String, Vec<String>>,
+    pub initial: BTreeMap<String, f64>,
+    /// Weight of each benchmark's headline metric in the objective.
+    pub objective: BTreeMap<Benchmark, f64>,
+    pub solver: SolverKind,
+    pub seed: u64,
+    pub grid_points: usize,
+    pub budget: Budget,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpace {
+    name: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    search: RawSearch,
+    params: BTreeMap<String, RawParam>,
+    #[serde(default)]
+    choices: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    initial: BTreeMap<String, f64>,
+    #[serde(default)]
+    objective: BTreeMap<String, f64>,
+    subset: RawSubset,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSearch {
+    methods: Vec<String>,
+    #[serde(default = "default_solver")]
+    solver: String,
+    evaluations: usize,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "default_grid_points")]
+    grid_points: usize,
+}
+
+fn default_solver() -> String {
+    "nelder_mead".into()
+}
+fn default_grid_points() -> usize {
+    5
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawParam {
+    Fixed(f64),
+    Range {
+        low: f64,
+        high: f64,
+        #[serde(default)]
+        log: bool,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubset {
+    #[serde(default = "default_tasks")]
+    tasks: String,
+    docs: usize,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    rungs: Vec<usize>,
+    #[serde(default = "default_promote")]
+    promote: f64,
+    #[serde(default = "default_finalists")]
+    finalists: usize,
+}
+
+fn default_tasks() -> String {
+    "leaderboard".into()
+}
+fn default_promote() -> f64 {
+    1.0 / 3.0
+}
+fn default_finalists() -> usize {
+    1
+}
+
+fn check_param_name(name: &str) -> Result<()> {
+    let ok = match name.split_once('.') {
+        Some((model, p)) => MODELS.contains(&model) && MODEL_PARAMS.contains(&p),
+        None => GLOBAL_PARAMS.contains(&name),
+    };
+    if !ok {
+        bail!(
+            "unknown parameter `{name}` (known: {}.{{{}}}, {})",
+            MODELS.join("|"),
+            MODEL_PARAMS.join(","),
+            GLOBAL_PARAMS.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The interval a parameter may take (what mergekit accepts).
+fn allowed(name: &str) -> (f64, f64) {
+    match name.rsplit('.').next().unwrap_or(name) {
+        "density" => (0.0, 1.0),
+        "gamma" | "epsilon" => (0.0, 0.999_999),
+        _ => (f64::NEG_INFINITY, f64::INFINITY),
+    }
+}
+
+impl SearchSpace {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read search space {}", path.display()))?;
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("search");
+        Self::from_toml(&text, stem)
+            .with_context(|| format!("invalid search space {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str, default_name: &str) -> Result<Self> {
+        let raw: RawSpace = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let _ = raw.description;
+        if raw.search.methods.is_empty() {
+            bail!("[search] methods is empty");
+        }
+        let methods = raw
+            .search
+            .methods
+            .iter()
+            .map(|m| {
+                let method = MergeMethod::parse(m)?;
+                if !SEARCHABLE.contains(&method) {
+                    bail!(
+                        "method `{m}` cannot merge two task vectors (searchable: {})",
+                        SEARCHABLE.map(|m| m.name()).join(", ")
+                    );
+                }
+                Ok(method)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let solver: SolverKind = raw.search.solver.parse()?;
+        if raw.search.evaluations == 0 {
+            bail!("[search] evaluations must be at least 1");
+        }
+        let mut params = BTreeMap::new();
+        for (name, p) in raw.params {
+            check_param_name(&name)?;
+            let (lo, hi) = allowed(&name);
+            let param = match p {
+                RawParam::Fixed(v) => {
+                    if !v.is_finite() || v < lo || v > hi {
+                        bail!("parameter `{name}` = {v} is not a finite value in [{lo}, {hi}]");
+                    }
+                    Param::Fixed(v)
+                }
+                RawParam::Range { low, high, log } => {
+                    if !low.is_finite() || !high.is_finite() {
+                        bail!("parameter `{name}`: bounds must be finite, got [{low}, {high}]");
+                    }
+                    if low >= high {
+                        bail!("parameter `{name}`: empty range [{low}, {high}] (low must be below high)");
+                    }
+                    if low < lo || high > hi {
+                        bail!("parameter `{name}`: range [{low}, {high}] leaves [{lo}, {hi}]");
+                    }
+                    if log && low <= 0.0 {
+                        bail!("parameter `{name}`: a log-scale range needs low > 0, got {low}");
+                    }
+                    Param::Searched(Range { low, high, log })
+                }
+            };
+            params.insert(name, param);
+        }
+        if !params.values().any(|p| matches!(p, Param::Searched(_))) && methods.len() == 1 {
+            tracing::warn!("the space searches nothing: every parameter is fixed");
+        }
+        for (name, values) in &raw.choices {
+            let Some((_, known)) = CHOICES.iter().find(|(n, _)| n == name) else {
+                bail!(
+                    "unknown choice `{name}` (known: {})",
+                    CHOICES.map(|c| c.0).join(", ")
+                );
+            };
+            if values.is_empty() {
+                bail!("choice `{name}` has no values");
+            }
+            if let Some(v) = values.iter().find(|v| !known.contains(&v.as_str())) {
+                bail!("choice `{name}`: unknown value `{v}` (known: {})", known.join(", "));
+            }
+        }
+        for (name, v) in &raw.initial {
+            match params.get(name) {
+                Some(Param::Searched(r)) if v.is_finite() && *v >= r.low && *v <= r.high => {}
+                Some(Param::Searched(r)) => {
+                    bail!("initial `{name}` = {v} is outside [{}, {}]", r.low, r.high)
+                }
+                _ => bail!("initial `{name}`: not a searched parameter"),
+            }
+        }
+        let objective = if raw.objective.is_empty() {
+            Benchmark::ALL.iter().map(|&b| (b, 1.0)).collect()
+        } else {
+            raw.objective
+                .iter()
+                .map(|(k, &w)| {
+                    let b = Benchmark::ALL
+                        .into_iter()
+                        .find(|b| b.task_name() == k)
+                        .with_context(|| {
+                            format!(
+                                "objective: unknown benchmark `{k}` (known: {})",
+                                Benchmark::ALL.map(|b| b.task_name()).join(", ")
+                            )
+                        })?;
+                    if !w.is_finite() || w < 0.0 {
+                        bail!("objective weight of `{k}` must be a finite number ≥ 0, got {w}");
+                    }
+                    Ok((b, w))
+                })
+                .collect::<Result<BTreeMap<_, _>>>()?
+        };
+        if objective.values().sum::<f64>() <= 0.0 {
+            bail!("objective: the weights sum to zero");
+        }
+        let s = raw.subset;
+        crate::eval::parse_task_list(&s.tasks).context("[subset] tasks")?;
+        if s.docs == 0 {
+            bail!("[subset] docs must be at least 1");
+        }
+        if s.rungs.windows(2).any(|w| w[0] >= w[1]) || s.rungs.first().is_some_and(|&r| r <= s.docs)
+        {
+            bail!(
+                "[subset] rungs must grow beyond docs = {}: got {:?}",
+                s.docs,
+                s.rungs
+            );
+        }
+        if !(s.promote > 0.0 && s.promote <= 1.0) {
+            bail!("[subset] promote must be in (0, 1], got {}", s.promote);
+        }
+        Ok(Self {
+            name: raw.name.unwrap_or_else(|| default_name.to_string()),
+            methods,
+            params,
+            choices: raw.choices,
+            initial: raw.initial,
+            objective,
+            solver,
+            seed: raw.search.seed,
+            grid_points: raw.search.grid_points.max(1),
+            budget: Budget {
+                evaluations: raw.search.evaluations,
+                tasks: s.tasks,
+                docs: s.docs,
+                rungs: s.rungs,
+                promote: s.promote,
+                finalists: s.finalists,
+                subset_seed: s.seed,
+            },
+        })
+    }
+
+    /// Names of the searched parameters, in the order of the solver's coordinates.
+    pub fn searched(&self) -> Vec<(&str, &Range)> {
+        self.params
+            .iter()
+            .filter_map(|(n, p)| match p {
+                Param::Searched(r) => Some((n.as_str(), r)),
+                Param::Fixed(_) => None,
+            })
+            .collect()
+    }
+
+    /// Categorical dimensions in the solver's order: the method first (when more than one),
+    /// then the other choices.
+    pub fn categorical(&self) -> Vec<(String, Vec<String>)> {
+        let mut dims = vec![];
+        if self.methods.len() > 1 {
+            dims.push((
+                "method".to_string(),
+                self.methods.iter().map(|m| m.name().to_string()).collect(),
+            ));
+        }
+        for (n, v) in &self.choices {
+            dims.push((n.clone(), v.clone()));
+        }
+        dims
+    }
+
+    /// The starting point in the unit box (centre where no initial value is given).
+    pub fn initial_unit(&self) -> Vec<f64> {
+        self.searched()
+            .iter()
+            .map(|(n, r)| self.initial.get(*n).map_or(0.5, |&v| r.unit(v)))
+            .collect()
+    }
+
+    /// The concrete candidate at unit-box point `x` with categorical `picks`.
+    pub fn candidate(&self, picks: &[usize], x: &[f64]) -> MergeCandidate {
+        let cats = self.categorical();
+        let mut choices = BTreeMap::new();
+        let mut method = self.methods[0];
+        for ((name, values), &i) in cats.iter().zip(picks) {
+            if name == "method" {
+                method = self.methods[i];
+            } else {
+                choices.insert(name.clone(), values[i].clone());
+            }
+        }
+        let mut coords = x.iter();
+        let mut params = BTreeMap::new();
+        for (name, p) in &self.params {
+            let v = match p {
+                Param::Fixed(v) => *v,
+                Param::Searched(r) => r.value(*coords.next().unwrap_or(&0.5)),
+            };
+            params.insert(name.clone(), v);
+        }
+        MergeCandidate::new(method, params, choices)
+    }
+}
+
+/// One point of the space, with only the parameters its method reads, rounded so that equal
+/// keys mean equal merges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeCandidate {
+    pub method: MergeMethod,
+    pub params: BTreeMap<String, f64>,
+    pub choices: BTreeMap<String, String>,
+}
+
+fn round6(v: f64) -> f64 {
+    (v * 1e6).round() / 1e6
+}
+
+impl MergeCandidate {
+    pub fn new(
+        method: MergeMethod,
+        params: BTreeMap<String, f64>,
+        choices: BTreeMap<String, String>,
+    ) -> Self {
+        let reads = |name: &str| match name.split_once('.') {
+            Some((_, p)) => method.tensor_params().contains(&p),
+            None => method.global_params().contains(&name),
+        };
+        Self {
+            method,
+            params: params
+                .into_iter()
+                .filter(|(n, _)| reads(n))
+                .map(|(n, v)| (n, round6(v)))
+                .collect(),
+            choices: choices
+                .into_iter()
+                .filter(|(n, _)| method.global_params().contains(&n.as_str()))
+                .collect(),
+        }
+    }
+
+    /// The cache key: method, parameters and choices in canonical order.
+    pub fn key(&self) -> String {
+        let mut parts = vec![self.method.name().to_string()];
+        parts.extend(self.params.iter().map(|(n, v)| format!("{n}={v}")));
+        parts.extend(self.choices.iter().map(|(n, v)| format!("{n}={v}")));
+        parts.join("|")
+    }
+
+    /// The merge as a mergekit YAML over the given model references.
+    pub fn mergekit_yaml(&self, base: &str, models: [&str; 2]) -> String {
+        let mut y = format!("merge_method: {}\n", self.method.name());
+        if self.method.needs_base() {
+            y += &format!("base_model: {}\n", yaml_str(base));
+        }
+        y += "models:\n";
+        for (prefix, model) in MODELS.iter().zip(models) {
+            y += &format!("  - model: {}\n", yaml_str(model));
+            let ps: Vec<String> = self
+                .params
+                .iter()
+                .filter_map(|(n, v)| {
+                    n.strip_prefix(prefix)
+                        .and_then(|p| p.strip_prefix('.'))
+                        .map(|p| format!("{p}: {v}"))
+                })
+                .collect();
+            if !ps.is_empty() {
+                y += &format!("    parameters: {{{}}}\n", ps.join(", "));
+            }
+        }
+        let globals: Vec<String> = self
+            .params
+            .iter()
+            .filter(|(n, _)| !n.contains('.'))
+            .map(|(n, v)| format!("{n}: {v}"))
+            .chain(self.choices.iter().map(|(n, v)| format!("{n}: {v}")))
+            .collect();
+        if !globals.is_empty() {
+            y += &format!("parameters: {{{}}}\n", globals.join(", "));
+        }
+        y += "dtype: float32\n";
+        y
+    }
+}
+
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPACE: &str = r#"
+        [search]
+        methods = ["ties", "dare_ties"]
+        evaluations = 12
+        [params]
+        "sft.weight" = { low = 0.0, high = 2.0 }
+        "pref.weight" = { low = 0.0, high = 2.0 }
+        "sft.density" = 0.5
+        "pref.density" = 0.5
+        lambda = { low = 0.5, high = 2.0, log = true }
+        [initial]
+        "sft.weight" = 1.0
+        [subset]
+        docs = 10
+        rungs = [20, 40]
+    "#;
+
+    #[test]
+    fn a_space_maps_unit_points_to_mergekit_configs() {
+        let s = SearchSpace::from_toml(SPACE, "t").unwrap();
+        assert_eq!(s.categorical()[0].1, vec!["ties", "dare_ties"]);
+        assert_eq!(
+            s.searched().iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec!["lambda", "pref.weight", "sft.weight"]
+        );
+        assert_eq!(s.initial_unit(), vec![0.5, 0.5, 0.5]);
+        let c = s.candidate(&[1], &[0.0, 0.25, 1.0]);
+        assert_eq!(c.method, MergeMethod::DareTies);
+        assert_eq!(c.params["lambda"], 0.5);
+        assert_eq!(c.params["pref.weight"], 0.5);
+        assert_eq!(c.params["sft.weight"], 2.0);
+        let mid = s.candidate(&[0], &[0.5, 0.5, 0.5]);
+        assert!((mid.params["lambda"] - 1.0).abs() < 1e-6, "log scale");
+        let yaml = c.mergekit_yaml("base", ["sft", "pref"]);
+        let cfg = crate::merge::MergeConfig::from_yaml(&yaml).unwrap();
+        assert_eq!(cfg.method, MergeMethod::DareTies);
+        assert_eq!(cfg.models.len(), 2);
+        // Linear reads no densities or lambda: they leave the key.
+        let lin = MergeCandidate::new(MergeMethod::Linear, c.params.clone(), BTreeMap::new());
+        assert_eq!(lin.key(), "linear|pref.weight=0.5|sft.weight=2");
+        crate::merge::MergeConfig::from_yaml(&lin.mergekit_yaml("b", ["s", "p"])).unwrap();
+    }
+
+    #[test]
+    fn bad_spaces_give_clear_errors() {
+        let bad = |from: &str, to: &str| {
+            let text = SPACE.replace(from, to);
+            assert_ne!(text, SPACE, "{from}");
+            format!("{:#}", SearchSpace::from_toml(&text, "t").unwrap_err())
+        };
+        assert!(bad("\"dare_ties\"", "\"frobnicate\"").contains("unknown merge_method `frobnicate`"));
+        assert!(bad("\"dare_ties\"", "\"slerp\"").contains("cannot merge two task vectors"));
+        assert!(bad("low = 0.0, high = 2.0 }\n        \"pref", "low = 1.0, high = 1.0 }\n        \"pref")
+            .contains("empty range"));
+        assert!(bad("\"sft.density\" = 0.5", "\"sft.density\" = nan").contains("sft.density"));
+        assert!(bad("\"sft.density\" = 0.5", "\"sft.density\" = 1.5").contains("sft.density"));
+        assert!(bad("lambda =", "lamda =").contains("unknown parameter `lamda`"));
+        assert!(bad("low = 0.5, high = 2.0, log", "low = 0.0, high = 2.0, log").contains("log-scale"));
+        assert!(bad("rungs = [20, 40]", "rungs = [5]").contains("rungs"));
+        assert!(bad("\"sft.weight\" = 1.0", "\"sft.weight\" = 9.0").contains("outside"));
+    }
+}
