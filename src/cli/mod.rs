@@ -2,6 +2,7 @@
 
 mod eval;
 mod inspect;
+mod report;
 mod train;
 
 use std::path::PathBuf;
@@ -98,6 +99,9 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Score a model on the Open LLM Leaderboard tasks (lm-eval's definitions, local data).
     Eval(eval::EvalArgs),
+    /// Leaderboard, search trajectory, parameter and sparsity tables, plots and one HTML page
+    /// from a run directory.
+    Report(report::ReportArgs),
     /// Greedy generation with the KV cache, stopping at EOS.
     Generate {
         #[command(flatten)]
@@ -197,6 +201,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(args) => eval::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Report(args) => report::run(&args),
         Command::Score { model, text, json } => inspect::score(&model, &text, json),
         Command::Generate {
             model,

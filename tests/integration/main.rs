@@ -10,4 +10,5 @@ mod kv_cache;
 mod merge;
 mod model_io;
 mod parity;
+mod report;
 mod train;
