@@ -3,6 +3,7 @@
 mod eval;
 mod inspect;
 mod pipeline;
+mod report;
 mod search;
 mod train;
 
@@ -123,6 +124,9 @@ pub enum Command {
     Search(search::SearchArgs),
     /// Score a model on the Open LLM Leaderboard tasks (lm-eval's definitions, local data).
     Eval(eval::EvalArgs),
+    /// Leaderboard, search trajectory, parameter and sparsity tables, plots and one HTML page
+    /// from a run directory.
+    Report(report::ReportArgs),
     /// Greedy generation with the KV cache, stopping at EOS.
     Generate {
         #[command(flatten)]
@@ -227,6 +231,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Parallel { config } => pipeline::parallel(&config),
         Command::Sequential { config } => pipeline::sequential(&config),
         Command::Train(args) => train::run(&args),
+        Command::Report(args) => report::run(&args),
         Command::Score { model, text, json } => inspect::score(&model, &text, json),
         Command::Generate {
             model,

@@ -1,13 +1,13 @@
 //! `paft inspect-delta`: how sparse a fine-tune's task vector is, per tensor and overall.
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::config::ModelRef;
 use super::engine::MergeInput;
 
 /// Sparsity and size of one delta (or of a LoRA factor).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DeltaStats {
     pub name: String,
     pub numel: usize,
@@ -65,7 +65,7 @@ impl DeltaStats {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeltaReport {
     pub base: String,
     pub model: String,

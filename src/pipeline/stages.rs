@@ -278,7 +278,7 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
     }
 
     let report_dir = exp.report_dir();
-    let index = report_dir.join("index.html"); // TODO(report)
+    let index = crate::report::write_report(&out, &report_dir, &Default::default())?.index_html;
     tracing::info!(
         "experiment {} done in {:.0}s",
         exp.name,

@@ -1,1 +1,273 @@
-//! Leaderboard tables, trajectories and plots with Polars. Arrives with the Search issue.
+//! `paft report`: a run directory turned into leaderboard, trajectory, parameter and sparsity
+//! tables (Polars DataFrames written as Markdown, CSV and Parquet), SVG plots and one
+//! self-contained `index.html`.
+//!
+//! A run directory holds what the earlier stages wrote, every part optional:
+//! `journal.jsonl` (the search), `evals/<row>/results.json` (full evaluations, `paft eval
+//! --output`) and `deltas/{sft,dpo,orpo}.json` (`paft inspect-delta --json`).
+
+pub mod html;
+pub mod plots;
+pub mod rows;
+pub mod search;
+pub mod sparsity;
+pub mod tables;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use crate::model::weights::write_file_atomic;
+use crate::search::{Journal, JournalEntry};
+pub use rows::{scores_from_results, RowSpec};
+use tables::FloatFormat;
+
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    /// Rows added to the leaderboard besides `evals/*` (named like them).
+    pub adds: Vec<RowSpec>,
+    /// Journal candidates shown in the leaderboard.
+    pub top_k: usize,
+}
+
+impl Default for ReportOptions {
+    fn default() -> Self {
+        Self {
+            adds: vec![],
+            top_k: 5,
+        }
+    }
+}
+
+/// What a report wrote.
+#[derive(Debug, Clone)]
+pub struct ReportPaths {
+    pub out_dir: PathBuf,
+    pub index_html: PathBuf,
+    /// Every file written, index.html last.
+    pub files: Vec<PathBuf>,
+}
+
+/// `reports/<run directory's name>`.
+pub fn default_out_dir(run_dir: &Path) -> Result<PathBuf> {
+    let dir = run_dir
+        .canonicalize()
+        .with_context(|| format!("run directory {} not found", run_dir.display()))?;
+    Ok(Path::new("reports").join(run_name(&dir)))
+}
+
+fn run_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "run".into())
+}
+
+/// What the run directory holds.
+struct RunInputs {
+    name: String,
+    entries: Vec<JournalEntry>,
+    evals: Vec<RowSpec>,
+    deltas: Vec<sparsity::NamedDelta>,
+}
+
+impl RunInputs {
+    fn load(run_dir: &Path) -> Result<Self> {
+        if !run_dir.is_dir() {
+            bail!(
+                "run directory {} not found (or not a directory)",
+                run_dir.display()
+            );
+        }
+        let journal = run_dir.join("journal.jsonl");
+        let entries = if journal.is_file() {
+            Journal::read(&journal)?
+        } else {
+            vec![]
+        };
+        Ok(Self {
+            name: run_name(&run_dir.canonicalize()?),
+            entries,
+            evals: eval_specs(&run_dir.join("evals"))?,
+            deltas: sparsity::read_deltas(&run_dir.join("deltas"))?,
+        })
+    }
+}
+
+/// `evals/<row>/results.json`, by row name; a row directory without results.json (an
+/// evaluation still running) is skipped with a warning.
+fn eval_specs(dir: &Path) -> Result<Vec<RowSpec>> {
+    if !dir.is_dir() {
+        return Ok(vec![]);
+    }
+    let mut specs = vec![];
+    for item in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
+        if !item.file_type()?.is_dir() {
+            continue;
+        }
+        let results = item.path().join("results.json");
+        if !results.is_file() {
+            tracing::warn!("{}: no results.json, row skipped", item.path().display());
+            continue;
+        }
+        specs.push(RowSpec {
+            name: item.file_name().to_string_lossy().into_owned(),
+            results,
+        });
+    }
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(specs)
+}
+
+/// Leaderboard: percent with two decimals.
+fn percent_format(_: &str) -> FloatFormat {
+    FloatFormat::Fixed(2)
+}
+
+/// Sparsity: shares with two decimals, norms in scientific notation.
+fn sparsity_format(column: &str) -> FloatFormat {
+    if sparsity::NORM_COLUMNS.contains(&column) {
+        FloatFormat::Sci(3)
+    } else {
+        FloatFormat::Fixed(2)
+    }
+}
+
+/// Reads `run_dir` and writes the report into `out_dir` (created if needed), every file
+/// atomically.
+pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Result<ReportPaths> {
+    let run = RunInputs::load(run_dir)?;
+    if run.entries.is_empty()
+        && run.evals.is_empty()
+        && run.deltas.is_empty()
+        && opts.adds.is_empty()
+    {
+        bail!(
+            "nothing to report in {}: no journal.jsonl, evals/*/results.json or deltas/*.json",
+            run_dir.display()
+        );
+    }
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let mut files = vec![];
+
+    // Leaderboard: full evaluations, then the search's best candidates.
+    let specs: Vec<RowSpec> = run.evals.iter().chain(&opts.adds).cloned().collect();
+    let pref = rows::run_pref(
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .chain(
+                run.deltas
+                    .iter()
+                    .map(|d| if d.label == "ORPO" { "orpo" } else { "dpo" }),
+            ),
+    );
+    let mut board = rows::evaluation_rows(&specs, pref)?;
+    board.extend(rows::top_candidates(&run.entries, opts.top_k, pref));
+    let mut df = rows::leaderboard_frame(&board)?;
+    let board_cells = tables::cells(&df, &percent_format)?;
+    files.extend(tables::write_table(
+        out_dir,
+        "leaderboard",
+        &mut df,
+        &board_cells,
+        Some(2),
+    )?);
+    tracing::info!(
+        "leaderboard: {} evaluated model(s), {} search candidate(s)",
+        specs.len(),
+        board.len() - specs.len()
+    );
+
+    // Trajectory and parameters, when there is a search.
+    let mut trajectory_svg = None;
+    let mut param_svgs = vec![];
+    if !run.entries.is_empty() {
+        let points = search::trajectory(&run.entries);
+        files.extend(tables::write_data(
+            out_dir,
+            "trajectory",
+            &mut search::trajectory_frame(&points)?,
+            None,
+        )?);
+        let svg = plots::trajectory_svg(&points)?;
+        files.push(write_text(out_dir, "trajectory.svg", &svg)?);
+        trajectory_svg = Some(svg);
+
+        let params = search::varying_params(&run.entries);
+        if !params.is_empty() {
+            files.extend(tables::write_data(
+                out_dir,
+                "params",
+                &mut search::params_frame(&params)?,
+                None,
+            )?);
+        }
+        let mut stems = BTreeSet::new();
+        for (name, points) in &params {
+            let svg = plots::param_svg(name, points)?;
+            let mut stem = search::file_stem(name);
+            while !stems.insert(stem.clone()) {
+                stem.push('_');
+            }
+            files.push(write_text(out_dir, &format!("param_{stem}.svg"), &svg)?);
+            param_svgs.push((name.clone(), svg));
+        }
+        tracing::info!(
+            "search: {} evaluation(s), {} varying parameter(s)",
+            run.entries.len(),
+            params.len()
+        );
+    }
+
+    let sparsity_cells = if run.deltas.is_empty() {
+        None
+    } else {
+        let mut df = sparsity::sparsity_frame(&run.deltas)?;
+        let cells = tables::cells(&df, &sparsity_format)?;
+        files.extend(tables::write_table(
+            out_dir, "sparsity", &mut df, &cells, None,
+        )?);
+        Some(cells)
+    };
+
+    let page = html::render(&html::Page {
+        run_name: &run.name,
+        evaluations: run.entries.len(),
+        best: best(&run.entries, pref),
+        leaderboard: &board_cells,
+        trajectory_svg: trajectory_svg.as_deref(),
+        param_svgs: &param_svgs,
+        sparsity: sparsity_cells.as_ref(),
+    });
+    let index_html = write_text(out_dir, "index.html", &page)?;
+    files.push(index_html.clone());
+    Ok(ReportPaths {
+        out_dir: out_dir.to_path_buf(),
+        index_html,
+        files,
+    })
+}
+
+fn write_text(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    write_file_atomic(&path, text.as_bytes())?;
+    Ok(path)
+}
+
+/// The best candidate on the highest rung (lower rungs score smaller subsets).
+fn best(entries: &[JournalEntry], pref: rows::Pref) -> Option<html::Best> {
+    let top = entries.iter().map(|e| e.rung).max()?;
+    let e = entries
+        .iter()
+        .filter(|e| e.rung == top)
+        .max_by(|a, b| a.objective.total_cmp(&b.objective))?;
+    Some(html::Best {
+        objective: e.objective,
+        rung: e.rung,
+        docs_per_task: e.docs_per_task,
+        label: rows::candidate_label(e, pref),
+    })
+}

@@ -11,5 +11,6 @@ mod merge;
 mod model_io;
 mod parity;
 mod pipeline;
+mod report;
 mod search;
 mod train;

@@ -1,0 +1,42 @@
+//! `paft report`: a run directory's tables, plots and HTML page.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::report::{default_out_dir, write_report, ReportOptions, RowSpec};
+
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// Run directory: journal.jsonl, evals/<row>/results.json (rows base, sft, dpo|orpo,
+    /// sequential, paft, any other name), deltas/{sft,dpo,orpo}.json; each optional.
+    pub run_dir: PathBuf,
+    /// Output directory (default: reports/<RUN_DIR's name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Another leaderboard row, named like the evals/ rows (repeatable).
+    #[arg(long = "add", value_name = "NAME=PATH/results.json")]
+    pub add: Vec<RowSpec>,
+    /// Best search candidates listed in the leaderboard.
+    #[arg(long, default_value_t = 5)]
+    pub top: usize,
+}
+
+pub fn run(args: &ReportArgs) -> Result<()> {
+    let out = match &args.out {
+        Some(dir) => dir.clone(),
+        None => default_out_dir(&args.run_dir)?,
+    };
+    let opts = ReportOptions {
+        adds: args.add.clone(),
+        top_k: args.top,
+    };
+    let paths = write_report(&args.run_dir, &out, &opts)?;
+    tracing::info!(
+        "wrote {} files into {}",
+        paths.files.len(),
+        paths.out_dir.display()
+    );
+    println!("{}", paths.index_html.display());
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! `index.html`: one self-contained page (inline CSS, inline SVG, no scripts, nothing fetched), so
+//! it can be mailed, archived or opened from a file system without its neighbours.
+
+use super::tables::Cells;
+
+/// The search's best candidate, as the header states it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Best {
+    pub objective: f64,
+    pub rung: usize,
+    pub docs_per_task: Option<usize>,
+    pub label: String,
+}
+
+/// Everything the page shows; absent parts leave a one-line note instead.
+pub struct Page<'a> {
+    pub run_name: &'a str,
+    pub evaluations: usize,
+    pub best: Option<Best>,
+    pub leaderboard: &'a Cells,
+    pub trajectory_svg: Option<&'a str>,
+    /// (parameter, SVG)
+    pub param_svgs: &'a [(String, String)],
+    pub sparsity: Option<&'a Cells>,
+}
+
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const CSS: &str = "
+body { font-family: system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif;
+       margin: 2rem auto; max-width: 1200px; padding: 0 1rem; color: #1f2328; }
+h1 { font-size: 1.6rem; margin-bottom: .2rem; }
+h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
+p.meta { color: #57606a; margin-top: 0; }
+p.note { color: #57606a; font-size: .85rem; }
+table { border-collapse: collapse; font-size: .9rem; }
+th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; }
+th { background: #f6f8fa; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fbfcfd; }
+.plot svg { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+.plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1rem; }
+.plots .plot svg { width: 100%; }
+";
+
+fn table(c: &Cells) -> String {
+    let mut s = String::from("<table>\n<thead><tr>");
+    for h in &c.header {
+        s += &format!("<th>{}</th>", escape(h));
+    }
+    s += "</tr></thead>\n<tbody>\n";
+    for row in &c.rows {
+        s += "<tr>";
+        for (j, cell) in row.iter().enumerate() {
+            let class = if c.numeric[j] { " class=\"num\"" } else { "" };
+            s += &format!("<td{class}>{}</td>", escape(cell));
+        }
+        s += "</tr>\n";
+    }
+    s + "</tbody>\n</table>\n"
+}
+
+/// Inline SVG without an XML declaration (not allowed inside HTML).
+fn inline_svg(svg: &str) -> &str {
+    match svg.find("<svg") {
+        Some(i) => &svg[i..],
+        None => svg,
+    }
+}
+
+pub fn render(p: &Page) -> String {
+    let mut body = format!("<h1>PAFT report: {}</h1>\n", escape(p.run_name));
+    let best = match &p.best {
+        Some(b) => format!(
+            "best objective {:.2} (rung {}, {}): {}",
+            b.objective,
+            b.rung,
+            b.docs_per_task
+                .map_or("full tasks".to_string(), |n| format!("{n} docs/task")),
+            escape(&b.label)
+        ),
+        None => "no search evaluations yet".into(),
+    };
+    body += &format!(
+        "<p class=\"meta\">{} evaluation{} in the search journal; {best}</p>\n",
+        p.evaluations,
+        if p.evaluations == 1 { "" } else { "s" }
+    );
+
+    body += "<h2>Leaderboard</h2>\n";
+    if p.leaderboard.rows.is_empty() {
+        body += "<p class=\"note\">No evaluations found (evals/*/results.json, --add).</p>\n";
+    } else {
+        body += &table(p.leaderboard);
+        body += "<p class=\"note\">Open LLM Leaderboard headline metrics in percent (ARC \
+                 acc_norm 25-shot, HellaSwag acc_norm 10-shot, MMLU acc 5-shot mean over \
+                 subjects, TruthfulQA mc2 0-shot, Winogrande acc 5-shot, GSM8K strict exact \
+                 match 5-shot); Average is their mean when all six are present. docs/task: \
+                 the subset each row was scored on (full = complete task sets); search \
+                 candidates on subsets are not directly comparable with full rows.</p>\n";
+    }
+
+    body += "<h2>Search trajectory</h2>\n";
+    match p.trajectory_svg {
+        Some(svg) => body += &format!("<div class=\"plot\">{}</div>\n", inline_svg(svg)),
+        None => body += "<p class=\"note\">No journal.jsonl in this run.</p>\n",
+    }
+
+    body += "<h2>Objective vs searched parameters</h2>\n";
+    if p.param_svgs.is_empty() {
+        body += "<p class=\"note\">No parameter varied across the journal.</p>\n";
+    } else {
+        body += "<div class=\"plots\">\n";
+        for (name, svg) in p.param_svgs {
+            body += &format!(
+                "<div class=\"plot\" title=\"{}\">{}</div>\n",
+                escape(name),
+                inline_svg(svg)
+            );
+        }
+        body += "</div>\n";
+    }
+
+    body += "<h2>Delta sparsity</h2>\n";
+    match p.sparsity {
+        Some(c) => {
+            body += &table(c);
+            body += "<p class=\"note\">Task vectors δ = fine-tuned − base over all tensors \
+                     (part all), and for LoRA adapters the A and B factors: share of entries \
+                     exactly zero, below 1e-6, below 1e-4 and below 1% of the tensor's max \
+                     |δ|; L1 and L2 norms.</p>\n";
+        }
+        None => {
+            body += "<p class=\"note\">No deltas/sft.json or deltas/dpo.json \
+                         (<code>paft inspect-delta --json</code>).</p>\n"
+        }
+    }
+
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>PAFT report: {}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}</body>\n</html>\n",
+        escape(p.run_name)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_is_self_contained_and_escaped() {
+        let lb = Cells {
+            header: vec!["Model".into(), "ARC".into()],
+            rows: vec![vec!["<b>".into(), "1.00".into()]],
+            numeric: vec![false, true],
+        };
+        let svg = "<?xml version=\"1.0\"?><svg></svg>".to_string();
+        let params = [("sft.weight".to_string(), svg.clone())];
+        let html = render(&Page {
+            run_name: "run & co",
+            evaluations: 1,
+            best: None,
+            leaderboard: &lb,
+            trajectory_svg: Some(&svg),
+            param_svgs: &params,
+            sparsity: None,
+        });
+        assert!(html.contains("run &amp; co") && html.contains("&lt;b&gt;"));
+        assert!(!html.contains("<?xml") && html.matches("<svg").count() == 2);
+        assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
+        assert!(html.contains("<td class=\"num\">1.00</td>"));
+    }
+}
