@@ -43,6 +43,9 @@ pub enum Truncation {
     Error,
     /// Keep the first `max_length` tokens (TRL's `truncation_mode="keep_start"`).
     KeepStart,
+    /// Keep the last `max_length` tokens (TRL's `truncation_mode="keep_end"`): long prompts lose
+    /// their beginning and the completion survives (multi-turn preference data).
+    KeepEnd,
 }
 
 pub struct Tokenization<'a> {
@@ -120,13 +123,18 @@ impl Tokenization<'_> {
             match self.truncation {
                 Truncation::Error => bail!(
                     "{what}: {} tokens, longer than max_length {} (raise max_length, or set \
-                     truncation = \"keep_start\" to cut as TRL does)",
+                     truncation = \"keep_start\" or \"keep_end\" to cut as TRL does)",
                     s.len(),
                     self.max_length
                 ),
                 Truncation::KeepStart => {
                     s.ids.truncate(self.max_length);
                     s.loss_mask.truncate(self.max_length);
+                }
+                Truncation::KeepEnd => {
+                    let cut = s.len() - self.max_length;
+                    s.ids.drain(..cut);
+                    s.loss_mask.drain(..cut);
                 }
             }
         }

@@ -31,8 +31,8 @@ fn experiment(base: &Path, work: &Path) -> String {
     .unwrap();
     let training = r#"
         limit = 8
-        max_length = 96
-        truncation = "keep_start"
+        max_length = 256
+        truncation = "keep_end"
         batch_size = 2
         max_steps = 2
         save_every = 1
