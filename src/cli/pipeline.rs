@@ -17,7 +17,9 @@ pub struct TasksDirArg {
 
 impl TasksDirArg {
     fn dir(&self) -> PathBuf {
-        self.tasks_dir.clone().unwrap_or_else(TaskStore::default_root)
+        self.tasks_dir
+            .clone()
+            .unwrap_or_else(TaskStore::default_root)
     }
 }
 

@@ -41,9 +41,8 @@ pub struct SearchArgs {
 }
 
 pub fn run(args: &SearchArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&args.space).map_err(|e| {
-        anyhow::anyhow!("cannot read search space {}: {e}", args.space.display())
-    })?;
+    let text = std::fs::read_to_string(&args.space)
+        .map_err(|e| anyhow::anyhow!("cannot read search space {}: {e}", args.space.display()))?;
     let space = SearchSpace::from_file(&args.space)?;
     let opts = SearchOptions {
         out: args.out.clone(),

@@ -22,12 +22,58 @@ pub enum Mode {
     Differentiable,
 }
 
-/// A linear layer `y = x·Wᵀ + b`, with an optional LoRA branch `+ s·(x·Aᵀ)·Bᵀ`.
+/// PEFT's `lora_dropout` on the LoRA branch's input, in training only. The masks come from our
+/// own seeded stream (candle's CPU RNG cannot be seeded), shared by every layer of a model and
+/// consumed in forward order; the trainer reseeds it per micro-batch, so a resumed run draws
+/// the same masks as an uninterrupted one.
+#[derive(Debug)]
+pub struct LoraDropout {
+    p: f64,
+    rng: std::sync::Mutex<rand_chacha::ChaCha8Rng>,
+}
+
+impl LoraDropout {
+    fn new(p: f64) -> Self {
+        use rand::SeedableRng;
+        Self {
+            p,
+            rng: std::sync::Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(0)),
+        }
+    }
+
+    fn reseed(&self, seed: u64) {
+        use rand::SeedableRng;
+        *self.rng.lock().expect("dropout stream") = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    }
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        use rand::Rng;
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().expect("dropout stream");
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.random::<f64>() < keep {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
+/// A linear layer `y = x·Wᵀ + b`, with an optional LoRA branch `+ s·(drop(x)·Aᵀ)·Bᵀ`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<(Tensor, Tensor, f64)>,
+    pub dropout: Option<std::sync::Arc<LoraDropout>>,
 }
 
 impl Linear {
@@ -43,7 +89,11 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some((a, b, scale)) = &self.lora {
-            let low = x2.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            let input = match &self.dropout {
+                Some(d) => d.apply(&x2)?,
+                None => x2.clone(),
+            };
+            let low = input.matmul(&a.t()?)?.matmul(&b.t()?)?;
             y = (y + (low * *scale)?)?;
         }
         let mut out_dims = dims;
@@ -133,6 +183,7 @@ pub struct LlamaModel {
     lm_head: Option<Tensor>,
     inv_freq: Vec<f32>,
     mode: Mode,
+    lora_dropout: Option<std::sync::Arc<LoraDropout>>,
 }
 
 /// Causal attention with grouped-query heads, using cached keys when given.
@@ -172,6 +223,9 @@ impl LlamaModel {
                 }
             }
         }
+        let dropout = lora
+            .filter(|a| mode == Mode::Differentiable && a.config.dropout > 0.0)
+            .map(|a| std::sync::Arc::new(LoraDropout::new(a.config.dropout)));
         let linear = |path: String| -> Result<Linear> {
             let lora = match lora.and_then(|a| a.layers.get(&path).map(|p| (a, p))) {
                 Some((a, p)) => {
@@ -193,6 +247,7 @@ impl LlamaModel {
             Ok(Linear {
                 weight: get(&format!("{path}.weight")),
                 bias: opt(&format!("{path}.bias")),
+                dropout: lora.as_ref().and(dropout.clone()),
                 lora,
             })
         };
@@ -227,7 +282,15 @@ impl LlamaModel {
             },
             inv_freq: rope_inv_freq(cfg),
             mode,
+            lora_dropout: dropout,
         })
+    }
+
+    /// Restarts the LoRA dropout stream (no-op without dropout).
+    pub fn reseed_dropout(&self, seed: u64) {
+        if let Some(d) = &self.lora_dropout {
+            d.reseed(seed);
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -125,7 +125,10 @@ impl Experiment {
         table.remove("objective");
         for key in ["model", "output"] {
             if table.contains_key(key) {
-                bail!("[{}] must not set `{key}`: the experiment sets it", stage.section());
+                bail!(
+                    "[{}] must not set `{key}`: the experiment sets it",
+                    stage.section()
+                );
             }
         }
         let out = self.out().join("train").join(stage.dir(self.pref_name()));
@@ -135,8 +138,8 @@ impl Experiment {
             toml::Value::String(out.to_string_lossy().into_owned()),
         );
         let json = serde_json::to_value(&table)?;
-        let cfg: TrainConfig = serde_json::from_value(json)
-            .with_context(|| format!("[{}]", stage.section()))?;
+        let cfg: TrainConfig =
+            serde_json::from_value(json).with_context(|| format!("[{}]", stage.section()))?;
         cfg.validate()
             .with_context(|| format!("[{}]", stage.section()))?;
         Ok(cfg)
@@ -203,7 +206,10 @@ mod tests {
     #[test]
     fn bad_experiments_name_the_section() {
         let err = |from: &str, to: &str| {
-            format!("{:#}", Experiment::from_toml(&EXP.replace(from, to)).unwrap_err())
+            format!(
+                "{:#}",
+                Experiment::from_toml(&EXP.replace(from, to)).unwrap_err()
+            )
         };
         assert!(err("beta = 0.2", "betta = 0.2").contains("[pref]"));
         assert!(err("max_steps = 4", "model = \"x\"").contains("must not set `model`"));

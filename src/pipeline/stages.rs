@@ -25,7 +25,8 @@ struct StageMarks {
 impl StageMarks {
     fn new(out: &Path) -> Result<Self> {
         let dir = out.join("stages");
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Self { dir })
     }
 
@@ -64,7 +65,9 @@ fn threads(exp: &Experiment) -> usize {
 
 /// Trains one run to completion, resuming from its last checkpoint if there is one.
 fn train_one(cfg: TrainConfig, objective: crate::train::Objective) -> Result<PathBuf> {
-    let result = cfg.output.join(if cfg.lora_r > 0 { "adapter" } else { "model" });
+    let result = cfg
+        .output
+        .join(if cfg.lora_r > 0 { "adapter" } else { "model" });
     if result.exists() {
         return Ok(result);
     }
@@ -119,7 +122,10 @@ pub fn train_parallel(exp: &Experiment) -> Result<(String, String)> {
     let sft_out = sft_out.context("SFT run")?;
     let pref_out = pref_out.with_context(|| format!("{} run", exp.pref_name()))?;
     write_manifest(exp, &base_dir, &sft_out, &pref_out)?;
-    Ok((trained_ref(&base_dir, &sft_out), trained_ref(&base_dir, &pref_out)))
+    Ok((
+        trained_ref(&base_dir, &sft_out),
+        trained_ref(&base_dir, &pref_out),
+    ))
 }
 
 fn write_manifest(exp: &Experiment, base_dir: &Path, sft: &Path, pref: &Path) -> Result<()> {
@@ -162,7 +168,12 @@ fn materialize(reference: &str, out: &Path) -> Result<()> {
     let r = ModelRef::parse(reference);
     let base_dir = model::source::resolve_model(&r.model, r.revision.as_deref())?;
     let base = Pretrained::load(&base_dir, Some(DType::F32), &Device::Cpu)?;
-    let names: Vec<String> = base.config.expected_tensors().into_iter().map(|t| t.0).collect();
+    let names: Vec<String> = base
+        .config
+        .expected_tensors()
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
     let merged = Pretrained {
         weights: load_f32(&r, &names)?,
         ..base
@@ -211,9 +222,8 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
         Ok(())
     })?;
 
-    let space_text = std::fs::read_to_string(&exp.search.space).with_context(|| {
-        format!("cannot read search space {}", exp.search.space.display())
-    })?;
+    let space_text = std::fs::read_to_string(&exp.search.space)
+        .with_context(|| format!("cannot read search space {}", exp.search.space.display()))?;
     let space = SearchSpace::from_toml(&space_text, "search")
         .with_context(|| format!("invalid search space {}", exp.search.space.display()))?;
     let inputs = MergeInputs {

@@ -110,7 +110,11 @@ impl Searcher<'_> {
             .cloned()
             .collect();
         // Ties go to the earlier evaluation, so the ranking is stable across resumes.
-        out.sort_by(|a, b| b.objective.total_cmp(&a.objective).then(a.index.cmp(&b.index)));
+        out.sort_by(|a, b| {
+            b.objective
+                .total_cmp(&a.objective)
+                .then(a.index.cmp(&b.index))
+        });
         out
     }
 }
@@ -247,9 +251,14 @@ fn write_best(scorer: &CandidateScorer, best: &JournalEntry, out: &Path) -> Resu
         "# paft search best: objective {:.4} on {}\n",
         best.objective,
         best.docs_per_task
-            .map_or("the full task sets".to_string(), |d| format!("{d} documents per task"))
+            .map_or("the full task sets".to_string(), |d| format!(
+                "{d} documents per task"
+            ))
     );
-    write_file_atomic(&RunFiles::best_yaml(out), (header.clone() + &yaml).as_bytes())?;
+    write_file_atomic(
+        &RunFiles::best_yaml(out),
+        (header.clone() + &yaml).as_bytes(),
+    )?;
     let dir = RunFiles::best_model(out);
     if dir.join("mergekit_config.yml").exists()
         && std::fs::read_to_string(dir.join("mergekit_config.yml"))? == yaml

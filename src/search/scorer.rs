@@ -83,7 +83,12 @@ impl CandidateScorer {
         let base_dir = crate::model::source::resolve_model(&inputs.base, None)?;
         let base = Pretrained::load(&base_dir, Some(DType::F32), &Device::Cpu)
             .with_context(|| format!("base model {}", inputs.base))?;
-        let names: Vec<String> = base.config.expected_tensors().into_iter().map(|t| t.0).collect();
+        let names: Vec<String> = base
+            .config
+            .expected_tensors()
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
         let models = MODELS
             .iter()
             .zip(inputs.models())
@@ -122,9 +127,10 @@ impl CandidateScorer {
     /// The candidate's merged weights (f32, on the scoring device).
     pub fn merge(&self, c: &MergeCandidate) -> Result<WeightMap> {
         let yaml = c.mergekit_yaml(&self.inputs.base, self.inputs.models());
-        let config = MergeConfig::from_yaml(&yaml)
-            .with_context(|| format!("candidate {}", c.key()))?;
-        self.merger.merge(&config, self.seed, DType::F32, &self.device)
+        let config =
+            MergeConfig::from_yaml(&yaml).with_context(|| format!("candidate {}", c.key()))?;
+        self.merger
+            .merge(&config, self.seed, DType::F32, &self.device)
     }
 
     fn suite(&mut self, docs: Option<usize>) -> Result<&PreparedSuite> {

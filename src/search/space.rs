@@ -205,7 +205,10 @@ impl SearchSpace {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read search space {}", path.display()))?;
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("search");
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("search");
         Self::from_toml(&text, stem)
             .with_context(|| format!("invalid search space {}", path.display()))
     }
@@ -278,7 +281,10 @@ impl SearchSpace {
                 bail!("choice `{name}` has no values");
             }
             if let Some(v) = values.iter().find(|v| !known.contains(&v.as_str())) {
-                bail!("choice `{name}`: unknown value `{v}` (known: {})", known.join(", "));
+                bail!(
+                    "choice `{name}`: unknown value `{v}` (known: {})",
+                    known.join(", ")
+                );
             }
         }
         for (name, v) in &raw.initial {
@@ -553,14 +559,21 @@ mod tests {
             assert_ne!(text, SPACE, "{from}");
             format!("{:#}", SearchSpace::from_toml(&text, "t").unwrap_err())
         };
-        assert!(bad("\"dare_ties\"", "\"frobnicate\"").contains("unknown merge_method `frobnicate`"));
+        assert!(
+            bad("\"dare_ties\"", "\"frobnicate\"").contains("unknown merge_method `frobnicate`")
+        );
         assert!(bad("\"dare_ties\"", "\"slerp\"").contains("cannot merge two task vectors"));
-        assert!(bad("low = 0.0, high = 2.0 }\n        \"pref", "low = 1.0, high = 1.0 }\n        \"pref")
-            .contains("empty range"));
+        assert!(bad(
+            "low = 0.0, high = 2.0 }\n        \"pref",
+            "low = 1.0, high = 1.0 }\n        \"pref"
+        )
+        .contains("empty range"));
         assert!(bad("\"sft.density\" = 0.5", "\"sft.density\" = nan").contains("sft.density"));
         assert!(bad("\"sft.density\" = 0.5", "\"sft.density\" = 1.5").contains("sft.density"));
         assert!(bad("lambda =", "lamda =").contains("unknown parameter `lamda`"));
-        assert!(bad("low = 0.5, high = 2.0, log", "low = 0.0, high = 2.0, log").contains("log-scale"));
+        assert!(
+            bad("low = 0.5, high = 2.0, log", "low = 0.0, high = 2.0, log").contains("log-scale")
+        );
         assert!(bad("rungs = [20, 40]", "rungs = [5]").contains("rungs"));
         assert!(bad("\"sft.weight\" = 1.0", "\"sft.weight\" = 9.0").contains("outside"));
     }

@@ -179,9 +179,6 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("`lora_dropout` must be in [0, 1)");
         }
-        if self.lora_dropout > 0.0 {
-            bail!("`lora_dropout` > 0 is not supported yet (candle's CPU RNG is not seedable, so dropout would break reproducible runs)");
-        }
         if !(0.0..0.5).contains(&self.label_smoothing) {
             bail!("`label_smoothing` must be in [0, 0.5)");
         }

@@ -429,6 +429,8 @@ impl Trainer {
                     length_grouped_batches(&lengths, self.cfg.batch_size, self.cfg.seed, epoch)
                 });
                 let idx = plan[within].clone();
+                // Dropout masks depend only on the seed and the micro-batch number (exact resume).
+                model.reseed_dropout(self.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k);
                 let (mut loss, m, n) = self.loss(&model, &idx)?;
                 if let Some(p) = self.l1_penalty()? {
                     loss = (loss + p)?;

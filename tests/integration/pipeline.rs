@@ -103,7 +103,12 @@ fn the_pipeline_runs_every_stage_once() {
             "{row}: {v}"
         );
     }
-    for dir in ["sft/adapter", "dpo/adapter", "sequential-dpo/adapter", "sft-merged"] {
+    for dir in [
+        "sft/adapter",
+        "dpo/adapter",
+        "sequential-dpo/adapter",
+        "sft-merged",
+    ] {
         assert!(run_dir.join("train").join(dir).exists(), "{dir}");
     }
     let manifest: serde_json::Value = serde_json::from_str(

@@ -58,7 +58,9 @@ fn search_cmd(m: &Models, space: &Path, out: &Path) -> Command {
     let mut c = paft();
     c.args(["--quiet", "search", "--space"])
         .arg(space)
-        .args(["--base", &m.base, "--sft", &m.sft, "--pref", &m.pref, "--out"])
+        .args([
+            "--base", &m.base, "--sft", &m.sft, "--pref", &m.pref, "--out",
+        ])
         .arg(out)
         .env(
             "PAFT_TASKS_DIR",
@@ -174,7 +176,11 @@ fn a_killed_search_resumes_without_reevaluating_and_ends_with_the_same_best() {
         killed.join("best-merge.yaml").to_str().unwrap(),
         remerged.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let load = |d: &Path| {
         paft::model::Pretrained::load(d, None, &candle_core::Device::Cpu)
             .unwrap()

@@ -307,6 +307,9 @@ fn killed_run_resumes_to_the_same_weights() {
         "256",
         "--truncation",
         "keep_start",
+        // Dropout masks must replay exactly on resume too.
+        "--lora-dropout",
+        "0.1",
     ];
 
     let full = tmp.path().join("full");
@@ -370,6 +373,21 @@ fn killed_run_resumes_to_the_same_weights() {
         (1..=8).collect::<Vec<_>>(),
         "one metrics line per step"
     );
+
+    // Dropout is real: the same run without it ends elsewhere.
+    let plain = tmp.path().join("plain");
+    let mut plain_args = args.to_vec();
+    *plain_args.last_mut().unwrap() = "0.0";
+    let out = train_cmd("sft", model.path(), &data, &plain, &plain_args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = std::fs::read(plain.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(a != c, "lora_dropout had no effect");
 }
 
 #[test]
