@@ -9,7 +9,18 @@ import sys
 from collections import defaultdict
 
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-if rows and "batch" in rows[0]:
+if rows and "seconds_per_step" in rows[0]:
+    # Training steps: best run of each impl per objective, ratio paft/peer (lower is better).
+    best = {}
+    for r in rows:
+        key = (r["impl"], r["objective"])
+        best[key] = min(best.get(key, float("inf")), r["seconds_per_step"])
+    for obj in sorted({o for _, o in best}):
+        for impl in sorted({i for i, o in best if o == obj and i != "paft"}):
+            p, q = best.get(("paft", obj)), best[(impl, obj)]
+            if p:
+                print(f"{obj}: paft {p:.2f} s/step, {impl} {q:.2f} s/step, ratio paft/{impl} {p / q:.2f}x")
+elif rows and "batch" in rows[0]:
     best = defaultdict(float)
     for r in rows:
         key = (r["impl"], r["batch"])

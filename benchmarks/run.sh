@@ -6,6 +6,9 @@
 #                                  # subjects), SmolLM2-135M f32, wall time, requests/s, tokens/s, peak RSS.
 #                                  # PYTHON_LMEVAL (default scripts/.venv-lmeval/bin/python) runs the lm-eval side;
 #                                  # CPUS (default: all) pins both to the same cores.
+#   benchmarks/run.sh train        # seconds per optimizer step, paft vs TRL 1.16 + PEFT (torch CPU): SmolLM2-135M f32, LoRA r16,
+#                                  # batch 4 x 512, SFT and DPO (reference log-probs precomputed on both sides). PYTHON_TRL
+#                                  # (default scripts/.venv-trl/bin/python) runs TRL; CPUS pins both to the same cores.
 #   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID TIES grid (the two weights) vs Nelder-Mead,
 #                                  # particle swarm and random search on one frozen subset (TASKS, DOCS per task): evaluations
 #                                  # each needs to come within 0.5 points of the grid's best. Deltas: the LoRA adapters of
@@ -33,6 +36,17 @@ MODEL=$OUT/smollm-f32
 [ -f "$MODEL/config.json" ] || "$BIN" --quiet import-gguf "$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL"
 
 case "$what" in
+  train)
+    log=$OUT/train.jsonl
+    : > "$log"
+    PYT=${PYTHON_TRL:-scripts/.venv-trl/bin/python}
+    CPUS=${CPUS:-$(seq -s, 0 $((THREADS - 1)))}
+    for round in 1 2; do
+      taskset -c "$CPUS" cargo bench --profile dev --quiet --bench train_step -- --model "$MODEL" --steps 3 | tee -a "$log"
+      taskset -c "$CPUS" "$PYT" benchmarks/trl_step.py --model "$MODEL" --threads "$THREADS" --steps 3 --dpo-ref precomputed | tee -a "$log"
+    done
+    python3 benchmarks/ratio.py "$log"
+    ;;
   search)
     log=$OUT/search.jsonl
     RUN=${RUN:-runs/smollm2-paft}

@@ -1,0 +1,118 @@
+//! Seconds per optimizer step of paft's trainer, the workload of `benchmarks/trl_step.py`:
+//! SmolLM2-135M f32, LoRA r 16 / alpha 32 on q/k/v/o/gate/up/down_proj, AdamW lr 1e-4, no
+//! clipping; SFT: 4 × 512 random ids with the loss on the last 256; DPO: 4 pairs of 256 prompt
+//! + 256 completion ids, reference log-probs precomputed once (paft's only mode; TRL's
+//! `--dpo-ref precomputed`). A step is forward, backward and the AdamW update; the first step is
+//! a warm-up. Prints one JSON line per objective, like trl_step.py.
+//!
+//! cargo bench --profile dev --bench train_step -- --model DIR [--steps 3] [--objectives sft,dpo]
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use paft::data::TokenizedSequence;
+use paft::model::{LoraConfig, Mode, Pretrained, TargetModule};
+use paft::train::objective::{dpo_loss, pair_logps, sft_loss, DpoParams};
+use paft::train::optimizer::{collect_grads, AdamW, AdamWParams};
+use paft::train::params::Trainable;
+use rand::{Rng, SeedableRng};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn random_seq(rng: &mut impl Rng, vocab: u32, prompt: usize, completion: usize) -> TokenizedSequence {
+    TokenizedSequence {
+        ids: (0..prompt + completion).map(|_| rng.random_range(0..vocab)).collect(),
+        loss_mask: (0..prompt + completion).map(|i| i >= prompt).collect(),
+    }
+}
+
+fn refs(v: &[TokenizedSequence]) -> Vec<&TokenizedSequence> {
+    v.iter().collect()
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let model_dir = arg(&args, "--model").context("--model DIR is required")?;
+    let steps: usize = arg(&args, "--steps").unwrap_or("3".into()).parse()?;
+    let objectives = arg(&args, "--objectives").unwrap_or("sft,dpo".into());
+    let threads = rayon::current_num_threads();
+    let pre = Pretrained::load(model_dir.as_ref(), Some(DType::F32), &Device::Cpu)?;
+    let vocab = pre.config.vocab_size as u32;
+    let lora = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        target_modules: [
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        ]
+        .iter()
+        .map(|t| TargetModule::parse(t))
+        .collect::<Result<_>>()?,
+        use_rslora: false,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    for objective in objectives.split(',') {
+        let params = Trainable::lora(&pre.config, &pre.weights, &lora, None, 0)?;
+        let mut opt = AdamW::new(
+            &params.vars,
+            AdamWParams {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+            },
+        )?;
+        let model = params.model(Mode::Differentiable)?;
+        let (sft, chosen, rejected): (Vec<_>, Vec<_>, Vec<_>) = (
+            (0..4).map(|_| random_seq(&mut rng, vocab, 256, 256)).collect(),
+            (0..4).map(|_| random_seq(&mut rng, vocab, 256, 256)).collect(),
+            (0..4).map(|_| random_seq(&mut rng, vocab, 256, 256)).collect(),
+        );
+        let pad = pre.pad_token_id();
+        let reference = if objective == "dpo" {
+            let net = pre.model(Mode::Differentiable, None)?;
+            let (c, r) = pair_logps(&net, &refs(&chosen), &refs(&rejected), pad)?;
+            Some((c.detach(), r.detach()))
+        } else {
+            None
+        };
+        let mut times = vec![];
+        for step in 0..=steps {
+            let t0 = Instant::now();
+            let loss = match objective {
+                "sft" => sft_loss(&model, &refs(&sft), pad)?.0,
+                "dpo" => {
+                    let (c, r) = pair_logps(&model, &refs(&chosen), &refs(&rejected), pad)?;
+                    let (rc, rr) = reference.as_ref().unwrap();
+                    dpo_loss(
+                        (&c, &r),
+                        Some((rc, rr)),
+                        DpoParams {
+                            beta: 0.1,
+                            label_smoothing: 0.0,
+                        },
+                    )?
+                    .loss
+                }
+                other => anyhow::bail!("unknown objective {other}"),
+            };
+            let grads = collect_grads(&params.vars, &loss.backward()?);
+            opt.step(&params.vars, &grads, &params.decay, 1e-4)?;
+            if step > 0 {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        println!(
+            "{{\"impl\":\"paft\",\"objective\":\"{objective}\",\"threads\":{threads},\"seconds_per_step\":{mean:.3},\"steps\":{},\"each\":{:?}}}",
+            times.len(),
+            times
+        );
+    }
+    Ok(())
+}
