@@ -21,6 +21,9 @@ pub struct TrainFlags {
     /// Use only the first N rows of the dataset.
     #[arg(long)]
     pub limit: Option<String>,
+    /// Drop untrainable rows with a warning instead of stopping.
+    #[arg(long)]
+    pub skip_bad_rows: Option<String>,
     #[arg(long)]
     pub max_length: Option<String>,
     #[arg(long)]
@@ -96,6 +99,7 @@ impl TrainFlags {
             ("dataset", &self.dataset),
             ("output", &self.output),
             ("limit", &self.limit),
+            ("skip_bad_rows", &self.skip_bad_rows),
             ("max_length", &self.max_length),
             ("truncation", &self.truncation),
             ("batch_size", &self.batch_size),

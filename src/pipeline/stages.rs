@@ -63,17 +63,32 @@ fn threads(exp: &Experiment) -> usize {
     })
 }
 
-/// Trains one run to completion, resuming from its last checkpoint if there is one.
-fn train_one(cfg: TrainConfig, objective: crate::train::Objective) -> Result<PathBuf> {
-    let result = cfg
-        .output
-        .join(if cfg.lora_r > 0 { "adapter" } else { "model" });
+/// A run ready to train, or one whose result already exists.
+enum Prepared {
+    Done(PathBuf),
+    Ready(Box<Trainer>, bool),
+}
+
+/// Loads a run's model and data (and DPO's reference log-probs) without training yet.
+fn prepare(cfg: TrainConfig, objective: crate::train::Objective) -> Result<Prepared> {
+    let result = cfg.output.join(if cfg.lora_r > 0 { "adapter" } else { "model" });
     if result.exists() {
-        return Ok(result);
+        return Ok(Prepared::Done(result));
     }
     let resume = cfg.output.join("checkpoints").exists();
-    let mut trainer = Trainer::new(cfg, objective)?;
-    trainer.train(resume)
+    Ok(Prepared::Ready(Box::new(Trainer::new(cfg, objective)?), resume))
+}
+
+fn finish_training(p: Prepared) -> Result<PathBuf> {
+    match p {
+        Prepared::Done(path) => Ok(path),
+        Prepared::Ready(mut trainer, resume) => trainer.train(resume),
+    }
+}
+
+/// Trains one run to completion, resuming from its last checkpoint if there is one.
+fn train_one(cfg: TrainConfig, objective: crate::train::Objective) -> Result<PathBuf> {
+    finish_training(prepare(cfg, objective)?)
 }
 
 /// The reference of a trained run's model: `BASE+ADAPTER` for LoRA, the directory otherwise.
@@ -111,16 +126,28 @@ pub fn train_parallel(exp: &Experiment) -> Result<(String, String)> {
         "training SFT and {} in parallel, {per_run} thread(s) each",
         exp.pref_name()
     );
+    let pref_label = format!("{} run", exp.pref_name());
+    // Both runs load (data, DPO reference log-probs) before either trains, so a bad dataset
+    // stops the experiment at once instead of after the other run's training.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| sft_pool.install(|| prepare(sft, crate::train::Objective::Sft)));
+        let b = s.spawn(|| pref_pool.install(|| prepare(pref, objective)));
+        (
+            a.join().expect("the SFT thread panicked"),
+            b.join().expect("the preference thread panicked"),
+        )
+    });
+    let (a, b) = (a.context("SFT run")?, b.context(pref_label.clone())?);
     let (sft_out, pref_out) = std::thread::scope(|s| {
-        let a = s.spawn(|| sft_pool.install(|| train_one(sft, crate::train::Objective::Sft)));
-        let b = s.spawn(|| pref_pool.install(|| train_one(pref, objective)));
+        let a = s.spawn(|| sft_pool.install(|| finish_training(a)));
+        let b = s.spawn(|| pref_pool.install(|| finish_training(b)));
         (
             a.join().expect("the SFT thread panicked"),
             b.join().expect("the preference thread panicked"),
         )
     });
     let sft_out = sft_out.context("SFT run")?;
-    let pref_out = pref_out.with_context(|| format!("{} run", exp.pref_name()))?;
+    let pref_out = pref_out.context(pref_label)?;
     write_manifest(exp, &base_dir, &sft_out, &pref_out)?;
     Ok((
         trained_ref(&base_dir, &sft_out),

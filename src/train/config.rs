@@ -39,6 +39,9 @@ pub struct TrainConfig {
     pub output: PathBuf,
     /// Use only the first N rows of the dataset.
     pub limit: Option<usize>,
+    /// Drop rows that cannot be trained on (empty answer, nothing left after truncation) with a
+    /// warning, instead of stopping the run.
+    pub skip_bad_rows: bool,
     pub max_length: usize,
     pub truncation: Truncation,
     pub batch_size: usize,
@@ -84,6 +87,7 @@ impl Default for TrainConfig {
             dataset: String::new(),
             output: PathBuf::new(),
             limit: None,
+            skip_bad_rows: false,
             max_length: 1024,
             truncation: Truncation::Error,
             batch_size: 4,

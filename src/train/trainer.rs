@@ -67,26 +67,48 @@ pub fn load_dataset(cfg: &TrainConfig, objective: Objective, pre: &Pretrained) -
         truncation: cfg.truncation,
     };
     let what = |n: usize| format!("{}: row {n}", path.display());
-    Ok(match objective {
+    // A row that cannot be trained on stops the run, or is dropped with a warning when the
+    // config says `skip_bad_rows` (real preference sets have a few empty answers).
+    fn keep<T>(r: Result<T>, skip: bool, skipped: &mut usize) -> Result<Option<T>> {
+        match r {
+            Err(e) if skip => {
+                tracing::warn!("skipped: {e:#}");
+                *skipped += 1;
+                Ok(None)
+            }
+            other => other.map(Some),
+        }
+    }
+    let mut skipped = 0;
+    let data = match objective {
         Objective::Sft => {
             let ex = parse_sft(&path, &rows)?;
-            Dataset::Sft(
-                ex.iter()
-                    .zip(&rows)
-                    .map(|(e, (n, _))| tok.sft(e, &what(*n)))
-                    .collect::<Result<_>>()?,
-            )
+            let mut out = vec![];
+            for (e, (n, _)) in ex.iter().zip(&rows) {
+                out.extend(keep(tok.sft(e, &what(*n)), cfg.skip_bad_rows, &mut skipped)?);
+            }
+            Dataset::Sft(out)
         }
         Objective::Dpo | Objective::Orpo => {
             let ex = parse_preference(&path, &rows)?;
-            Dataset::Preference(
-                ex.iter()
-                    .zip(&rows)
-                    .map(|(e, (n, _))| tok.preference(e, &what(*n)))
-                    .collect::<Result<_>>()?,
-            )
+            let mut out = vec![];
+            for (e, (n, _)) in ex.iter().zip(&rows) {
+                out.extend(keep(
+                    tok.preference(e, &what(*n)),
+                    cfg.skip_bad_rows,
+                    &mut skipped,
+                )?);
+            }
+            Dataset::Preference(out)
         }
-    })
+    };
+    if skipped > 0 {
+        tracing::warn!("{}: {skipped} row(s) skipped (skip_bad_rows)", path.display());
+    }
+    if data.is_empty() {
+        bail!("{}: no usable rows", path.display());
+    }
+    Ok(data)
 }
 
 /// Where a run stands; saved with every checkpoint.
