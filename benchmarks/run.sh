@@ -9,6 +9,9 @@
 #   benchmarks/run.sh train        # seconds per optimizer step, paft vs TRL 1.16 + PEFT (torch CPU): SmolLM2-135M f32, LoRA r16,
 #                                  # batch 4 x 512, SFT and DPO (reference log-probs precomputed on both sides). PYTHON_TRL
 #                                  # (default scripts/.venv-trl/bin/python) runs TRL; CPUS pins both to the same cores.
+#   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps, without L1 and with
+#                                  # proximal L1 at each LAMBDAS value (default "0.5 1.0"); exact-zero share of each delta and
+#                                  # the mean loss of the last 5 steps (no peer: paft's own study)
 #   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID TIES grid (the two weights) vs Nelder-Mead,
 #                                  # particle swarm and random search on one frozen subset (TASKS, DOCS per task): evaluations
 #                                  # each needs to come within 0.5 points of the grid's best. Deltas: the LoRA adapters of
@@ -23,7 +26,7 @@ SHARED=${PAFT_SHARED:-../shared}
 PY=${PYTHON:-scripts/.venv/bin/python}
 OUT=target/bench-assets
 mkdir -p "$OUT"
-if [ "$what" != search ]; then
+if [ "$what" != search ] && [ "$what" != sparsity ]; then
   [ -x "$PY" ] || { echo "no Python at $PY: create the reference venv as scripts/reference/README.md says" >&2; exit 1; }
 fi
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -36,6 +39,26 @@ MODEL=$OUT/smollm-f32
 [ -f "$MODEL/config.json" ] || "$BIN" --quiet import-gguf "$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL"
 
 case "$what" in
+  sparsity)
+    log=$OUT/sparsity.jsonl
+    : > "$log"
+    for lambda in 0 ${LAMBDAS:-0.5 1.0}; do
+      run=$OUT/sparsity/l1-$lambda
+      rm -rf "$run"
+      "$BIN" --quiet train sft --config configs/train-sft.toml --model "$MODEL" --output "$run" --lora-r 0 \
+        --lr 2e-5 --max-steps "${STEPS:-20}" --limit 80 --truncation keep_end --save-every 0 \
+        --l1-mode proximal --l1-lambda "$lambda"
+      "$BIN" --quiet inspect-delta --base "$MODEL" --model "$run/model" --json > "$run/delta.json"
+      python3 - "$lambda" "$run" <<'PY' | tee -a "$log"
+import json, sys
+lam, run = sys.argv[1], sys.argv[2]
+losses = [json.loads(l)["loss"] for l in open(f"{run}/metrics.jsonl")]
+d = json.load(open(f"{run}/delta.json"))["overall"]
+print(json.dumps({"l1_lambda": float(lam), "first5_loss": sum(losses[:5]) / 5, "last5_loss": sum(losses[-5:]) / 5,
+                  "frac_zero": d["frac_zero"], "frac_below_1e6": d["frac_below_1e6"], "l1": d["l1"]}))
+PY
+    done
+    ;;
   train)
     log=$OUT/train.jsonl
     : > "$log"

@@ -24,9 +24,16 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-fn random_seq(rng: &mut impl Rng, vocab: u32, prompt: usize, completion: usize) -> TokenizedSequence {
+fn random_seq(
+    rng: &mut impl Rng,
+    vocab: u32,
+    prompt: usize,
+    completion: usize,
+) -> TokenizedSequence {
     TokenizedSequence {
-        ids: (0..prompt + completion).map(|_| rng.random_range(0..vocab)).collect(),
+        ids: (0..prompt + completion)
+            .map(|_| rng.random_range(0..vocab))
+            .collect(),
         loss_mask: (0..prompt + completion).map(|i| i >= prompt).collect(),
     }
 }
@@ -48,7 +55,13 @@ fn main() -> Result<()> {
         alpha: 32.0,
         dropout: 0.0,
         target_modules: [
-            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
         ]
         .iter()
         .map(|t| TargetModule::parse(t))
@@ -69,9 +82,15 @@ fn main() -> Result<()> {
         )?;
         let model = params.model(Mode::Differentiable)?;
         let (sft, chosen, rejected): (Vec<_>, Vec<_>, Vec<_>) = (
-            (0..4).map(|_| random_seq(&mut rng, vocab, 256, 256)).collect(),
-            (0..4).map(|_| random_seq(&mut rng, vocab, 256, 256)).collect(),
-            (0..4).map(|_| random_seq(&mut rng, vocab, 256, 256)).collect(),
+            (0..4)
+                .map(|_| random_seq(&mut rng, vocab, 256, 256))
+                .collect(),
+            (0..4)
+                .map(|_| random_seq(&mut rng, vocab, 256, 256))
+                .collect(),
+            (0..4)
+                .map(|_| random_seq(&mut rng, vocab, 256, 256))
+                .collect(),
         );
         let pad = pre.pad_token_id();
         let reference = if objective == "dpo" {
@@ -84,24 +103,45 @@ fn main() -> Result<()> {
         let mut times = vec![];
         for step in 0..=steps {
             let t0 = Instant::now();
-            let loss = match objective {
-                "sft" => sft_loss(&model, &refs(&sft), pad)?.0,
-                "dpo" => {
-                    let (c, r) = pair_logps(&model, &refs(&chosen), &refs(&rejected), pad)?;
-                    let (rc, rr) = reference.as_ref().unwrap();
-                    dpo_loss(
-                        (&c, &r),
-                        Some((rc, rr)),
-                        DpoParams {
-                            beta: 0.1,
-                            label_smoothing: 0.0,
-                        },
-                    )?
-                    .loss
-                }
+            // DPO runs one pair per forward and accumulates: the mean of per-pair losses, so the
+            // gradient equals the 4-pair batch's (8 × 512 sequences at once do not fit in 24 GiB
+            // with candle's autograd; see the closing notes).
+            let micro: Vec<(usize, usize)> = match objective {
+                "sft" => vec![(0, 4)],
+                "dpo" => (0..4).map(|i| (i, i + 1)).collect(),
                 other => anyhow::bail!("unknown objective {other}"),
             };
-            let grads = collect_grads(&params.vars, &loss.backward()?);
+            let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; params.vars.len()];
+            for &(a, b) in &micro {
+                let loss = match objective {
+                    "sft" => sft_loss(&model, &refs(&sft[a..b]), pad)?.0,
+                    _ => {
+                        let (c, r) =
+                            pair_logps(&model, &refs(&chosen[a..b]), &refs(&rejected[a..b]), pad)?;
+                        let (rc, rr) = reference.as_ref().unwrap();
+                        let (rc, rr) = (rc.narrow(0, a, b - a)?, rr.narrow(0, a, b - a)?);
+                        dpo_loss(
+                            (&c, &r),
+                            Some((&rc, &rr)),
+                            DpoParams {
+                                beta: 0.1,
+                                label_smoothing: 0.0,
+                            },
+                        )?
+                        .loss
+                    }
+                };
+                let loss = (loss / micro.len() as f64)?;
+                for (g, new) in grads
+                    .iter_mut()
+                    .zip(collect_grads(&params.vars, &loss.backward()?))
+                {
+                    *g = match (g.take(), new) {
+                        (Some(x), Some(y)) => Some((x + y)?),
+                        (x, y) => x.or(y),
+                    };
+                }
+            }
             opt.step(&params.vars, &grads, &params.decay, 1e-4)?;
             if step > 0 {
                 times.push(t0.elapsed().as_secs_f64());

@@ -71,12 +71,17 @@ enum Prepared {
 
 /// Loads a run's model and data (and DPO's reference log-probs) without training yet.
 fn prepare(cfg: TrainConfig, objective: crate::train::Objective) -> Result<Prepared> {
-    let result = cfg.output.join(if cfg.lora_r > 0 { "adapter" } else { "model" });
+    let result = cfg
+        .output
+        .join(if cfg.lora_r > 0 { "adapter" } else { "model" });
     if result.exists() {
         return Ok(Prepared::Done(result));
     }
     let resume = cfg.output.join("checkpoints").exists();
-    Ok(Prepared::Ready(Box::new(Trainer::new(cfg, objective)?), resume))
+    Ok(Prepared::Ready(
+        Box::new(Trainer::new(cfg, objective)?),
+        resume,
+    ))
 }
 
 fn finish_training(p: Prepared) -> Result<PathBuf> {

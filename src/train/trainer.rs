@@ -85,7 +85,11 @@ pub fn load_dataset(cfg: &TrainConfig, objective: Objective, pre: &Pretrained) -
             let ex = parse_sft(&path, &rows)?;
             let mut out = vec![];
             for (e, (n, _)) in ex.iter().zip(&rows) {
-                out.extend(keep(tok.sft(e, &what(*n)), cfg.skip_bad_rows, &mut skipped)?);
+                out.extend(keep(
+                    tok.sft(e, &what(*n)),
+                    cfg.skip_bad_rows,
+                    &mut skipped,
+                )?);
             }
             Dataset::Sft(out)
         }
@@ -103,7 +107,10 @@ pub fn load_dataset(cfg: &TrainConfig, objective: Objective, pre: &Pretrained) -
         }
     };
     if skipped > 0 {
-        tracing::warn!("{}: {skipped} row(s) skipped (skip_bad_rows)", path.display());
+        tracing::warn!(
+            "{}: {skipped} row(s) skipped (skip_bad_rows)",
+            path.display()
+        );
     }
     if data.is_empty() {
         bail!("{}: no usable rows", path.display());
