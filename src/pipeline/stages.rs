@@ -200,14 +200,8 @@ fn materialize(reference: &str, out: &Path) -> Result<()> {
     let r = ModelRef::parse(reference);
     let base_dir = model::source::resolve_model(&r.model, r.revision.as_deref())?;
     let base = Pretrained::load(&base_dir, Some(DType::F32), &Device::Cpu)?;
-    let names: Vec<String> = base
-        .config
-        .expected_tensors()
-        .into_iter()
-        .map(|t| t.0)
-        .collect();
     let merged = Pretrained {
-        weights: load_f32(&r, &names)?,
+        weights: load_f32(&r, &base.config)?,
         ..base
     };
     merged.save(out, None, crate::model::weights::DEFAULT_SHARD_BYTES)

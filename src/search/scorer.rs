@@ -15,7 +15,7 @@ use crate::eval::{
 };
 use crate::merge::engine::MergeInput;
 use crate::merge::{InMemoryMerger, MergeConfig, ModelRef};
-use crate::model::{LlamaModel, Mode, Pretrained, WeightMap};
+use crate::model::{LlamaModel, Mode, ModelConfig, Pretrained, WeightMap};
 
 /// What the search merges: the base θ₀ and the two fine-tunes whose deltas are combined
 /// (directories, Hub ids, or `BASE+ADAPTER_DIR` for PEFT LoRA adapters).
@@ -55,15 +55,17 @@ pub struct CandidateScorer {
     seed: u64,
 }
 
-/// A model's tensors `names` as f32 on the CPU (a LoRA adapter reference is merged on the fly).
-pub fn load_f32(r: &ModelRef, names: &[String]) -> Result<WeightMap> {
+/// The tensors `config` expects, read from `r` as f32 on the CPU (a LoRA adapter reference is
+/// merged on the fly).
+pub fn load_f32(r: &ModelRef, config: &ModelConfig) -> Result<WeightMap> {
     let input = MergeInput::open(r)?;
-    names
-        .iter()
-        .map(|n| {
-            let shape = input.files().checkpoint.shape(n)?;
-            let values = input.tensor(n).with_context(|| format!("model {r}"))?;
-            Ok((n.clone(), Tensor::from_vec(values, shape, &Device::Cpu)?))
+    config
+        .expected_tensors()
+        .into_iter()
+        .map(|(n, _)| {
+            let shape = input.files().checkpoint.shape(&n)?;
+            let values = input.tensor(&n).with_context(|| format!("model {r}"))?;
+            Ok((n, Tensor::from_vec(values, shape, &Device::Cpu)?))
         })
         .collect()
 }
@@ -83,17 +85,12 @@ impl CandidateScorer {
         let base_dir = crate::model::source::resolve_model(&inputs.base, None)?;
         let base = Pretrained::load(&base_dir, Some(DType::F32), &Device::Cpu)
             .with_context(|| format!("base model {}", inputs.base))?;
-        let names: Vec<String> = base
-            .config
-            .expected_tensors()
-            .into_iter()
-            .map(|t| t.0)
-            .collect();
         let models = MODELS
             .iter()
             .zip(inputs.models())
             .map(|(role, m)| {
-                load_f32(&ModelRef::parse(m), &names).with_context(|| format!("{role} model {m}"))
+                load_f32(&ModelRef::parse(m), &base.config)
+                    .with_context(|| format!("{role} model {m}"))
             })
             .collect::<Result<Vec<_>>>()?;
         let merger = InMemoryMerger::new(
@@ -181,14 +178,7 @@ impl CandidateScorer {
 
     /// Evaluates any model sharing the base's architecture and tokenizer.
     pub fn evaluate_model(&mut self, r: &ModelRef, docs: Option<usize>) -> Result<SuiteResult> {
-        let names: Vec<String> = self
-            .base
-            .config
-            .expected_tensors()
-            .into_iter()
-            .map(|t| t.0)
-            .collect();
-        let weights = load_f32(r, &names)?;
+        let weights = load_f32(r, &self.base.config)?;
         self.evaluate_weights(&weights, docs)
             .with_context(|| format!("evaluating {r}"))
     }

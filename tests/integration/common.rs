@@ -113,3 +113,8 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The shared copies of the leaderboard tasks (for `PAFT_TASKS_DIR`).
+pub fn shared_tasks_dir() -> PathBuf {
+    paft::paths::shared_dir().join("data").join("leaderboard")
+}

@@ -76,10 +76,7 @@ fn the_pipeline_runs_every_stage_once() {
         let out = paft()
             .args(["--quiet", "run"])
             .arg(&file)
-            .env(
-                "PAFT_TASKS_DIR",
-                paft::paths::shared_dir().join("data").join("leaderboard"),
-            )
+            .env("PAFT_TASKS_DIR", common::shared_tasks_dir())
             .output()
             .unwrap();
         assert!(

@@ -62,10 +62,7 @@ fn search_cmd(m: &Models, space: &Path, out: &Path) -> Command {
             "--base", &m.base, "--sft", &m.sft, "--pref", &m.pref, "--out",
         ])
         .arg(out)
-        .env(
-            "PAFT_TASKS_DIR",
-            paft::paths::shared_dir().join("data").join("leaderboard"),
-        );
+        .env("PAFT_TASKS_DIR", common::shared_tasks_dir());
     c
 }
 
