@@ -12,10 +12,12 @@
 #   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps, without L1 and with
 #                                  # proximal L1 at each LAMBDAS value (default "0.5 1.0"); exact-zero share of each delta and
 #                                  # the mean loss of the last 5 steps (no peer: paft's own study)
-#   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID TIES grid (the two weights) vs Nelder-Mead,
-#                                  # particle swarm and random search on one frozen subset (TASKS, DOCS per task): evaluations
-#                                  # each needs to come within 0.5 points of the grid's best. Deltas: the LoRA adapters of
-#                                  # RUN (default runs/smollm2-paft, made by `paft parallel --config configs/experiment-smollm2.toml`).
+#   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID (default 5) TIES grid over the two weights in
+#                                  # [0, HIGH] (default 1.5) vs Nelder-Mead, particle swarm and random search (SEEDS seeds,
+#                                  # default 3) on one frozen subset (TASKS, default truthfulqa_mc2,winogrande; DOCS per task,
+#                                  # default 20): evaluations each needs to come within 0.5 points of the grid's best. Deltas:
+#                                  # the LoRA adapters of RUN (default runs/smollm2-paft, made by
+#                                  # `paft parallel --config configs/experiment-smollm2.toml`).
 # Env: THREADS (default: nproc), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -76,9 +78,14 @@ PY
     for a in sft dpo; do
       [ -f "$RUN/train/$a/adapter/adapter_config.json" ] || { echo "no $a adapter in $RUN/train: run paft parallel first" >&2; exit 1; }
     done
+    tasks=${TASKS:-truthfulqa_mc2,winogrande} docs=${DOCS:-20} high=${HIGH:-1.5}
+    # Scores persist per deltas and subset, so a rerun (or a larger GRID, or more SEEDS) only pays for new points.
+    cache=$OUT/search-cache/$(basename "$RUN")-${tasks//,/+}-$docs-$high.jsonl
+    mkdir -p "$OUT/search-cache"
     cargo bench --profile dev --quiet --bench search_efficiency -- --base "$MODEL" \
       --sft "$MODEL+$RUN/train/sft/adapter" --pref "$MODEL+$RUN/train/dpo/adapter" \
-      --tasks "${TASKS:-leaderboard}" --docs "${DOCS:-10}" --grid "${GRID:-6}" | tee "$log"
+      --tasks "$tasks" --docs "$docs" --grid "${GRID:-5}" --high "$high" --seeds "${SEEDS:-3}" \
+      --cache "$cache" | tee "$log"
     ;;
   prefill)
     log=$OUT/prefill.jsonl
@@ -135,5 +142,5 @@ YAML
     python3 benchmarks/eval_summary.py lm-eval "$OUT/eval-lmeval/lm_eval_results.json" - "$THREADS" | tee -a "$log"
     python3 benchmarks/ratio.py "$log"
     ;;
-  *) echo "unknown benchmark '$what' (known: prefill, merge, eval)" >&2; exit 2 ;;
+  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search)" >&2; exit 2 ;;
 esac

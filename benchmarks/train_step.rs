@@ -6,6 +6,7 @@
 //! a warm-up. Prints one JSON line per objective, like trl_step.py.
 //!
 //! cargo bench --profile dev --bench train_step -- --model DIR [--steps 3] [--objectives sft,dpo]
+//!     [--dpo-pairs-per-forward 1|2|4]
 
 use std::time::Instant;
 
@@ -47,6 +48,14 @@ fn main() -> Result<()> {
     let model_dir = arg(&args, "--model").context("--model DIR is required")?;
     let steps: usize = arg(&args, "--steps").unwrap_or("3".into()).parse()?;
     let objectives = arg(&args, "--objectives").unwrap_or("sft,dpo".into());
+    // DPO pairs per forward pass; 4 runs the whole batch at once.
+    let pairs_per_forward: usize = arg(&args, "--dpo-pairs-per-forward")
+        .unwrap_or("1".into())
+        .parse()?;
+    anyhow::ensure!(
+        [1, 2, 4].contains(&pairs_per_forward),
+        "--dpo-pairs-per-forward must be 1, 2 or 4"
+    );
     let threads = rayon::current_num_threads();
     let pre = Pretrained::load(model_dir.as_ref(), Some(DType::F32), &Device::Cpu)?;
     let vocab = pre.config.vocab_size as u32;
@@ -103,12 +112,14 @@ fn main() -> Result<()> {
         let mut times = vec![];
         for step in 0..=steps {
             let t0 = Instant::now();
-            // DPO runs one pair per forward and accumulates: the mean of per-pair losses, so the
-            // gradient equals the 4-pair batch's (8 × 512 sequences at once do not fit in 24 GiB
-            // with candle's autograd; see the closing notes).
+            // DPO may split the batch into micro-batches and accumulate: the mean of their
+            // losses, so the gradient equals the 4-pair batch's.
             let micro: Vec<(usize, usize)> = match objective {
                 "sft" => vec![(0, 4)],
-                "dpo" => (0..4).map(|i| (i, i + 1)).collect(),
+                "dpo" => (0..4)
+                    .step_by(pairs_per_forward)
+                    .map(|i| (i, i + pairs_per_forward))
+                    .collect(),
                 other => anyhow::bail!("unknown objective {other}"),
             };
             let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; params.vars.len()];
@@ -149,8 +160,9 @@ fn main() -> Result<()> {
         }
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         println!(
-            "{{\"impl\":\"paft\",\"objective\":\"{objective}\",\"threads\":{threads},\"seconds_per_step\":{mean:.3},\"steps\":{},\"each\":{:?}}}",
+            "{{\"impl\":\"paft\",\"objective\":\"{objective}\",\"threads\":{threads},\"seconds_per_step\":{mean:.3},\"steps\":{},\"sequences_per_forward\":{},\"each\":{:?}}}",
             times.len(),
+            if objective == "sft" { 4 } else { 2 * pairs_per_forward },
             times
         );
     }

@@ -3,8 +3,9 @@
 //! a differentiable mode.
 //!
 //! candle 0.11's fused `rms_norm`, `rope` and `softmax_last_dim` have no backward pass and drop
-//! gradients silently, so [`Mode::Differentiable`] swaps in composed ops; [`Mode::Inference`]
-//! keeps the fused ones, which are faster and numerically equivalent.
+//! gradients silently, so [`Mode::Differentiable`] swaps in composed ops and our own fused
+//! softmax with a backward pass (`ops`); [`Mode::Inference`] keeps candle's fused ones, which are
+//! faster and numerically equivalent.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -466,13 +467,15 @@ impl LlamaModel {
         let n_rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, total))?;
-        let scores = match inputs.mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
         let probs = match self.mode {
-            Mode::Inference => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Differentiable => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Mode::Inference => {
+                let scores = match inputs.mask {
+                    Some(m) => scores.broadcast_add(m)?,
+                    None => scores,
+                };
+                candle_nn::ops::softmax_last_dim(&scores)?
+            }
+            Mode::Differentiable => super::ops::masked_softmax(&scores, inputs.mask)?,
         };
         let out = probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?;
         let out = out

@@ -8,6 +8,7 @@ pub mod inference;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod ops;
 pub mod pretrained;
 pub mod source;
 pub mod tiny;

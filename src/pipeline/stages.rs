@@ -14,7 +14,7 @@ use crate::merge::ModelRef;
 use crate::model::weights::write_file_atomic;
 use crate::model::{self, Pretrained};
 use crate::search::scorer::load_f32;
-use crate::search::{run_search, CandidateScorer, MergeInputs, SearchOptions, SearchSpace};
+use crate::search::{run_search, MergeInputs, SearchOptions, SearchSpace, SubsetEvaluator};
 use crate::train::{TrainConfig, Trainer};
 
 /// Marks finished stages so a rerun of the pipeline skips them.
@@ -287,18 +287,15 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
         .collect();
     if !pending.is_empty() {
         let tasks = exp.eval.tasks.clone().unwrap_or(space.budget.tasks.clone());
-        let mut scorer = CandidateScorer::new(
-            inputs,
+        let mut evaluator = SubsetEvaluator::new(
+            &base_ref,
             TaskStore::new(tasks_dir.to_path_buf()),
             &tasks,
             exp.eval.seed,
-            space.objective.clone(),
-            Device::Cpu,
-            space.seed,
         )?;
         for (name, r) in pending {
             marks.run(&format!("eval-{name}"), || {
-                let result = scorer.evaluate_model(&ModelRef::parse(r), exp.eval.docs)?;
+                let result = evaluator.evaluate_model(&ModelRef::parse(r), exp.eval.docs)?;
                 let dir = out.join("evals").join(name);
                 std::fs::create_dir_all(&dir)?;
                 let config = json!({"model": r, "tasks": tasks, "docs_per_task": exp.eval.docs,

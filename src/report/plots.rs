@@ -6,8 +6,9 @@ use std::ops::Range;
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::{
-    ChartBuilder, Circle, Color, IntoDrawingArea, LineSeries, Palette, Palette99, PathElement,
-    RGBAColor, SVGBackend, SeriesLabelPosition, BLACK, TRANSPARENT, WHITE,
+    ChartBuilder, ChartContext, Circle, Color, CoordTranslate, DrawingBackend, IntoDrawingArea,
+    LineSeries, Palette, Palette99, PathElement, RGBAColor, SVGBackend, SeriesLabelPosition, BLACK,
+    TRANSPARENT, WHITE,
 };
 
 use super::search::{ParamPoint, TrajectoryPoint};
@@ -61,6 +62,20 @@ fn rung_color(rung: usize) -> RGBAColor {
 /// plotters' errors borrow nothing but are generic over the backend; flatten them to text.
 fn draw_err(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("cannot draw the plot: {e}")
+}
+
+/// The series legend, the same on every plot.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(draw_err)
 }
 
 /// Objective per evaluation (dots) and each rung's best-so-far (a staircase), one colour per
@@ -124,14 +139,7 @@ pub fn trajectory_svg(points: &[TrajectoryPoint]) -> Result<String> {
                 )
                 .map_err(draw_err)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(draw_err)?;
+        draw_legend(&mut chart)?;
         root.present().map_err(draw_err)?;
     }
     Ok(svg)
@@ -174,14 +182,7 @@ pub fn param_svg(param: &str, points: &[ParamPoint]) -> Result<String> {
                 .label(format!("rung {rung}"))
                 .legend(move |(x, y)| Circle::new((x + 9, y), 4, color.filled()));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(draw_err)?;
+        draw_legend(&mut chart)?;
         root.present().map_err(draw_err)?;
     }
     Ok(svg)

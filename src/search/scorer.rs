@@ -41,15 +41,93 @@ pub struct Scored {
     pub seconds: f64,
 }
 
-pub struct CandidateScorer {
-    inputs: MergeInputs,
+/// Evaluates models that share the base's architecture and tokenizer on frozen subsets of one
+/// task list: the same documents and shots for every model, each subset prepared once.
+pub struct SubsetEvaluator {
     base: Pretrained,
-    merger: InMemoryMerger,
     tasks: String,
     store: TaskStore,
     subset_seed: u64,
     /// Prepared suites by documents per task (`None` = full task sets), built on first use.
     suites: BTreeMap<Option<usize>, PreparedSuite>,
+}
+
+impl SubsetEvaluator {
+    /// Loads the base model (f32, CPU) from a directory, Hub id or GGUF file.
+    pub fn new(base: &str, store: TaskStore, tasks: &str, subset_seed: u64) -> Result<Self> {
+        parse_task_list(tasks)?;
+        let base_dir = crate::model::source::resolve_model(base, None)?;
+        let base = Pretrained::load(&base_dir, Some(DType::F32), &Device::Cpu)
+            .with_context(|| format!("base model {base}"))?;
+        Ok(Self {
+            base,
+            tasks: tasks.to_string(),
+            store,
+            subset_seed,
+            suites: BTreeMap::new(),
+        })
+    }
+
+    pub fn base(&self) -> &Pretrained {
+        &self.base
+    }
+
+    fn suite(&mut self, docs: Option<usize>) -> Result<&PreparedSuite> {
+        if !self.suites.contains_key(&docs) {
+            let mut config = EvalConfig::new(parse_task_list(&self.tasks)?);
+            config.selection = match docs {
+                Some(n) => Selection::Sample {
+                    n,
+                    seed: self.subset_seed,
+                },
+                None => Selection::All,
+            };
+            let suite = PreparedSuite::prepare(
+                &self.store,
+                &self.base.tokenizer,
+                self.base.config.max_position_embeddings,
+                config,
+            )
+            .with_context(|| format!("preparing tasks from {}", self.store.root().display()))?;
+            self.suites.insert(docs, suite);
+        }
+        Ok(&self.suites[&docs])
+    }
+
+    /// Evaluates any weights on a subset (`docs` per task; `None` = full sets).
+    pub fn evaluate_weights(
+        &mut self,
+        weights: &WeightMap,
+        docs: Option<usize>,
+    ) -> Result<SuiteResult> {
+        let net = LlamaModel::from_weights(&self.base.config, weights, None, Mode::Inference)?;
+        self.suite(docs)?;
+        let suite = &self.suites[&docs];
+        let bar = crate::progress::bar(suite.num_docs() as u64, "documents");
+        let target = EvalModel {
+            model: &net,
+            tokenizer: &self.base.tokenizer,
+            stop_token_ids: self.base.stop_token_ids(),
+            pad_id: self.base.pad_token_id(),
+        };
+        let result = suite.evaluate(&target, &|| bar.inc(1));
+        bar.finish_and_clear();
+        result
+    }
+
+    /// Evaluates a model given as a directory, Hub id or `BASE+ADAPTER_DIR`.
+    pub fn evaluate_model(&mut self, r: &ModelRef, docs: Option<usize>) -> Result<SuiteResult> {
+        let weights = load_f32(r, &self.base.config)?;
+        self.evaluate_weights(&weights, docs)
+            .with_context(|| format!("evaluating {r}"))
+    }
+}
+
+/// Merges candidates in memory and scores them with a [`SubsetEvaluator`].
+pub struct CandidateScorer {
+    inputs: MergeInputs,
+    evaluator: SubsetEvaluator,
+    merger: InMemoryMerger,
     objective: BTreeMap<Benchmark, f64>,
     device: Device,
     seed: u64,
@@ -81,10 +159,8 @@ impl CandidateScorer {
         device: Device,
         seed: u64,
     ) -> Result<Self> {
-        parse_task_list(tasks)?;
-        let base_dir = crate::model::source::resolve_model(&inputs.base, None)?;
-        let base = Pretrained::load(&base_dir, Some(DType::F32), &Device::Cpu)
-            .with_context(|| format!("base model {}", inputs.base))?;
+        let evaluator = SubsetEvaluator::new(&inputs.base, store, tasks, subset_seed)?;
+        let base = evaluator.base();
         let models = MODELS
             .iter()
             .zip(inputs.models())
@@ -101,12 +177,8 @@ impl CandidateScorer {
         .context("the fine-tunes do not fit the base model")?;
         Ok(Self {
             inputs,
-            base,
+            evaluator,
             merger,
-            tasks: tasks.to_string(),
-            store,
-            subset_seed,
-            suites: BTreeMap::new(),
             objective,
             device,
             seed,
@@ -114,7 +186,7 @@ impl CandidateScorer {
     }
 
     pub fn base(&self) -> &Pretrained {
-        &self.base
+        self.evaluator.base()
     }
 
     pub fn inputs(&self) -> &MergeInputs {
@@ -130,64 +202,12 @@ impl CandidateScorer {
             .merge(&config, self.seed, DType::F32, &self.device)
     }
 
-    fn suite(&mut self, docs: Option<usize>) -> Result<&PreparedSuite> {
-        if !self.suites.contains_key(&docs) {
-            let mut config = EvalConfig::new(parse_task_list(&self.tasks)?);
-            config.selection = match docs {
-                Some(n) => Selection::Sample {
-                    n,
-                    seed: self.subset_seed,
-                },
-                None => Selection::All,
-            };
-            let suite = PreparedSuite::prepare(
-                &self.store,
-                &self.base.tokenizer,
-                self.base.config.max_position_embeddings,
-                config,
-            )
-            .with_context(|| format!("preparing tasks from {}", self.store.root().display()))?;
-            self.suites.insert(docs, suite);
-        }
-        Ok(&self.suites[&docs])
-    }
-
-    /// Evaluates any weights on a subset (`docs` per task; `None` = full sets).
-    pub fn evaluate_weights(
-        &mut self,
-        weights: &WeightMap,
-        docs: Option<usize>,
-    ) -> Result<SuiteResult> {
-        let config = self.base.config.clone();
-        let net = LlamaModel::from_weights(&config, weights, None, Mode::Inference)?;
-        let stop_token_ids = self.base.stop_token_ids();
-        let pad_id = self.base.pad_token_id();
-        self.suite(docs)?;
-        let suite = &self.suites[&docs];
-        let bar = crate::progress::bar(suite.num_docs() as u64, "documents");
-        let target = EvalModel {
-            model: &net,
-            tokenizer: &self.base.tokenizer,
-            stop_token_ids,
-            pad_id,
-        };
-        let result = suite.evaluate(&target, &|| bar.inc(1));
-        bar.finish_and_clear();
-        result
-    }
-
-    /// Evaluates any model sharing the base's architecture and tokenizer.
-    pub fn evaluate_model(&mut self, r: &ModelRef, docs: Option<usize>) -> Result<SuiteResult> {
-        let weights = load_f32(r, &self.base.config)?;
-        self.evaluate_weights(&weights, docs)
-            .with_context(|| format!("evaluating {r}"))
-    }
-
     /// Merges and scores one candidate.
     pub fn score(&mut self, c: &MergeCandidate, docs: Option<usize>) -> Result<Scored> {
         let start = Instant::now();
         let weights = self.merge(c)?;
         let result = self
+            .evaluator
             .evaluate_weights(&weights, docs)
             .with_context(|| format!("evaluating candidate {}", c.key()))?;
         let scores: BTreeMap<String, f64> = result

@@ -3,7 +3,7 @@
 //! term on length-averaged log-probs). Every function returns a differentiable scalar loss.
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use crate::data::TokenizedSequence;
 use crate::model::{LlamaModel, TokenBatch};
@@ -48,10 +48,8 @@ pub fn target_logps(
         .reshape((b * t, h))?
         .index_select(&Tensor::new(rows.as_slice(), &dev)?, 0)?;
     let logits = model.logits(&sel)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let logps = logp
-        .gather(&Tensor::new(targets.as_slice(), &dev)?.unsqueeze(1)?, 1)?
-        .squeeze(1)?;
+    let logps =
+        crate::model::ops::target_log_probs(&logits, &Tensor::new(targets.as_slice(), &dev)?)?;
     Ok(TargetLogps {
         logps,
         seq,
