@@ -6,7 +6,7 @@
 //! a warm-up. Prints one JSON line per objective, like trl_step.py.
 //!
 //! cargo bench --profile dev --bench train_step -- --model DIR [--steps 3] [--objectives sft,dpo]
-//!     [--dpo-pairs-per-forward 1|2|4]
+//!     [--dpo-pairs-per-forward 1|2|4] [--sft-sequences-per-forward 1|2|4]
 
 use std::time::Instant;
 
@@ -52,9 +52,12 @@ fn main() -> Result<()> {
     let pairs_per_forward: usize = arg(&args, "--dpo-pairs-per-forward")
         .unwrap_or("1".into())
         .parse()?;
+    let sequences_per_forward: usize = arg(&args, "--sft-sequences-per-forward")
+        .unwrap_or("4".into())
+        .parse()?;
     anyhow::ensure!(
-        [1, 2, 4].contains(&pairs_per_forward),
-        "--dpo-pairs-per-forward must be 1, 2 or 4"
+        [1, 2, 4].contains(&pairs_per_forward) && [1, 2, 4].contains(&sequences_per_forward),
+        "--dpo-pairs-per-forward and --sft-sequences-per-forward must be 1, 2 or 4"
     );
     let threads = rayon::current_num_threads();
     let pre = Pretrained::load(model_dir.as_ref(), Some(DType::F32), &Device::Cpu)?;
@@ -112,10 +115,13 @@ fn main() -> Result<()> {
         let mut times = vec![];
         for step in 0..=steps {
             let t0 = Instant::now();
-            // DPO may split the batch into micro-batches and accumulate: the mean of their
+            // Either objective may split the batch into micro-batches and accumulate: the mean of their
             // losses, so the gradient equals the 4-pair batch's.
             let micro: Vec<(usize, usize)> = match objective {
-                "sft" => vec![(0, 4)],
+                "sft" => (0..4)
+                    .step_by(sequences_per_forward)
+                    .map(|i| (i, i + sequences_per_forward))
+                    .collect(),
                 "dpo" => (0..4)
                     .step_by(pairs_per_forward)
                     .map(|i| (i, i + pairs_per_forward))
@@ -162,7 +168,11 @@ fn main() -> Result<()> {
         println!(
             "{{\"impl\":\"paft\",\"objective\":\"{objective}\",\"threads\":{threads},\"seconds_per_step\":{mean:.3},\"steps\":{},\"sequences_per_forward\":{},\"each\":{:?}}}",
             times.len(),
-            if objective == "sft" { 4 } else { 2 * pairs_per_forward },
+            if objective == "sft" {
+                sequences_per_forward
+            } else {
+                2 * pairs_per_forward
+            },
             times
         );
     }

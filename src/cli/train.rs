@@ -75,6 +75,7 @@ pub struct TrainFlags {
     /// SFT: L1 strength on the delta (0: off).
     #[arg(long)]
     pub l1_lambda: Option<String>,
+    /// SFT: how L1 applies: penalty | proximal | proximal_adam.
     #[arg(long)]
     pub l1_mode: Option<String>,
     /// DPO β / ORPO λ.

@@ -26,6 +26,13 @@ pub enum L1Mode {
     Penalty,
     /// Soft-threshold δ by lr·λ after every optimizer step: exact zeros.
     Proximal,
+    /// The proximal step in AdamW's own metric: soft-threshold each coordinate of δ by
+    /// lr·λ / (√v̂ + ε) after every step. λ is then in gradient units: a coordinate keeps
+    /// moving only while its gradient's running magnitude outweighs λ, so the zeros land on
+    /// the coordinates the loss cares least about (plain `proximal` compares Adam's
+    /// sign-like update, about lr for every coordinate, with lr·λ and zeroes almost
+    /// everything or almost nothing).
+    ProximalAdam,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

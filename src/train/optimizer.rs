@@ -66,6 +66,12 @@ impl AdamW {
         Ok(())
     }
 
+    /// AdamW's preconditioner for parameter `i` after the last step: √(v / (1 − β₂ᵗ)) + ε.
+    pub fn denominator(&self, i: usize) -> Result<Tensor> {
+        let bc2 = 1.0 - self.params.beta2.powi(self.step as i32);
+        Ok(((self.v[i].sqrt()? / bc2.sqrt())? + self.params.eps)?)
+    }
+
     pub fn state(&self, names: &[String]) -> Vec<(String, Tensor)> {
         let mut out = vec![];
         for (i, n) in names.iter().enumerate() {

@@ -324,19 +324,28 @@ impl Trainer {
         Ok(total.map(|t| t * self.cfg.l1_lambda).transpose()?)
     }
 
-    /// Proximal L1: δ ← sign(δ)·max(|δ| − lr·λ, 0), which leaves exact zeros.
+    /// Proximal L1: δ ← sign(δ)·max(|δ| − τ, 0), which leaves exact zeros; τ = lr·λ
+    /// (`proximal`) or lr·λ / (√v̂ + ε) per coordinate (`proximal_adam`).
     fn l1_proximal(&self, lr: f64) -> Result<()> {
-        if self.cfg.l1_lambda == 0.0
-            || self.cfg.l1_mode != L1Mode::Proximal
-            || self.objective != Objective::Sft
-        {
+        let adam_metric = match self.cfg.l1_mode {
+            L1Mode::Proximal => false,
+            L1Mode::ProximalAdam => true,
+            L1Mode::Penalty => return Ok(()),
+        };
+        if self.cfg.l1_lambda == 0.0 || self.objective != Objective::Sft {
             return Ok(());
         }
         let thr = lr * self.cfg.l1_lambda;
         for (i, v) in self.params.vars.iter().enumerate() {
             let anchor = self.params.anchor(i)?;
             let d = (v.as_tensor() - &anchor)?;
-            let shrunk = (d.sign()? * (d.abs()? - thr)?.relu()?)?;
+            let excess = if adam_metric {
+                d.abs()?
+                    .sub(&(self.optimizer.denominator(i)?.recip()? * thr)?)?
+            } else {
+                (d.abs()? - thr)?
+            };
+            let shrunk = (d.sign()? * excess.relu()?)?;
             v.set(&(anchor + shrunk)?)?;
         }
         Ok(())

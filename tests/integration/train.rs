@@ -276,13 +276,15 @@ fn train_cmd(
         out.to_str().unwrap(),
         "--batch-size",
         "2",
-        "--lora-r",
-        "4",
         "--lr",
         "1e-3",
         "--seed",
         "3",
     ]);
+    // LoRA r 4 unless the test picks its own rank (0: full fine-tuning).
+    if !extra.contains(&"--lora-r") {
+        cmd.args(["--lora-r", "4"]);
+    }
     cmd.args(extra);
     cmd
 }
@@ -443,5 +445,76 @@ fn bad_training_data_and_config_give_clear_errors() {
     assert!(
         err.contains("bad.toml") && err.contains("learning_rate"),
         "{err}"
+    );
+}
+
+/// Exact-zero share of the full fine-tune's delta, from `paft inspect-delta --json`.
+fn delta_zero_share(base: &std::path::Path, run: &std::path::Path) -> f64 {
+    let out = crate::common::paft()
+        .args(["--quiet", "inspect-delta", "--json", "--base"])
+        .arg(base)
+        .arg("--model")
+        .arg(run.join("model"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["overall"]["frac_zero"].as_f64().unwrap()
+}
+
+#[test]
+fn proximal_l1_leaves_exact_zeros_in_the_delta() {
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(23)) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_lines(
+        tmp.path(),
+        "sft.jsonl",
+        &shared_rows("data/train/sft/mixed_qa.jsonl", 16),
+    );
+    let run = |name: &str, mode: &str, lambda: &str| {
+        let out_dir = tmp.path().join(name);
+        let args = [
+            "--lora-r",
+            "0",
+            "--max-steps",
+            "6",
+            "--save-every",
+            "0",
+            "--max-length",
+            "256",
+            "--truncation",
+            "keep_start",
+            "--l1-mode",
+            mode,
+            "--l1-lambda",
+            lambda,
+        ];
+        let out = train_cmd("sft", model.path(), &data, &out_dir, &args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        delta_zero_share(model.path(), &out_dir)
+    };
+    let plain = run("plain", "proximal", "0");
+    let proximal = run("proximal", "proximal", "1.0");
+    let adam_metric = run("adam", "proximal_adam", "1e-5");
+    eprintln!("exact zeros: plain {plain}, proximal {proximal}, proximal_adam {adam_metric}");
+    assert!(plain < 0.05, "no L1 yet {plain} of the delta is exactly 0");
+    // lr·λ ≥ Adam's sign-like first step, so almost nothing survives.
+    assert!(proximal > 0.9, "proximal λ=1: only {proximal} exact zeros");
+    // In Adam's metric the threshold follows each weight's gradient: many zeros, not all.
+    assert!(
+        adam_metric > plain + 0.2 && adam_metric < 1.0,
+        "proximal_adam λ=1e-5: {adam_metric} exact zeros (plain {plain})"
     );
 }
