@@ -9,9 +9,12 @@
 #   benchmarks/run.sh train        # seconds per optimizer step, paft vs TRL 1.16 + PEFT (torch CPU): SmolLM2-135M f32, LoRA r16,
 #                                  # batch 4 x 512, SFT and DPO (reference log-probs precomputed on both sides). PYTHON_TRL
 #                                  # (default scripts/.venv-trl/bin/python) runs TRL; CPUS pins both to the same cores.
-#   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps, without L1 and with
-#                                  # proximal L1 at each LAMBDAS value (default "0.5 1.0"); exact-zero share of each delta and
-#                                  # the mean loss of the last 5 steps (no peer: paft's own study)
+#                                  # paft's micro-batches: SFT_PER_FORWARD sequences (default 4), DPO_PAIRS_PER_FORWARD
+#                                  # pairs (default 1); accumulated to the same 4-example step.
+#   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps at LR (default 2e-5),
+#                                  # one run per MODE:LAMBDA in L1_RUNS (default: proximal at 0, 0.5, 1.0 and proximal_adam at
+#                                  # 3e-5, 1e-4); exact-zero share of each delta and the mean loss of the last 5 steps (no
+#                                  # peer: paft's own study)
 #   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID (default 5) TIES grid over the two weights in
 #                                  # [0, HIGH] (default 1.5) vs Nelder-Mead, particle swarm and random search (SEEDS seeds,
 #                                  # default 3) on one frozen subset (TASKS, default truthfulqa_mc2,winogrande; DOCS per task,
@@ -44,20 +47,23 @@ case "$what" in
   sparsity)
     log=$OUT/sparsity.jsonl
     : > "$log"
-    for lambda in 0 ${LAMBDAS:-0.5 1.0}; do
-      run=$OUT/sparsity/l1-$lambda
+    # MODE:LAMBDA pairs; the first, λ 0, is the unregularised reference.
+    for run_spec in ${L1_RUNS:-proximal:0 proximal:0.5 proximal:1.0 proximal_adam:3e-5 proximal_adam:1e-4}; do
+      mode=${run_spec%%:*} lambda=${run_spec#*:}
+      run=$OUT/sparsity/$mode-$lambda-lr${LR:-2e-5}
       rm -rf "$run"
       "$BIN" --quiet train sft --config configs/train-sft.toml --model "$MODEL" --output "$run" --lora-r 0 \
-        --lr 2e-5 --max-steps "${STEPS:-20}" --limit 80 --truncation keep_end --save-every 0 \
-        --l1-mode proximal --l1-lambda "$lambda"
+        --lr "${LR:-2e-5}" --max-steps "${STEPS:-20}" --limit 80 --truncation keep_end --save-every 0 \
+        --l1-mode "$mode" --l1-lambda "$lambda"
       "$BIN" --quiet inspect-delta --base "$MODEL" --model "$run/model" --json > "$run/delta.json"
-      python3 - "$lambda" "$run" <<'PY' | tee -a "$log"
+      python3 - "$mode" "$lambda" "$run" "${LR:-2e-5}" <<'PY' | tee -a "$log"
 import json, sys
-lam, run = sys.argv[1], sys.argv[2]
+mode, lam, run, lr = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 losses = [json.loads(l)["loss"] for l in open(f"{run}/metrics.jsonl")]
 d = json.load(open(f"{run}/delta.json"))["overall"]
-print(json.dumps({"l1_lambda": float(lam), "first5_loss": sum(losses[:5]) / 5, "last5_loss": sum(losses[-5:]) / 5,
-                  "frac_zero": d["frac_zero"], "frac_below_1e6": d["frac_below_1e6"], "l1": d["l1"]}))
+print(json.dumps({"l1_mode": mode, "l1_lambda": float(lam), "lr": float(lr), "first5_loss": sum(losses[:5]) / 5,
+                  "last5_loss": sum(losses[-5:]) / 5, "frac_zero": d["frac_zero"],
+                  "frac_below_1e6": d["frac_below_1e6"], "l1": d["l1"]}))
 PY
     done
     ;;
@@ -67,7 +73,8 @@ PY
     PYT=${PYTHON_TRL:-scripts/.venv-trl/bin/python}
     CPUS=${CPUS:-$(seq -s, 0 $((THREADS - 1)))}
     for round in 1 2; do
-      taskset -c "$CPUS" cargo bench --profile dev --quiet --bench train_step -- --model "$MODEL" --steps 3 | tee -a "$log"
+      taskset -c "$CPUS" cargo bench --profile dev --quiet --bench train_step -- --model "$MODEL" --steps 3 \
+        --sft-sequences-per-forward "${SFT_PER_FORWARD:-4}" --dpo-pairs-per-forward "${DPO_PAIRS_PER_FORWARD:-1}" | tee -a "$log"
       taskset -c "$CPUS" "$PYT" benchmarks/trl_step.py --model "$MODEL" --threads "$THREADS" --steps 3 --dpo-ref precomputed | tee -a "$log"
     done
     python3 benchmarks/ratio.py "$log"
