@@ -1,7 +1,7 @@
 //! Seconds per optimizer step of paft's trainer, the workload of `benchmarks/trl_step.py`:
 //! SmolLM2-135M f32, LoRA r 16 / alpha 32 on q/k/v/o/gate/up/down_proj, AdamW lr 1e-4, no
-//! clipping; SFT: 4 × 512 random ids with the loss on the last 256; DPO: 4 pairs of 256 prompt
-//! + 256 completion ids, reference log-probs precomputed once (paft's only mode; TRL's
+//! clipping; SFT: 4 × 512 random ids with the loss on the last 256; DPO: 4 pairs of 256 prompt and
+//! 256 completion ids, reference log-probs precomputed once (paft's only mode; TRL's
 //! `--dpo-ref precomputed`). A step is forward, backward and the AdamW update; the first step is
 //! a warm-up. Prints one JSON line per objective, like trl_step.py.
 //!

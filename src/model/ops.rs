@@ -129,10 +129,10 @@ fn masked_softmax_rows<T: WithDType + Float + Send + Sync>(
             let mut sum = T::zero();
             for o in o.iter_mut() {
                 *o = (*o - max).exp();
-                sum = sum + *o;
+                sum += *o;
             }
             for o in o.iter_mut() {
-                *o = *o / sum;
+                *o /= sum;
             }
         });
     Ok((WithDType::to_cpu_storage_owned(out), sl.shape().clone()))
@@ -251,7 +251,7 @@ fn target_log_probs_grad_rows<T: WithDType + Float + Send + Sync>(
             for (o, &x) in o.iter_mut().zip(x) {
                 *o = -g * (x - lse).exp();
             }
-            o[t as usize] = o[t as usize] + g;
+            o[t as usize] += g;
         });
     Ok((WithDType::to_cpu_storage_owned(out), ll.shape().clone()))
 }
