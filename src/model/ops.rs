@@ -83,7 +83,7 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a 
 
 /// Where each row (all axes but the last) of a possibly broadcast, strided layout starts, and
 /// the stride along the row.
-fn row_offsets(layout: &Layout) -> candle_core::Result<(Vec<usize>, usize)> {
+fn row_offsets(layout: &Layout) -> (Vec<usize>, usize) {
     let dims = layout.dims();
     let stride = layout.stride();
     let last = dims.len() - 1;
@@ -102,7 +102,7 @@ fn row_offsets(layout: &Layout) -> candle_core::Result<(Vec<usize>, usize)> {
             index[k] = 0;
         }
     }
-    Ok((starts, stride[last]))
+    (starts, stride[last])
 }
 
 struct MaskedSoftmax;
@@ -115,7 +115,7 @@ fn masked_softmax_rows<T: WithDType + Float + Send + Sync>(
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let x = contiguous(scores, sl)?;
     let cols = sl.dims()[sl.dims().len() - 1];
-    let (mask_rows, mask_stride) = row_offsets(ml)?;
+    let (mask_rows, mask_stride) = row_offsets(ml);
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(cols)
         .zip(x.par_chunks(cols))

@@ -32,6 +32,15 @@ pub fn run_paft(args: &[&str]) -> Output {
     paft().args(args).output().expect("run paft")
 }
 
+/// A run that must have succeeded; its stderr is the failure message otherwise.
+pub fn expect_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// stderr of a failed run, checked to be one clear error and not a panic.
 pub fn expect_clean_failure(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();

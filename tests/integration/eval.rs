@@ -487,11 +487,7 @@ fn fetch_tasks_from_a_local_hub_and_evaluate() {
         .args(["fetch", "tasks", "--out", out_dir.path().to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     for (task, split, rows) in expected {
         let got = std::fs::read_to_string(out_dir.path().join(task).join(format!("{split}.jsonl")))
             .unwrap();

@@ -111,11 +111,7 @@ fn fetch_into_cache_then_use_offline() {
         .args(["fetch", "model", REPO])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let snapshot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     let want = hf_home
         .path()
@@ -154,11 +150,7 @@ fn fetch_into_cache_then_use_offline() {
             ])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::common::expect_success(&out);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["sum_logprob"].as_f64().unwrap()
     };
@@ -176,11 +168,7 @@ fn fetch_into_cache_then_use_offline() {
         .args(["fetch", "model", REPO, "--revision", "v1.0"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     assert!(hub
         .requests
         .lock()

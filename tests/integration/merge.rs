@@ -383,11 +383,7 @@ fn inspect_delta_reports_sparsity_for_full_and_lora_models() {
         ft_b.to_str().unwrap(),
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // ft_b was made by changing ~30% of the base's entries.
     let zero = r["overall"]["frac_zero"].as_f64().unwrap();
@@ -403,11 +399,7 @@ fn inspect_delta_reports_sparsity_for_full_and_lora_models() {
         &lora,
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
         r["lora_a"]["numel"].as_u64().unwrap() > 0 && r["lora_b"]["numel"].as_u64().unwrap() > 0

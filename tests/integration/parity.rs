@@ -174,11 +174,7 @@ fn cli_generate_answers_paris() {
         "20",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     assert!(stdout.contains("Paris"), "answer: {stdout}");
 }
 
@@ -196,11 +192,7 @@ fn cli_score_json_sums_token_logprobs() {
         "The capital of France is Paris.",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let lps: Vec<f64> = v["logprobs"]
         .as_array()

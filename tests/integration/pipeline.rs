@@ -79,11 +79,7 @@ fn the_pipeline_runs_every_stage_once() {
             .env("PAFT_TASKS_DIR", common::shared_tasks_dir())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::common::expect_success(&out);
         String::from_utf8(out.stdout).unwrap()
     };
     let stdout = run();

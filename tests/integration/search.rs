@@ -80,11 +80,7 @@ fn a_killed_search_resumes_without_reevaluating_and_ends_with_the_same_best() {
     // Uninterrupted reference run.
     let full = work.path().join("full");
     let out = search_cmd(&m, &space, &full).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let reference = journal(&full);
     let screened = reference.iter().filter(|e| e.rung == 0).count();
     assert!(
@@ -138,11 +134,7 @@ fn a_killed_search_resumes_without_reevaluating_and_ends_with_the_same_best() {
         .arg("--resume")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let after = journal(&killed);
     // Nothing journaled was scored again, and the replay followed the same path.
     assert_eq!(&after[..before.len()], &before[..]);
@@ -173,11 +165,7 @@ fn a_killed_search_resumes_without_reevaluating_and_ends_with_the_same_best() {
         killed.join("best-merge.yaml").to_str().unwrap(),
         remerged.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let load = |d: &Path| {
         paft::model::Pretrained::load(d, None, &candle_core::Device::Cpu)
             .unwrap()

@@ -318,11 +318,7 @@ fn killed_run_resumes_to_the_same_weights() {
     let out = train_cmd("sft", model.path(), &data, &full, &args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
 
     // Kill with SIGKILL once a checkpoint exists, then resume.
     let part = tmp.path().join("part");
@@ -353,11 +349,7 @@ fn killed_run_resumes_to_the_same_weights() {
         .arg("--resume")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let a = std::fs::read(full.join("adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(part.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(a == b, "resumed run ended with different weights");
@@ -383,11 +375,7 @@ fn killed_run_resumes_to_the_same_weights() {
     let out = train_cmd("sft", model.path(), &data, &plain, &plain_args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let c = std::fs::read(plain.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(a != c, "lora_dropout had no effect");
 }
@@ -457,11 +445,7 @@ fn delta_zero_share(base: &std::path::Path, run: &std::path::Path) -> f64 {
         .arg(run.join("model"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::expect_success(&out);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     report["overall"]["frac_zero"].as_f64().unwrap()
 }
@@ -498,11 +482,7 @@ fn proximal_l1_leaves_exact_zeros_in_the_delta() {
         let out = train_cmd("sft", model.path(), &data, &out_dir, &args)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::common::expect_success(&out);
         delta_zero_share(model.path(), &out_dir)
     };
     let plain = run("plain", "proximal", "0");
