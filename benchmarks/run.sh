@@ -11,17 +11,18 @@
 #                                  # (default scripts/.venv-trl/bin/python) runs TRL; CPUS pins both to the same cores.
 #                                  # paft's micro-batches: SFT_PER_FORWARD sequences (default 4), DPO_PAIRS_PER_FORWARD
 #                                  # pairs (default 1); accumulated to the same 4-example step.
-#   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps at LR (default 2e-5),
-#                                  # one run per MODE:LAMBDA in L1_RUNS (default: proximal at 0, 0.5, 1.0 and proximal_adam at
-#                                  # 3e-5, 1e-4); exact-zero share of each delta and the mean loss of the last 5 steps (no
-#                                  # peer: paft's own study)
+#   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps at LR (default 2e-5)
+#                                  # on the first 4×STEPS rows, one run per MODE:LAMBDA[:REFIT] in L1_RUNS (default: proximal
+#                                  # at 0, 0.5, 1.0, proximal_adam at 3e-5, 1e-4, and 1e-4 with the last 10 steps refitting);
+#                                  # exact-zero share of each delta and the mean loss of the last 5 steps (no peer: paft's own
+#                                  # study)
 #   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID (default 5) TIES grid over the two weights in
 #                                  # [0, HIGH] (default 1.5) vs Nelder-Mead, particle swarm and random search (SEEDS seeds,
 #                                  # default 3) on one frozen subset (TASKS, default truthfulqa_mc2,winogrande; DOCS per task,
 #                                  # default 20): evaluations each needs to come within 0.5 points of the grid's best. Deltas:
 #                                  # the LoRA adapters of RUN (default runs/smollm2-paft, made by
 #                                  # `paft parallel --config configs/experiment-smollm2.toml`).
-# Env: THREADS (default: nproc), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
+# Env: THREADS (default: nproc), PAFT_BIN (a built paft; default: build the dev profile), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +39,13 @@ export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$T
 
 # The dev profile: numeric dependencies (candle, gemm, tokenizers, …) at opt-level 3 without debug
 # assertions (see Cargo.toml), shared with the tests, so no separate 20-minute release build.
-cargo build --quiet --bin paft
-BIN=${CARGO_TARGET_DIR:-target}/debug/paft
+# PAFT_BIN: an already-built paft to use instead (e.g. a copy, so rebuilding during a long study is safe).
+if [ -n "${PAFT_BIN:-}" ]; then
+  BIN=$PAFT_BIN
+else
+  cargo build --quiet --bin paft
+  BIN=${CARGO_TARGET_DIR:-target}/debug/paft
+fi
 MODEL=$OUT/smollm-f32
 [ -f "$MODEL/config.json" ] || "$BIN" --quiet import-gguf "$SHARED/models/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$MODEL"
 
@@ -48,20 +54,22 @@ case "$what" in
     log=$OUT/sparsity.jsonl
     : > "$log"
     # MODE:LAMBDA pairs; the first, λ 0, is the unregularised reference.
-    for run_spec in ${L1_RUNS:-proximal:0 proximal:0.5 proximal:1.0 proximal_adam:3e-5 proximal_adam:1e-4}; do
-      mode=${run_spec%%:*} lambda=${run_spec#*:}
-      run=$OUT/sparsity/$mode-$lambda-lr${LR:-2e-5}
+    for run_spec in ${L1_RUNS:-proximal:0 proximal:0.5 proximal:1.0 proximal_adam:3e-5 proximal_adam:1e-4 proximal_adam:1e-4:10}; do
+      IFS=: read -r mode lambda refit <<< "$run_spec"
+      refit=${refit:-0}
+      run=$OUT/sparsity/$mode-$lambda-refit$refit-lr${LR:-2e-5}
       rm -rf "$run"
       "$BIN" --quiet train sft --config configs/train-sft.toml --model "$MODEL" --output "$run" --lora-r 0 \
-        --lr "${LR:-2e-5}" --max-steps "${STEPS:-20}" --limit 80 --truncation keep_end --save-every 0 \
-        --l1-mode "$mode" --l1-lambda "$lambda"
+        --lr "${LR:-2e-5}" --max-steps "${STEPS:-20}" --limit $((4 * ${STEPS:-20})) --truncation keep_end --save-every 0 \
+        --l1-mode "$mode" --l1-lambda "$lambda" --l1-refit-steps "$refit"
       "$BIN" --quiet inspect-delta --base "$MODEL" --model "$run/model" --json > "$run/delta.json"
-      python3 - "$mode" "$lambda" "$run" "${LR:-2e-5}" <<'PY' | tee -a "$log"
+      python3 - "$mode" "$lambda" "$refit" "$run" "${LR:-2e-5}" <<'PY' | tee -a "$log"
 import json, sys
-mode, lam, run, lr = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+mode, lam, refit, run, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 losses = [json.loads(l)["loss"] for l in open(f"{run}/metrics.jsonl")]
 d = json.load(open(f"{run}/delta.json"))["overall"]
-print(json.dumps({"l1_mode": mode, "l1_lambda": float(lam), "lr": float(lr), "first5_loss": sum(losses[:5]) / 5,
+print(json.dumps({"l1_mode": mode, "l1_lambda": float(lam), "l1_refit_steps": refit, "lr": float(lr),
+                  "first5_loss": sum(losses[:5]) / 5,
                   "last5_loss": sum(losses[-5:]) / 5, "frac_zero": d["frac_zero"],
                   "frac_below_1e6": d["frac_below_1e6"], "l1": d["l1"]}))
 PY

@@ -78,6 +78,9 @@ pub struct TrainFlags {
     /// SFT: how L1 applies: penalty | proximal | proximal_adam.
     #[arg(long)]
     pub l1_mode: Option<String>,
+    /// SFT: refit the non-zero weights without L1 in the last N steps (proximal modes).
+    #[arg(long)]
+    pub l1_refit_steps: Option<String>,
     /// DPO β / ORPO λ.
     #[arg(long)]
     pub beta: Option<String>,
@@ -125,6 +128,7 @@ impl TrainFlags {
             ("lora_init", &self.lora_init),
             ("l1_lambda", &self.l1_lambda),
             ("l1_mode", &self.l1_mode),
+            ("l1_refit_steps", &self.l1_refit_steps),
             ("beta", &self.beta),
             ("label_smoothing", &self.label_smoothing),
             ("reference_free", &self.reference_free),

@@ -78,6 +78,9 @@ pub struct TrainConfig {
     /// SFT: L1 strength on the delta (0: off).
     pub l1_lambda: f64,
     pub l1_mode: L1Mode,
+    /// SFT with a proximal L1: the last N steps refit the weights the L1 left non-zero, without
+    /// L1 (zeros stay exactly zero), which removes the shrinkage the L1 put on the survivors.
+    pub l1_refit_steps: u64,
     /// DPO β / ORPO λ.
     pub beta: f64,
     pub label_smoothing: f64,
@@ -129,6 +132,7 @@ impl Default for TrainConfig {
             lora_init: None,
             l1_lambda: 0.0,
             l1_mode: L1Mode::Penalty,
+            l1_refit_steps: 0,
             beta: 0.1,
             label_smoothing: 0.0,
             reference_free: false,
@@ -185,6 +189,21 @@ impl TrainConfig {
         ] {
             if !v.is_finite() || v < 0.0 {
                 bail!("`{name}` must be a finite non-negative number, got {v}");
+            }
+        }
+        if self.l1_refit_steps > 0 {
+            if self.l1_mode == L1Mode::Penalty || self.l1_lambda == 0.0 {
+                bail!(
+                    "`l1_refit_steps` needs a proximal L1 (`l1_mode` proximal or proximal_adam, \
+                     `l1_lambda` > 0): the penalty leaves no exact zeros to keep"
+                );
+            }
+            if self.l1_refit_steps >= self.max_steps {
+                bail!(
+                    "`l1_refit_steps` ({}) must be below `max_steps` ({}): the L1 steps come first",
+                    self.l1_refit_steps,
+                    self.max_steps
+                );
             }
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {

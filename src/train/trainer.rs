@@ -351,6 +351,32 @@ impl Trainer {
         Ok(())
     }
 
+    /// The last `l1_refit_steps` SFT steps: no L1, and only the non-zero delta coordinates move.
+    fn is_refit_step(&self, step: u64) -> bool {
+        self.objective == Objective::Sft
+            && self.cfg.l1_refit_steps > 0
+            && step > self.cfg.max_steps - self.cfg.l1_refit_steps
+    }
+
+    /// Per parameter, where δ = θ − anchor is exactly 0. Recomputed before every refit step
+    /// rather than stored, so a resumed run needs no extra state: the refit never creates zeros.
+    fn zero_delta_masks(&self) -> Result<Vec<Tensor>> {
+        let mut masks = Vec::with_capacity(self.params.vars.len());
+        for (i, v) in self.params.vars.iter().enumerate() {
+            masks.push(v.as_tensor().eq(&self.params.anchor(i)?)?);
+        }
+        Ok(masks)
+    }
+
+    /// Puts the coordinates in `frozen` back on their anchor (AdamW moved them by its momentum
+    /// and weight decay).
+    fn keep_zeros(&self, frozen: &[Tensor]) -> Result<()> {
+        for (i, (v, mask)) in self.params.vars.iter().zip(frozen).enumerate() {
+            v.set(&mask.where_cond(&self.params.anchor(i)?, v.as_tensor())?)?;
+        }
+        Ok(())
+    }
+
     fn checkpoint_root(&self) -> PathBuf {
         self.cfg.output.join("checkpoints")
     }
@@ -506,9 +532,16 @@ impl Trainer {
                 step,
                 self.cfg.max_steps,
             );
-            self.optimizer
-                .step(&self.params.vars, &grads, &self.params.decay, lr)?;
-            self.l1_proximal(lr)?;
+            if self.is_refit_step(step) {
+                let frozen = self.zero_delta_masks()?;
+                self.optimizer
+                    .step(&self.params.vars, &grads, &self.params.decay, lr)?;
+                self.keep_zeros(&frozen)?;
+            } else {
+                self.optimizer
+                    .step(&self.params.vars, &grads, &self.params.decay, lr)?;
+                self.l1_proximal(lr)?;
+            }
             let secs = t0.elapsed().as_secs_f64();
             let loss = loss_sum / accum as f64;
             let mut line = json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,

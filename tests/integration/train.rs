@@ -498,3 +498,138 @@ fn proximal_l1_leaves_exact_zeros_in_the_delta() {
         "proximal_adam λ=1e-5: {adam_metric} exact zeros (plain {plain})"
     );
 }
+
+/// Per tensor, the positions where `weights` equals `base` (δ exactly 0).
+fn zero_delta_positions(
+    base: &BTreeMap<String, Tensor>,
+    weights: &BTreeMap<String, Tensor>,
+) -> BTreeMap<String, Vec<u8>> {
+    weights
+        .iter()
+        .map(|(name, w)| {
+            let eq = w.eq(&base[name]).unwrap().flatten_all().unwrap();
+            (name.clone(), eq.to_vec1::<u8>().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn l1_refit_moves_only_the_survivors() {
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(29)) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_lines(
+        tmp.path(),
+        "sft.jsonl",
+        &shared_rows("data/train/sft/mixed_qa.jsonl", 16),
+    );
+    let out_dir = tmp.path().join("refit");
+    let args = [
+        "--lora-r",
+        "0",
+        "--max-steps",
+        "6",
+        "--save-every",
+        "4",
+        "--max-length",
+        "256",
+        "--truncation",
+        "keep_start",
+        "--l1-mode",
+        "proximal_adam",
+        "--l1-lambda",
+        "1e-5",
+        "--l1-refit-steps",
+        "3",
+    ];
+    let out = train_cmd("sft", model.path(), &data, &out_dir, &args)
+        .output()
+        .unwrap();
+    crate::common::expect_success(&out);
+    let load = |path: std::path::PathBuf| -> BTreeMap<String, Tensor> {
+        candle_core::safetensors::load(&path, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let load_dir = |dir: &std::path::Path| -> BTreeMap<String, Tensor> {
+        SafetensorsFiles::open_dir(dir)
+            .unwrap()
+            .load_all(None, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let base = load_dir(model.path());
+    // Steps 1–3 are L1 steps, 4–6 refit; the checkpoint after step 4 is the last one kept.
+    let mid_refit = load(out_dir.join("checkpoints/step-000004/params.safetensors"));
+    let final_model = load_dir(&out_dir.join("model"));
+    let final_trained: BTreeMap<String, Tensor> = mid_refit
+        .keys()
+        .map(|k| (k.clone(), final_model[k].clone()))
+        .collect();
+    let zeros_mid_refit = zero_delta_positions(&base, &mid_refit);
+    let zeros_final = zero_delta_positions(&base, &final_trained);
+    let zero_share = zeros_final
+        .values()
+        .flatten()
+        .map(|&z| z as f64)
+        .sum::<f64>()
+        / zeros_final.values().map(Vec::len).sum::<usize>() as f64;
+    assert!(
+        zero_share > 0.2,
+        "only {zero_share} of the delta is exactly 0"
+    );
+    assert!(
+        zeros_mid_refit == zeros_final,
+        "the refit changed which weights are exactly 0"
+    );
+    let moved: usize = mid_refit
+        .iter()
+        .map(|(k, w)| {
+            let ne = w.ne(&final_trained[k]).unwrap().flatten_all().unwrap();
+            ne.to_vec1::<u8>()
+                .unwrap()
+                .iter()
+                .filter(|&&b| b == 1)
+                .count()
+        })
+        .sum();
+    assert!(
+        moved > 0,
+        "the refit steps left every survivor where it was"
+    );
+}
+
+#[test]
+fn l1_refit_without_proximal_l1_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_lines(
+        tmp.path(),
+        "sft.jsonl",
+        &shared_rows("data/train/sft/mixed_qa.jsonl", 2),
+    );
+    let out = train_cmd(
+        "sft",
+        std::path::Path::new("unused-model"),
+        &data,
+        &tmp.path().join("run"),
+        &[
+            "--l1-mode",
+            "penalty",
+            "--l1-lambda",
+            "0.1",
+            "--l1-refit-steps",
+            "2",
+        ],
+    )
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("l1_refit_steps") && err.contains("proximal"),
+        "unclear error: {err}"
+    );
+}
