@@ -12,8 +12,9 @@
 #                                  # paft's micro-batches: SFT_PER_FORWARD sequences (default 4), DPO_PAIRS_PER_FORWARD
 #                                  # pairs (default 1); accumulated to the same 4-example step.
 #   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps at LR (default 2e-5)
-#                                  # on the first 4×STEPS rows, one run per MODE:LAMBDA[:REFIT] in L1_RUNS (default: proximal
-#                                  # at 0, 0.5, 1.0, proximal_adam at 3e-5, 1e-4, and 1e-4 with the last 10 steps refitting);
+#                                  # on the first 4×STEPS rows, one run per MODE:LAMBDA[:REFIT[:REFIT_LR]] in L1_RUNS (REFIT:
+#                                  # l1_refit_steps, REFIT_LR: l1_refit_lr; default: proximal at 0, 0.5, 1.0, proximal_adam at
+#                                  # 3e-5, 1e-4, and 1e-4 with 15 refit steps at 1e-4);
 #                                  # exact-zero share of each delta and the mean loss of the last 5 steps (no peer: paft's own
 #                                  # study)
 #   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID (default 5) TIES grid over the two weights in
@@ -54,21 +55,24 @@ case "$what" in
     log=$OUT/sparsity.jsonl
     : > "$log"
     # MODE:LAMBDA pairs; the first, λ 0, is the unregularised reference.
-    for run_spec in ${L1_RUNS:-proximal:0 proximal:0.5 proximal:1.0 proximal_adam:3e-5 proximal_adam:1e-4 proximal_adam:1e-4:10}; do
-      IFS=: read -r mode lambda refit <<< "$run_spec"
+    for run_spec in ${L1_RUNS:-proximal:0 proximal:0.5 proximal:1.0 proximal_adam:3e-5 proximal_adam:1e-4 proximal_adam:1e-4:15:1e-4}; do
+      IFS=: read -r mode lambda refit refit_lr <<< "$run_spec"
       refit=${refit:-0}
-      run=$OUT/sparsity/$mode-$lambda-refit$refit-lr${LR:-2e-5}
+      refit_flags=(--l1-refit-steps "$refit")
+      [ -n "$refit_lr" ] && refit_flags+=(--l1-refit-lr "$refit_lr")
+      run=$OUT/sparsity/$mode-$lambda-refit$refit${refit_lr:+-at$refit_lr}-lr${LR:-2e-5}
       rm -rf "$run"
       "$BIN" --quiet train sft --config configs/train-sft.toml --model "$MODEL" --output "$run" --lora-r 0 \
         --lr "${LR:-2e-5}" --max-steps "${STEPS:-20}" --limit $((4 * ${STEPS:-20})) --truncation keep_end --save-every 0 \
-        --l1-mode "$mode" --l1-lambda "$lambda" --l1-refit-steps "$refit"
+        --l1-mode "$mode" --l1-lambda "$lambda" "${refit_flags[@]}"
       "$BIN" --quiet inspect-delta --base "$MODEL" --model "$run/model" --json > "$run/delta.json"
-      python3 - "$mode" "$lambda" "$refit" "$run" "${LR:-2e-5}" <<'PY' | tee -a "$log"
+      python3 - "$mode" "$lambda" "$refit" "${refit_lr:-}" "$run" "${LR:-2e-5}" <<'PY' | tee -a "$log"
 import json, sys
-mode, lam, refit, run, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+mode, lam, refit, refit_lr, run, lr = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
 losses = [json.loads(l)["loss"] for l in open(f"{run}/metrics.jsonl")]
 d = json.load(open(f"{run}/delta.json"))["overall"]
-print(json.dumps({"l1_mode": mode, "l1_lambda": float(lam), "l1_refit_steps": refit, "lr": float(lr),
+print(json.dumps({"l1_mode": mode, "l1_lambda": float(lam), "l1_refit_steps": refit,
+                  "l1_refit_lr": float(refit_lr) if refit_lr else None, "lr": float(lr),
                   "first5_loss": sum(losses[:5]) / 5,
                   "last5_loss": sum(losses[-5:]) / 5, "frac_zero": d["frac_zero"],
                   "frac_below_1e6": d["frac_below_1e6"], "l1": d["l1"]}))

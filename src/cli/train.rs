@@ -81,6 +81,9 @@ pub struct TrainFlags {
     /// SFT: refit the non-zero weights without L1 in the last N steps (proximal modes).
     #[arg(long)]
     pub l1_refit_steps: Option<String>,
+    /// SFT: constant learning rate of the refit steps (default: the schedule goes on).
+    #[arg(long)]
+    pub l1_refit_lr: Option<String>,
     /// DPO β / ORPO λ.
     #[arg(long)]
     pub beta: Option<String>,
@@ -129,6 +132,7 @@ impl TrainFlags {
             ("l1_lambda", &self.l1_lambda),
             ("l1_mode", &self.l1_mode),
             ("l1_refit_steps", &self.l1_refit_steps),
+            ("l1_refit_lr", &self.l1_refit_lr),
             ("beta", &self.beta),
             ("label_smoothing", &self.label_smoothing),
             ("reference_free", &self.reference_free),

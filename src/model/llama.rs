@@ -466,18 +466,27 @@ impl LlamaModel {
         // head are stacked along the time axis.
         let n_rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, total))?;
-        let probs = match self.mode {
-            Mode::Inference => {
-                let scores = match inputs.mask {
-                    Some(m) => scores.broadcast_add(m)?,
-                    None => scores,
-                };
-                candle_nn::ops::softmax_last_dim(&scores)?
-            }
-            Mode::Differentiable => super::ops::masked_softmax(&scores, inputs.mask)?,
+        let fused = match self.mode {
+            Mode::Inference => super::attention_kernel::attention(&q, &k, &v, inputs.mask)?,
+            Mode::Differentiable => None,
         };
-        let out = probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?;
+        let out = match fused {
+            Some(out) => out,
+            None => {
+                let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, total))?;
+                let probs = match self.mode {
+                    Mode::Inference => {
+                        let scores = match inputs.mask {
+                            Some(m) => scores.broadcast_add(m)?,
+                            None => scores,
+                        };
+                        candle_nn::ops::softmax_last_dim(&scores)?
+                    }
+                    Mode::Differentiable => super::ops::masked_softmax(&scores, inputs.mask)?,
+                };
+                probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?
+            }
+        };
         let out = out
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?

@@ -1,6 +1,7 @@
 //! Models: Hugging Face config/tokenizer/safetensors I/O, the Llama-family forward pass with LoRA
 //! and KV cache, GGUF import, Hub access, and scoring/generation on top.
 
+pub mod attention_kernel;
 pub mod config;
 pub mod gguf;
 pub mod hub;

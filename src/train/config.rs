@@ -81,6 +81,9 @@ pub struct TrainConfig {
     /// SFT with a proximal L1: the last N steps refit the weights the L1 left non-zero, without
     /// L1 (zeros stay exactly zero), which removes the shrinkage the L1 put on the survivors.
     pub l1_refit_steps: u64,
+    /// Constant learning rate of the refit steps (default: the schedule goes on). Fewer weights
+    /// move, so each has to move further than in a dense run.
+    pub l1_refit_lr: Option<f64>,
     /// DPO β / ORPO λ.
     pub beta: f64,
     pub label_smoothing: f64,
@@ -133,6 +136,7 @@ impl Default for TrainConfig {
             l1_lambda: 0.0,
             l1_mode: L1Mode::Penalty,
             l1_refit_steps: 0,
+            l1_refit_lr: None,
             beta: 0.1,
             label_smoothing: 0.0,
             reference_free: false,
@@ -186,10 +190,14 @@ impl TrainConfig {
             ("lr", self.lr),
             ("beta", self.beta),
             ("l1_lambda", self.l1_lambda),
+            ("l1_refit_lr", self.l1_refit_lr.unwrap_or(0.0)),
         ] {
             if !v.is_finite() || v < 0.0 {
                 bail!("`{name}` must be a finite non-negative number, got {v}");
             }
+        }
+        if self.l1_refit_lr.is_some() && self.l1_refit_steps == 0 {
+            bail!("`l1_refit_lr` is set but `l1_refit_steps` is 0: there are no refit steps");
         }
         if self.l1_refit_steps > 0 {
             if self.l1_mode == L1Mode::Penalty || self.l1_lambda == 0.0 {

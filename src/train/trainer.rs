@@ -525,13 +525,16 @@ impl Trainer {
             }
             let norm = grad_norm(&grads)?;
             clip_grads(&mut grads, norm, self.cfg.max_grad_norm)?;
-            let lr = learning_rate(
-                self.cfg.lr,
-                self.cfg.schedule,
-                self.cfg.warmup_steps,
-                step,
-                self.cfg.max_steps,
-            );
+            let lr = match self.cfg.l1_refit_lr {
+                Some(lr) if self.is_refit_step(step) => lr,
+                _ => learning_rate(
+                    self.cfg.lr,
+                    self.cfg.schedule,
+                    self.cfg.warmup_steps,
+                    step,
+                    self.cfg.max_steps,
+                ),
+            };
             if self.is_refit_step(step) {
                 let frozen = self.zero_delta_masks()?;
                 self.optimizer

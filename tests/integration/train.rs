@@ -603,33 +603,52 @@ fn l1_refit_moves_only_the_survivors() {
 }
 
 #[test]
-fn l1_refit_without_proximal_l1_is_rejected() {
+fn l1_refit_settings_that_cannot_work_are_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_lines(
         tmp.path(),
         "sft.jsonl",
         &shared_rows("data/train/sft/mixed_qa.jsonl", 2),
     );
-    let out = train_cmd(
-        "sft",
-        std::path::Path::new("unused-model"),
-        &data,
-        &tmp.path().join("run"),
-        &[
-            "--l1-mode",
-            "penalty",
-            "--l1-lambda",
-            "0.1",
-            "--l1-refit-steps",
-            "2",
-        ],
-    )
-    .output()
-    .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("l1_refit_steps") && err.contains("proximal"),
-        "unclear error: {err}"
-    );
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &[
+                "--l1-mode",
+                "penalty",
+                "--l1-lambda",
+                "0.1",
+                "--l1-refit-steps",
+                "2",
+            ],
+            "needs a proximal L1",
+        ),
+        (
+            &[
+                "--l1-mode",
+                "proximal",
+                "--l1-lambda",
+                "0.1",
+                "--l1-refit-steps",
+                "8",
+                "--max-steps",
+                "8",
+            ],
+            "must be below `max_steps`",
+        ),
+        (&["--l1-refit-lr", "1e-4"], "no refit steps"),
+    ];
+    for (args, want) in cases {
+        let out = train_cmd(
+            "sft",
+            std::path::Path::new("unused-model"),
+            &data,
+            &tmp.path().join("run"),
+            args,
+        )
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: unclear error: {err}");
+    }
 }
