@@ -181,12 +181,8 @@ fn run(
                             }
                         }
                         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0f32;
-                        for x in row.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
-                        }
-                        norm[i] = 1.0 / sum;
+                        row.iter_mut().for_each(|x| *x = exp(*x - max));
+                        norm[i] = 1.0 / row.iter().sum::<f32>();
                     }
                     unsafe {
                         gemm(
@@ -217,6 +213,34 @@ fn run(
                 });
         });
     out
+}
+
+/// e^x for x ≤ 0 to within 3e-7 relative, branch-free so the softmax loop vectorises (libm's
+/// `expf` is a call per element); e^x for x < -87 (masked keys) is 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    // Cephes' expf: e^x = 2^n · e^r with n = round(x / ln 2) and r = x − n·ln 2 in two parts
+    // (so r keeps its precision), e^r by a degree-7 polynomial on [−ln 2 / 2, ln 2 / 2].
+    // Adding and subtracting 1.5·2^23 rounds to nearest without a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.max(-87.0);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_2e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let er = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        er * scale
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +327,19 @@ mod tests {
         );
         // Decoding with every key visible: no mask.
         check(2, 2, 4, 1, 33, None);
+    }
+
+    #[test]
+    fn exp_is_accurate_where_softmax_uses_it() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            worst = worst.max(((super::exp(x) as f64) - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "max relative error {worst}");
+        assert_eq!(super::exp(-1e30), 0.0);
+        assert_eq!(super::exp(0.0), 1.0);
     }
 
     #[test]
