@@ -14,7 +14,7 @@
 #   benchmarks/run.sh sparsity     # the L1 study: full-FT SFT of SmolLM2-135M, STEPS (default 20) steps at LR (default 2e-5)
 #                                  # on the first 4×STEPS rows, one run per MODE:LAMBDA[:REFIT[:REFIT_LR]] in L1_RUNS (REFIT:
 #                                  # l1_refit_steps, REFIT_LR: l1_refit_lr; default: proximal at 0, 0.5, 1.0, proximal_adam at
-#                                  # 3e-5, 1e-4, and 1e-4 with 15 refit steps at 1e-4);
+#                                  # 3e-5, 1e-4, and 5e-5 with 15 refit steps at 1e-4);
 #                                  # exact-zero share of each delta and the mean loss of the last 5 steps (no peer: paft's own
 #                                  # study)
 #   benchmarks/run.sh search       # search efficiency: exhaustive GRID×GRID (default 5) TIES grid over the two weights in
@@ -55,7 +55,7 @@ case "$what" in
     log=$OUT/sparsity.jsonl
     : > "$log"
     # MODE:LAMBDA pairs; the first, λ 0, is the unregularised reference.
-    for run_spec in ${L1_RUNS:-proximal:0 proximal:0.5 proximal:1.0 proximal_adam:3e-5 proximal_adam:1e-4 proximal_adam:1e-4:15:1e-4}; do
+    for run_spec in ${L1_RUNS:-proximal:0 proximal:0.5 proximal:1.0 proximal_adam:3e-5 proximal_adam:1e-4 proximal_adam:5e-5:15:1e-4}; do
       IFS=: read -r mode lambda refit refit_lr <<< "$run_spec"
       refit=${refit:-0}
       refit_flags=(--l1-refit-steps "$refit")

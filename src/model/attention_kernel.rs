@@ -180,9 +180,7 @@ fn run(
                                 *x += mv;
                             }
                         }
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        row.iter_mut().for_each(|x| *x = exp(*x - max));
-                        norm[i] = 1.0 / row.iter().sum::<f32>();
+                        norm[i] = 1.0 / exp_shifted_in_place(row);
                     }
                     unsafe {
                         gemm(
@@ -215,6 +213,40 @@ fn run(
     out
 }
 
+/// Lanes of the reductions below: sixteen independent accumulators let the compiler vectorise
+/// them (a single running max or sum is a serial chain of dependent float ops).
+const LANES: usize = 16;
+
+/// `row ← e^(row − max(row))`; returns the new sum.
+fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let mut sums = [0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (s, x) in sums.iter_mut().zip(c) {
+            *x = exp(*x - max);
+            *s += *x;
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp(*x - max);
+        sum += *x;
+    }
+    sum
+}
+
 /// e^x for x ≤ 0 to within 3e-7 relative, branch-free so the softmax loop vectorises (libm's
 /// `expf` is a call per element); e^x for x < -87 (masked keys) is 0.
 #[inline(always)]
@@ -226,7 +258,11 @@ fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.max(-87.0);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    // n as an integer, read from the mantissa of `shifted` (a saturating `as i32` and checked
+    // integer adds would keep the loop scalar).
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_2e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -235,7 +271,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let er = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(n_int.wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {
