@@ -44,6 +44,7 @@ fn refs(v: &[TokenizedSequence]) -> Vec<&TokenizedSequence> {
 }
 
 fn main() -> Result<()> {
+    paft::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let model_dir = arg(&args, "--model").context("--model DIR is required")?;
     let steps: usize = arg(&args, "--steps").unwrap_or("3".into()).parse()?;

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod memory;
 pub mod merge;
 pub mod model;
 pub mod paths;
@@ -16,10 +17,3 @@ pub mod progress;
 pub mod report;
 pub mod search;
 pub mod train;
-
-/// mimalloc instead of glibc's malloc, for every binary that links paft (the CLI, tests,
-/// benchmarks). candle allocates a fresh buffer for every op; glibc returns buffers above its
-/// mmap threshold (at most 32 MiB) to the kernel on free, so each forward pass page-faults and
-/// zeroes gigabytes anew. mimalloc keeps and reuses them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
