@@ -146,32 +146,16 @@ fn run(
                         None => total,
                     };
                     let mut scores = vec![0f32; rows * cols];
-                    // SAFETY: every pointer/stride pair addresses inside its slice: q rows
-                    // row0..row0+rows of d floats, the first `cols` keys and values of d floats, and
-                    // `scores`/`out_blk` sized rows × cols and rows × d.
-                    unsafe {
-                        gemm(
-                            rows,
-                            cols,
-                            d,
-                            scores.as_mut_ptr(),
-                            1,
-                            cols as isize,
-                            false,
-                            q_head[row0 * d..].as_ptr(),
-                            1,
-                            d as isize,
-                            k_head.as_ptr(),
-                            d as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
+                    // scores = Q_block · K[..cols]ᵀ: K's rows read as columns.
+                    matmul(
+                        &mut scores,
+                        rows,
+                        cols,
+                        d,
+                        &q_head[row0 * d..],
+                        (d, 1),
+                        k_head,
+                    );
                     let mut norm = vec![0f32; rows];
                     for (i, row) in scores.chunks_mut(cols).enumerate() {
                         if let Some(m) = mask {
@@ -182,35 +166,55 @@ fn run(
                         }
                         norm[i] = 1.0 / exp_shifted_in_place(row);
                     }
-                    unsafe {
-                        gemm(
-                            rows,
-                            d,
-                            cols,
-                            out_blk.as_mut_ptr(),
-                            1,
-                            d as isize,
-                            false,
-                            scores.as_ptr(),
-                            1,
-                            cols as isize,
-                            v_head.as_ptr(),
-                            1,
-                            d as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::None,
-                        );
-                    }
+                    // out = P · V[..cols].
+                    matmul(out_blk, rows, d, cols, &scores, (1, d), v_head);
                     for (row, n) in out_blk.chunks_mut(d).zip(norm) {
                         row.iter_mut().for_each(|x| *x *= n);
                     }
                 });
         });
     out
+}
+
+/// `dst (m × n, row-major) = lhs (m × k, row-major) · rhs`, where element (i, j) of the `k × n`
+/// right-hand side is `rhs[i·rs + j·cs]` for `(cs, rs) = rhs_strides`; single-threaded (the
+/// caller parallelises over blocks).
+fn matmul(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    rhs_strides: (usize, usize),
+    rhs: &[f32],
+) {
+    let (cs, rs) = rhs_strides;
+    assert!(dst.len() >= m * n && lhs.len() >= m * k);
+    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rs + (n - 1) * cs);
+    // SAFETY: the asserts above keep every element gemm reads or writes inside its slice.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            cs as isize,
+            rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
 }
 
 /// Lanes of the reductions below: sixteen independent accumulators let the compiler vectorise

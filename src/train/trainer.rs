@@ -525,8 +525,9 @@ impl Trainer {
             }
             let norm = grad_norm(&grads)?;
             clip_grads(&mut grads, norm, self.cfg.max_grad_norm)?;
+            let refit = self.is_refit_step(step);
             let lr = match self.cfg.l1_refit_lr {
-                Some(lr) if self.is_refit_step(step) => lr,
+                Some(lr) if refit => lr,
                 _ => learning_rate(
                     self.cfg.lr,
                     self.cfg.schedule,
@@ -535,15 +536,12 @@ impl Trainer {
                     self.cfg.max_steps,
                 ),
             };
-            if self.is_refit_step(step) {
-                let frozen = self.zero_delta_masks()?;
-                self.optimizer
-                    .step(&self.params.vars, &grads, &self.params.decay, lr)?;
-                self.keep_zeros(&frozen)?;
-            } else {
-                self.optimizer
-                    .step(&self.params.vars, &grads, &self.params.decay, lr)?;
-                self.l1_proximal(lr)?;
+            let frozen = refit.then(|| self.zero_delta_masks()).transpose()?;
+            self.optimizer
+                .step(&self.params.vars, &grads, &self.params.decay, lr)?;
+            match frozen {
+                Some(frozen) => self.keep_zeros(&frozen)?,
+                None => self.l1_proximal(lr)?,
             }
             let secs = t0.elapsed().as_secs_f64();
             let loss = loss_sum / accum as f64;

@@ -256,6 +256,37 @@ fn shared_rows(rel: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The first `n` rows of the shared mixed_qa SFT set, as `dir/sft.jsonl`.
+fn sft_rows_file(dir: &std::path::Path, n: usize) -> std::path::PathBuf {
+    write_lines(
+        dir,
+        "sft.jsonl",
+        &shared_rows("data/train/sft/mixed_qa.jsonl", n),
+    )
+}
+
+/// A 6-step full fine-tune (SFT) of a tiny model into `out`, which must succeed.
+fn full_ft_sft(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) {
+    let mut args = vec![
+        "--lora-r",
+        "0",
+        "--max-steps",
+        "6",
+        "--max-length",
+        "256",
+        "--truncation",
+        "keep_start",
+    ];
+    args.extend_from_slice(extra);
+    let res = train_cmd("sft", model, data, out, &args).output().unwrap();
+    crate::common::expect_success(&res);
+}
+
 fn train_cmd(
     objective: &str,
     model: &std::path::Path,
@@ -295,11 +326,7 @@ fn killed_run_resumes_to_the_same_weights() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_lines(
-        tmp.path(),
-        "sft.jsonl",
-        &shared_rows("data/train/sft/mixed_qa.jsonl", 24),
-    );
+    let data = sft_rows_file(tmp.path(), 24);
     let args = [
         "--max-steps",
         "8",
@@ -456,33 +483,18 @@ fn proximal_l1_leaves_exact_zeros_in_the_delta() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_lines(
-        tmp.path(),
-        "sft.jsonl",
-        &shared_rows("data/train/sft/mixed_qa.jsonl", 16),
-    );
+    let data = sft_rows_file(tmp.path(), 16);
     let run = |name: &str, mode: &str, lambda: &str| {
         let out_dir = tmp.path().join(name);
         let args = [
-            "--lora-r",
-            "0",
-            "--max-steps",
-            "6",
             "--save-every",
             "0",
-            "--max-length",
-            "256",
-            "--truncation",
-            "keep_start",
             "--l1-mode",
             mode,
             "--l1-lambda",
             lambda,
         ];
-        let out = train_cmd("sft", model.path(), &data, &out_dir, &args)
-            .output()
-            .unwrap();
-        crate::common::expect_success(&out);
+        full_ft_sft(model.path(), &data, &out_dir, &args);
         delta_zero_share(model.path(), &out_dir)
     };
     let plain = run("plain", "proximal", "0");
@@ -519,23 +531,11 @@ fn l1_refit_moves_only_the_survivors() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_lines(
-        tmp.path(),
-        "sft.jsonl",
-        &shared_rows("data/train/sft/mixed_qa.jsonl", 16),
-    );
+    let data = sft_rows_file(tmp.path(), 16);
     let out_dir = tmp.path().join("refit");
     let args = [
-        "--lora-r",
-        "0",
-        "--max-steps",
-        "6",
         "--save-every",
         "4",
-        "--max-length",
-        "256",
-        "--truncation",
-        "keep_start",
         "--l1-mode",
         "proximal_adam",
         "--l1-lambda",
@@ -543,10 +543,7 @@ fn l1_refit_moves_only_the_survivors() {
         "--l1-refit-steps",
         "3",
     ];
-    let out = train_cmd("sft", model.path(), &data, &out_dir, &args)
-        .output()
-        .unwrap();
-    crate::common::expect_success(&out);
+    full_ft_sft(model.path(), &data, &out_dir, &args);
     let load = |path: std::path::PathBuf| -> BTreeMap<String, Tensor> {
         candle_core::safetensors::load(&path, &Device::Cpu)
             .unwrap()
@@ -605,11 +602,7 @@ fn l1_refit_moves_only_the_survivors() {
 #[test]
 fn l1_refit_settings_that_cannot_work_are_rejected() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_lines(
-        tmp.path(),
-        "sft.jsonl",
-        &shared_rows("data/train/sft/mixed_qa.jsonl", 2),
-    );
+    let data = sft_rows_file(tmp.path(), 2);
     let cases: [(&[&str], &str); 3] = [
         (
             &[
