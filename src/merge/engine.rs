@@ -220,7 +220,7 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
 
     let dir = AtomicDir::new(out)?;
     let mut cfg = ref_files.config.clone();
-    cfg.raw["torch_dtype"] = serde_json::json!(crate::model::gguf::dtype_name(out_dtype));
+    cfg.set_dtype(crate::model::gguf::dtype_name(out_dtype));
     cfg.write(&dir.path().join("config.json"))?;
     copy_tokenizer_files(&ref_files.dir, dir.path())?;
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;

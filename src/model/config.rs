@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::rope::RopeConfig;
+
 /// The `model_type` values paft can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -48,15 +50,6 @@ impl Architecture {
     }
 }
 
-/// Llama 3 style frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Llama3RopeScaling {
-    pub factor: f64,
-    pub low_freq_factor: f64,
-    pub high_freq_factor: f64,
-    pub original_max_position_embeddings: usize,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -68,8 +61,7 @@ pub struct ModelConfig {
     pub num_key_value_heads: usize,
     pub head_dim: usize,
     pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope: RopeConfig,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// Bias on q/k/v projections (Qwen2 always, Llama when `attention_bias`).
@@ -77,8 +69,11 @@ pub struct ModelConfig {
     /// Bias on o_proj (Llama's `attention_bias` covers it too).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// Mistral's sliding-window attention span, in tokens.
+    /// The sliding-window span in tokens, for the layers that slide.
     pub sliding_window: Option<usize>,
+    /// Per layer: does it attend within `sliding_window` only (Mistral: all layers when a window
+    /// is set; Qwen2: `layer_types`, or the layers from `max_window_layers` on).
+    pub sliding_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -86,18 +81,207 @@ pub struct ModelConfig {
     pub raw: Value,
 }
 
-fn get_usize(v: &Value, key: &str) -> Option<usize> {
-    v.get(key).and_then(Value::as_u64).map(|x| x as usize)
+/// What transformers assumes for a key absent from `config.json`, per architecture (the
+/// defaults of `LlamaConfig`, `MistralConfig` and `Qwen2Config`, identical in 4.57 and 5.x).
+struct ArchDefaults {
+    max_position_embeddings: usize,
+    /// `None`: as many KV heads as attention heads.
+    num_key_value_heads: Option<usize>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => vec![],
+impl Architecture {
+    fn defaults(self) -> ArchDefaults {
+        match self {
+            Self::Llama => ArchDefaults {
+                max_position_embeddings: 2048,
+                num_key_value_heads: None,
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
+            },
+            Self::Mistral => ArchDefaults {
+                max_position_embeddings: 4096 * 32,
+                num_key_value_heads: Some(8),
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
+            },
+            Self::Qwen2 => ArchDefaults {
+                max_position_embeddings: 32768,
+                num_key_value_heads: Some(32),
+                bos_token_id: None,
+                eos_token_id: None,
+            },
+        }
+    }
+}
+
+/// Keys transformers reads for these architectures that change the computation in a way paft
+/// does not implement: refused rather than ignored.
+const UNSUPPORTED_KEYS: [(&str, &str); 4] = [
+    (
+        "quantization_config",
+        "quantized checkpoints cannot be read; dequantize first",
+    ),
+    (
+        "attn_logit_softcapping",
+        "logit soft-capping is not part of llama, mistral or qwen2",
+    ),
+    (
+        "final_logit_softcapping",
+        "logit soft-capping is not part of llama, mistral or qwen2",
+    ),
+    (
+        "dual_chunk_attention_config",
+        "dual-chunk attention is not supported",
+    ),
+];
+
+/// A JSON value read with transformers' meaning of `null` (= use the default).
+struct Keys<'a>(&'a Value);
+
+impl Keys<'_> {
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .with_context(|| format!("`{key}` must be a non-negative integer, got {v}")),
+        }
+    }
+
+    fn required(&self, key: &str) -> Result<usize> {
+        self.usize(key)?.with_context(|| format!("missing `{key}`"))
+    }
+
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .with_context(|| format!("`{key}` must be a number, got {v}")),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .with_context(|| format!("`{key}` must be true or false, got {v}")),
+        }
+    }
+
+    fn token_ids(&self, key: &str) -> Result<Option<Vec<u32>>> {
+        let bad = || format!("`{key}` must be a token id or a list of them");
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(Some(vec![n.as_u64().with_context(bad)? as u32])),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| x.as_u64().map(|x| x as u32).with_context(bad))
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(_) => bail!(bad()),
+        }
+    }
+}
+
+/// The storage dtype a config names: `dtype` (transformers ≥ 4.56 and 5) or `torch_dtype`
+/// (older); both must agree when both are present.
+fn declared_dtype(keys: &Keys) -> Result<Option<String>> {
+    let read = |key: &str| -> Result<Option<String>> {
+        match keys.present(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.trim_start_matches("torch.").to_string())),
+            Some(v) => bail!("`{key}` must be a string, got {v}"),
+        }
+    };
+    let (new, old) = (read("dtype")?, read("torch_dtype")?);
+    if let (Some(a), Some(b)) = (&new, &old) {
+        if a != b {
+            bail!("`dtype` ({a}) and `torch_dtype` ({b}) disagree");
+        }
+    }
+    let dtype = new.or(old);
+    if let Some(d) = &dtype {
+        const KNOWN: [&str; 4] = ["float32", "float16", "bfloat16", "float64"];
+        if !KNOWN.contains(&d.as_str()) && d != "auto" {
+            bail!("unsupported dtype `{d}` (paft reads {})", KNOWN.join(", "));
+        }
+    }
+    Ok(dtype)
+}
+
+/// Which layers use the sliding window, as transformers decides it for each architecture.
+fn sliding_layout(
+    architecture: Architecture,
+    keys: &Keys,
+    num_layers: usize,
+) -> Result<(Option<usize>, Vec<bool>)> {
+    match architecture {
+        // LlamaConfig has no window.
+        Architecture::Llama => Ok((None, vec![false; num_layers])),
+        // MistralConfig: 4096 when absent, none when null, on every layer.
+        Architecture::Mistral => {
+            if keys.present("layer_types").is_some() {
+                bail!("`layer_types` on a mistral config: transformers' MistralForCausalLM ignores it (use a model type that alternates layers)");
+            }
+            let window = match keys.0.get("sliding_window") {
+                None => Some(4096),
+                Some(_) => keys.usize("sliding_window")?,
+            };
+            Ok((window, vec![window.is_some(); num_layers]))
+        }
+        // Qwen2Config: a window only with `use_sliding_window`, on the layers `layer_types`
+        // marks, else on the layers from `max_window_layers` on.
+        Architecture::Qwen2 => {
+            let use_window = keys.bool("use_sliding_window")?.unwrap_or(false);
+            let window = if use_window {
+                match keys.0.get("sliding_window") {
+                    None => Some(4096),
+                    Some(_) => keys.usize("sliding_window")?,
+                }
+            } else {
+                None
+            };
+            let layers = match keys.present("layer_types") {
+                Some(Value::Array(types)) => {
+                    if types.len() != num_layers {
+                        bail!(
+                            "`layer_types` has {} entries for {num_layers} layers",
+                            types.len()
+                        );
+                    }
+                    types
+                        .iter()
+                        .map(|t| match t.as_str() {
+                            Some("full_attention") => Ok(false),
+                            Some("sliding_attention") => Ok(true),
+                            _ => bail!("`layer_types` entry {t} is not supported (full_attention, sliding_attention)"),
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                }
+                Some(v) => bail!("`layer_types` must be a list, got {v}"),
+                None => {
+                    let first = keys.usize("max_window_layers")?.unwrap_or(28);
+                    (0..num_layers)
+                        .map(|l| window.is_some() && l >= first)
+                        .collect()
+                }
+            };
+            if window.is_none() && layers.iter().any(|&s| s) {
+                bail!("`layer_types` marks sliding layers but no window is active (`use_sliding_window` is false or `sliding_window` null)");
+            }
+            Ok((window, layers))
+        }
     }
 }
 
@@ -107,9 +291,37 @@ impl ModelConfig {
             .with_context(|| format!("cannot read model config {}", path.display()))?;
         let raw: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        Self::from_json(raw).with_context(|| format!("invalid model config {}", path.display()))
+        let mut cfg = Self::from_json(raw)
+            .with_context(|| format!("invalid model config {}", path.display()))?;
+        let generation = path.with_file_name("generation_config.json");
+        if generation.is_file() {
+            cfg.add_generation_stop_ids(&generation)?;
+        }
+        Ok(cfg)
     }
 
+    /// transformers' `generate` stops at generation_config.json's `eos_token_id` (Llama 3
+    /// Instruct lists three there and one in config.json): those ids stop generation too.
+    fn add_generation_stop_ids(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let raw: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let ids = Keys(&raw)
+            .token_ids("eos_token_id")
+            .with_context(|| format!("in {}", path.display()))?
+            .unwrap_or_default();
+        for id in ids {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads config.json as transformers 4.x or 5.x writes it. A key transformers would default
+    /// gets transformers' default for that architecture; a key that transformers reads and paft
+    /// cannot honour is an error.
     pub fn from_json(raw: Value) -> Result<Self> {
         let model_type = raw
             .get("model_type")
@@ -121,15 +333,32 @@ impl ModelConfig {
                 Architecture::KNOWN.join(", ")
             );
         };
-        let req = |key: &str| {
-            get_usize(&raw, key).with_context(|| format!("missing or non-integer `{key}`"))
+        let keys = Keys(&raw);
+        for (key, why) in UNSUPPORTED_KEYS {
+            if keys.present(key).is_some() {
+                bail!("`{key}` is set: {why}");
+            }
+        }
+        if let Some(act) = keys.present("hidden_act") {
+            if act.as_str() != Some("silu") {
+                bail!("`hidden_act` {act} is not supported (paft's MLP is SiLU-gated)");
+            }
+        }
+        declared_dtype(&keys)?;
+        let defaults = architecture.defaults();
+        let hidden_size = keys.required("hidden_size")?;
+        let num_attention_heads = keys.required("num_attention_heads")?;
+        let num_key_value_heads = match raw.get("num_key_value_heads") {
+            // Explicit null means "as many as attention heads" in all three configs.
+            Some(Value::Null) => num_attention_heads,
+            Some(_) => keys.required("num_key_value_heads")?,
+            None => defaults.num_key_value_heads.unwrap_or(num_attention_heads),
         };
-        let hidden_size = req("hidden_size")?;
-        let num_attention_heads = req("num_attention_heads")?;
-        let num_key_value_heads =
-            get_usize(&raw, "num_key_value_heads").unwrap_or(num_attention_heads);
-        let head_dim =
-            get_usize(&raw, "head_dim").unwrap_or(hidden_size / num_attention_heads.max(1));
+        // head_dim: null or 0 means hidden / heads (as the attention modules compute it).
+        let head_dim = match keys.usize("head_dim")? {
+            Some(d) if d > 0 => d,
+            _ => hidden_size / num_attention_heads.max(1),
+        };
         if num_attention_heads == 0
             || num_key_value_heads == 0
             || num_attention_heads % num_key_value_heads != 0
@@ -139,85 +368,77 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             bail!("head_dim {head_dim} must be even for rotary embeddings");
         }
-        let rope_scaling = match raw.get("rope_scaling") {
-            None | Some(Value::Null) => None,
-            Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("");
-                match kind {
-                    "default" => None,
-                    "llama3" => {
-                        let f = |k: &str| {
-                            s.get(k)
-                                .and_then(Value::as_f64)
-                                .with_context(|| format!("rope_scaling.{k} missing"))
-                        };
-                        Some(Llama3RopeScaling {
-                            factor: f("factor")?,
-                            low_freq_factor: f("low_freq_factor")?,
-                            high_freq_factor: f("high_freq_factor")?,
-                            original_max_position_embeddings: f("original_max_position_embeddings")?
-                                as usize,
-                        })
-                    }
-                    other => bail!("unsupported rope_scaling type `{other}` (supported: llama3)"),
-                }
-            }
+        let max_position_embeddings = keys
+            .usize("max_position_embeddings")?
+            .unwrap_or(defaults.max_position_embeddings);
+        let rope = RopeConfig::from_config(&raw, max_position_embeddings)?;
+        // attention_bias and mlp_bias exist only in LlamaConfig; Mistral and Qwen2 hard-code
+        // their biases and ignore the keys, as paft does.
+        let llama = architecture == Architecture::Llama;
+        let attention_bias = llama && keys.bool("attention_bias")?.unwrap_or(false);
+        let mlp_bias = llama && keys.bool("mlp_bias")?.unwrap_or(false);
+        let num_hidden_layers = keys.required("num_hidden_layers")?;
+        let (sliding_window, sliding_layers) =
+            sliding_layout(architecture, &keys, num_hidden_layers)?;
+        let first_id = |key: &str, default: Option<u32>| -> Result<Option<u32>> {
+            Ok(match raw.get(key) {
+                None => default,
+                Some(_) => keys.token_ids(key)?.and_then(|v| v.first().copied()),
+            })
         };
-        let attention_bias = raw
-            .get("attention_bias")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let qkv_bias = architecture == Architecture::Qwen2 || attention_bias;
-        let sliding_window = match architecture {
-            Architecture::Mistral => get_usize(&raw, "sliding_window"),
-            // Qwen2 configs carry a window but only apply it with use_sliding_window=true.
-            Architecture::Qwen2
-                if raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true) =>
-            {
-                get_usize(&raw, "sliding_window")
-            }
-            _ => None,
+        let eos_token_ids = match raw.get("eos_token_id") {
+            None => defaults.eos_token_id.into_iter().collect(),
+            Some(_) => keys.token_ids("eos_token_id")?.unwrap_or_default(),
         };
         let cfg = Self {
             architecture,
-            vocab_size: req("vocab_size")?,
+            vocab_size: keys.required("vocab_size")?,
             hidden_size,
-            intermediate_size: req("intermediate_size")?,
-            num_hidden_layers: req("num_hidden_layers")?,
+            intermediate_size: keys.required("intermediate_size")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: raw
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
-            rope_theta: raw
-                .get("rope_theta")
-                .and_then(Value::as_f64)
-                .unwrap_or(10_000.0),
-            rope_scaling,
-            max_position_embeddings: get_usize(&raw, "max_position_embeddings").unwrap_or(4096),
-            tie_word_embeddings: raw
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            qkv_bias,
-            o_bias: architecture == Architecture::Llama && attention_bias,
-            mlp_bias: raw
-                .get("mlp_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            rms_norm_eps: keys.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope,
+            max_position_embeddings,
+            tie_word_embeddings: keys.bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
+            o_bias: attention_bias,
+            mlp_bias,
             sliding_window,
-            bos_token_id: token_ids(raw.get("bos_token_id")).first().copied(),
-            eos_token_ids: token_ids(raw.get("eos_token_id")),
-            pad_token_id: token_ids(raw.get("pad_token_id")).first().copied(),
+            sliding_layers,
+            bos_token_id: first_id("bos_token_id", defaults.bos_token_id)?,
+            eos_token_ids,
+            pad_token_id: first_id("pad_token_id", None)?,
             raw,
         };
         Ok(cfg)
+    }
+
+    /// Records the weights' dtype in whichever key(s) the config already uses (`dtype` from
+    /// transformers ≥ 4.56, `torch_dtype` before), or in `torch_dtype`, which every version reads.
+    pub fn set_dtype(&mut self, dtype_name: &str) {
+        let value = Value::String(dtype_name.to_string());
+        let mut written = false;
+        for key in ["dtype", "torch_dtype"] {
+            if self.raw.get(key).is_some_and(|v| !v.is_null()) {
+                self.raw[key] = value.clone();
+                written = true;
+            }
+        }
+        if !written {
+            self.raw["torch_dtype"] = value;
+        }
+    }
+
+    /// Does layer `l` attend within the sliding window only?
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        if self.sliding_layers.get(l).copied().unwrap_or(false) {
+            self.sliding_window
+        } else {
+            None
+        }
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {

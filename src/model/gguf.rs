@@ -9,15 +9,19 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{DType, Device, Tensor};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::sequence::Sequence as PostSequence;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::config::ModelConfig;
+use super::rope::RopeConfig;
 use super::weights::{write_weights, AtomicDir, WeightMap};
 
 pub struct GgufImport {
@@ -147,6 +151,30 @@ pub fn import_gguf(
         .u(&k("attention.key_length"))
         .unwrap_or(hidden / n_head);
 
+    let context_length = meta.u(&k("context_length"))?;
+    let rope_freqs = match content.tensor_infos.contains_key("rope_freqs.weight") {
+        false => None,
+        true => Some(
+            content
+                .tensor(&mut reader, "rope_freqs.weight", &Device::Cpu)
+                .and_then(|q| q.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: cannot read `rope_freqs.weight`: {e}", gguf.display())
+                })?,
+        ),
+    };
+    let rope = gguf_rope(
+        &meta,
+        &arch,
+        head_dim,
+        context_length,
+        rope_freqs.as_deref(),
+    )
+    .with_context(|| format!("{}: RoPE settings", gguf.display()))?;
+    let (rope_theta, rope_scaling) = rope.legacy_json();
+    // transformers 4's layout (top-level rope_theta / rope_scaling, torch_dtype): transformers 4
+    // reads only this one, and transformers 5 still reads it.
     let mut cfg = json!({
         "architectures": [match model_type { "llama" => "LlamaForCausalLM", "mistral" => "MistralForCausalLM", _ => "Qwen2ForCausalLM" }],
         "model_type": model_type,
@@ -157,14 +185,14 @@ pub fn import_gguf(
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "rms_norm_eps": meta.f(&k("attention.layer_norm_rms_epsilon"))?,
-        "rope_theta": meta.f(&k("rope.freq_base")).unwrap_or(10000.0),
-        "max_position_embeddings": meta.u(&k("context_length")).unwrap_or(4096),
+        "rope_theta": rope_theta,
+        "max_position_embeddings": context_length,
         "vocab_size": meta.u(&k("vocab_size")).unwrap_or(tokens.len()),
         "tie_word_embeddings": !has_output,
         "hidden_act": "silu",
         "attention_bias": false,
         "mlp_bias": false,
-        "rope_scaling": Value::Null,
+        "rope_scaling": rope_scaling,
         "initializer_range": 0.02,
         "torch_dtype": dtype_name(dtype),
         "use_cache": true,
@@ -180,6 +208,10 @@ pub fn import_gguf(
     }
     if model_type == "qwen2" {
         cfg["use_sliding_window"] = json!(false);
+    }
+    if model_type == "mistral" {
+        // Explicit either way: MistralConfig would default an absent window to 4096.
+        cfg["sliding_window"] = json!(meta.opt_u(&k("attention.sliding_window")));
     }
     let config = ModelConfig::from_json(cfg)
         .with_context(|| format!("{}: metadata gives an invalid config", gguf.display()))?;
@@ -255,6 +287,79 @@ pub fn import_gguf(
     write_weights(dir.path(), &weights, None, max_shard_bytes)?;
     dir.commit()?;
     Ok(GgufImport { config, tensors: n })
+}
+
+/// The RoPE that llama.cpp would run for this file, as a transformers config expresses it.
+/// llama.cpp stores Llama 3 frequency scaling only as the per-frequency divisors
+/// `rope_freqs.weight`; those are matched against the published Llama 3.1 / 3.2 settings.
+fn gguf_rope(
+    meta: &Meta,
+    arch: &str,
+    head_dim: usize,
+    context_length: usize,
+    rope_freqs: Option<&[f32]>,
+) -> Result<RopeConfig> {
+    let key = |s: &str| format!("{arch}.{s}");
+    if let Some(n) = meta.opt_u(&key("rope.dimension_count")) {
+        if n as usize != head_dim {
+            bail!("rope.dimension_count {n} differs from the head size {head_dim} (partial rotary embeddings are not supported)");
+        }
+    }
+    // llama.cpp's own default when the key is absent.
+    let theta = match meta.md.get(&key("rope.freq_base")) {
+        Some(_) => meta.f(&key("rope.freq_base"))?,
+        None => 10_000.0,
+    };
+    let kind = match meta.md.get(&key("rope.scaling.type")) {
+        Some(v) => v.to_string().map_err(anyhow::Error::msg)?.clone(),
+        None if meta.md.contains_key(&key("rope.scale_linear")) => "linear".into(),
+        None => "none".into(),
+    };
+    let factor = || -> Result<f64> {
+        meta.f(&key("rope.scaling.factor"))
+            .or_else(|_| meta.f(&key("rope.scale_linear")))
+    };
+    let scaling = match kind.as_str() {
+        "none" => None,
+        "linear" => Some(json!({"rope_type": "linear", "factor": factor()?})),
+        "yarn" => Some(json!({
+            "rope_type": "yarn",
+            "factor": factor()?,
+            "original_max_position_embeddings": meta.u(&key("rope.scaling.original_context_length"))?,
+        })),
+        other => bail!("rope.scaling.type `{other}` is not supported (none, linear, yarn)"),
+    };
+    let plain = RopeConfig::from_config(&json!({"rope_theta": theta}), context_length)?;
+    let Some(divisors) = rope_freqs else {
+        return RopeConfig::from_config(
+            &json!({"rope_theta": theta, "rope_scaling": scaling}),
+            context_length,
+        );
+    };
+    if scaling.is_some() {
+        bail!("both rope.scaling.type `{kind}` and a rope_freqs tensor are present");
+    }
+    // (factor, low_freq_factor, high_freq_factor, original context): Llama 3.1, Llama 3.2.
+    const LLAMA3: [(f64, f64, f64, usize); 2] = [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192)];
+    let base = plain.inv_freq(head_dim);
+    for (factor, low, high, original) in LLAMA3 {
+        let candidate = RopeConfig::from_config(
+            &json!({"rope_theta": theta, "rope_scaling": {"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": low, "high_freq_factor": high,
+                "original_max_position_embeddings": original}}),
+            context_length,
+        )?;
+        let fits = candidate
+            .inv_freq(head_dim)
+            .iter()
+            .zip(&base)
+            .zip(divisors)
+            .all(|((s, b), d)| ((b / s) - d).abs() <= 1e-3 * d.abs());
+        if divisors.len() == base.len() && fits {
+            return Ok(candidate);
+        }
+    }
+    bail!("the rope_freqs tensor matches none of the Llama 3 frequency scalings paft knows (Llama 3.1, 3.2); import the Hugging Face checkpoint instead")
 }
 
 pub fn dtype_name(dtype: DType) -> &'static str {
@@ -408,7 +513,7 @@ fn build_tokenizer(meta: &Meta) -> Result<Tokenizer> {
     };
     tk.with_pre_tokenizer(Some(pre_tokenizer));
     tk.with_decoder(Some(ByteLevel::default()));
-    tk.with_post_processor(Some(ByteLevel::new(false, true, true)));
+    tk.with_post_processor(Some(post_processor(meta, &tokens)?));
     let specials: Vec<AddedToken> = types
         .iter()
         .enumerate()
@@ -418,6 +523,64 @@ fn build_tokenizer(meta: &Meta) -> Result<Tokenizer> {
     tk.add_special_tokens(specials)
         .map_err(|e| anyhow::anyhow!("cannot add special tokens: {e}"))?;
     Ok(tk)
+}
+
+/// ByteLevel, plus BOS/EOS where the GGUF's `add_bos_token` / `add_eos_token` ask for them
+/// (llama.cpp adds them at tokenization; tokenizer_config.json records the same flags, and
+/// transformers 5 rebuilds the post-processor from them, so the two must agree).
+fn post_processor(meta: &Meta, tokens: &[String]) -> Result<PostProcessorWrapper> {
+    let byte_level = PostProcessorWrapper::ByteLevel(ByteLevel::new(false, true, true));
+    let special = |flag: &str, id_key: &str| -> Result<Option<(String, u32)>> {
+        if !meta.opt_bool(flag).unwrap_or(false) {
+            return Ok(None);
+        }
+        let id = meta.opt_u(id_key).with_context(|| {
+            format!(
+                "{}: `{flag}` is true but `{id_key}` is missing",
+                meta.file.display()
+            )
+        })?;
+        let token = tokens.get(id as usize).with_context(|| {
+            format!(
+                "{}: `{id_key}` {id} is outside the vocabulary",
+                meta.file.display()
+            )
+        })?;
+        Ok(Some((token.clone(), id)))
+    };
+    let bos = special(
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.bos_token_id",
+    )?;
+    let eos = special(
+        "tokenizer.ggml.add_eos_token",
+        "tokenizer.ggml.eos_token_id",
+    )?;
+    if bos.is_none() && eos.is_none() {
+        return Ok(byte_level);
+    }
+    let wrap = |body: &str| {
+        let pre = bos
+            .as_ref()
+            .map(|(t, _)| format!("{t} "))
+            .unwrap_or_default();
+        let post = eos
+            .as_ref()
+            .map(|(t, _)| format!(" {t}"))
+            .unwrap_or_default();
+        format!("{pre}{body}{post}")
+    };
+    let template = TemplateProcessing::builder()
+        .try_single(wrap("$A"))
+        .and_then(|b| b.try_pair(format!("{} {}", wrap("$A"), wrap("$B:1"))))
+        .map_err(|e| anyhow::anyhow!("cannot build the BOS/EOS template: {e}"))?
+        .special_tokens(bos.iter().chain(&eos).cloned().collect::<Vec<_>>())
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the BOS/EOS template: {e}"))?;
+    Ok(PostProcessorWrapper::Sequence(PostSequence::new(vec![
+        byte_level,
+        PostProcessorWrapper::Template(template),
+    ])))
 }
 
 fn write_tokenizer_config(meta: &Meta, tokens: &[String], path: &Path) -> Result<()> {

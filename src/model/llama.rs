@@ -191,7 +191,10 @@ pub struct LlamaModel {
 struct AttentionInputs<'a> {
     cos: &'a Tensor,
     sin: &'a Tensor,
+    /// The mask of full-attention layers.
     mask: Option<&'a Tensor>,
+    /// The mask of sliding-window layers (only built when some layer slides).
+    window_mask: Option<&'a Tensor>,
 }
 
 impl LlamaModel {
@@ -281,7 +284,7 @@ impl LlamaModel {
             } else {
                 Some(get("lm_head.weight"))
             },
-            inv_freq: rope_inv_freq(cfg),
+            inv_freq: cfg.rope.inv_freq(cfg.head_dim),
             mode,
             lora_dropout: dropout,
         })
@@ -335,7 +338,13 @@ impl LlamaModel {
             }
             _ => (vec![vec![]; b], vec![vec![]; b]),
         };
-        let mask = self.attention_mask(batch, &prev_pos, &prev_valid)?;
+        let mask = self.attention_mask(batch, &prev_pos, &prev_valid, None)?;
+        let window_mask = match self.cfg.sliding_window {
+            Some(w) if self.cfg.sliding_layers.contains(&true) => {
+                self.attention_mask(batch, &prev_pos, &prev_valid, Some(w))?
+            }
+            _ => None,
+        };
         let (cos, sin) = self.rope_tables(batch)?;
         let ids = Tensor::new(batch.ids.concat(), dev)?;
         let mut x = self
@@ -346,11 +355,12 @@ impl LlamaModel {
             cos: &cos,
             sin: &sin,
             mask: mask.as_ref(),
+            window_mask: window_mask.as_ref(),
         };
         match cache {
             Some(c) => {
-                for (layer, kv) in self.layers.iter().zip(c.layers.iter_mut()) {
-                    x = self.layer_forward(layer, &x, &inputs, Some(kv))?;
+                for (l, (layer, kv)) in self.layers.iter().zip(c.layers.iter_mut()).enumerate() {
+                    x = self.layer_forward(l, layer, &x, &inputs, Some(kv))?;
                 }
                 for (row, (p, v)) in batch.positions.iter().zip(&batch.valid).enumerate() {
                     if c.key_positions.len() <= row {
@@ -362,8 +372,8 @@ impl LlamaModel {
                 }
             }
             None => {
-                for layer in &self.layers {
-                    x = self.layer_forward(layer, &x, &inputs, None)?;
+                for (l, layer) in self.layers.iter().enumerate() {
+                    x = self.layer_forward(l, layer, &x, &inputs, None)?;
                 }
             }
         }
@@ -410,13 +420,19 @@ impl LlamaModel {
 
     fn layer_forward(
         &self,
+        index: usize,
         layer: &Layer,
         x: &Tensor,
         inputs: &AttentionInputs,
         kv: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
         let h = self.rms_norm(x, &layer.input_norm)?;
-        let attn = self.attention(&layer.attn, &h, inputs, kv)?;
+        let mask = if self.cfg.layer_window(index).is_some() {
+            inputs.window_mask
+        } else {
+            inputs.mask
+        };
+        let attn = self.attention(&layer.attn, &h, inputs.cos, inputs.sin, mask, kv)?;
         let x = (x + attn)?;
         let h = self.rms_norm(&x, &layer.post_norm)?;
         let mlp = layer.mlp.down.forward(
@@ -429,7 +445,9 @@ impl LlamaModel {
         &self,
         attn: &Attention,
         x: &Tensor,
-        inputs: &AttentionInputs,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
         kv: Option<&mut Option<LayerKv>>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -455,8 +473,8 @@ impl LlamaModel {
             .forward(x)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
-        let q = self.rope(&q, inputs.cos, inputs.sin)?;
-        let k = self.rope(&k, inputs.cos, inputs.sin)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
         let (k, v) = match kv {
             Some(slot) => LayerKv::append(slot, &k, &v)?,
             None => (k, v.contiguous()?),
@@ -467,7 +485,7 @@ impl LlamaModel {
         let n_rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
         let fused = match self.mode {
-            Mode::Inference => super::attention_kernel::attention(&q, &k, &v, inputs.mask)?,
+            Mode::Inference => super::attention_kernel::attention(&q, &k, &v, mask)?,
             Mode::Differentiable => None,
         };
         let out = match fused {
@@ -476,13 +494,13 @@ impl LlamaModel {
                 let scores = q.matmul(&k.t()?)?.reshape((b, nkv, n_rep, t, total))?;
                 let probs = match self.mode {
                     Mode::Inference => {
-                        let scores = match inputs.mask {
+                        let scores = match mask {
                             Some(m) => scores.broadcast_add(m)?,
                             None => scores,
                         };
                         candle_nn::ops::softmax_last_dim(&scores)?
                     }
-                    Mode::Differentiable => super::ops::masked_softmax(&scores, inputs.mask)?,
+                    Mode::Differentiable => super::ops::masked_softmax(&scores, mask)?,
                 };
                 probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?
             }
@@ -525,14 +543,16 @@ impl LlamaModel {
             &batch.positions
         };
         let half = self.inv_freq.len();
+        // YaRN scales cos and sin (after the cosine, in f32, as transformers).
+        let scale = self.cfg.rope.attention_factor() as f32;
         let mut cos = Vec::with_capacity(rows.len() * batch.seq_len() * half);
         let mut sin = Vec::with_capacity(cos.capacity());
         for &p in rows.iter().flatten() {
             for &f in &self.inv_freq {
                 // f32 product, as transformers computes the angle.
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * scale);
+                sin.push(angle.sin() * scale);
             }
         }
         let shape: Vec<usize> = if uniform {
@@ -555,6 +575,7 @@ impl LlamaModel {
         batch: &TokenBatch,
         prev_pos: &[Vec<u32>],
         prev_valid: &[Vec<bool>],
+        window: Option<usize>,
     ) -> Result<Option<Tensor>> {
         let t = batch.seq_len();
         let total = prev_pos[0].len() + t;
@@ -585,7 +606,7 @@ impl LlamaModel {
         } else {
             -1e30
         };
-        let window = self.cfg.sliding_window.map(|w| w as i64);
+        let window = window.map(|w| w as i64);
         let mut data = Vec::with_capacity(used * t * total);
         let mut any_masked = false;
         for r in 0..used {
@@ -614,32 +635,4 @@ fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
     Ok(Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?)
-}
-
-fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
-    let d = cfg.head_dim;
-    let base = cfg.rope_theta as f32;
-    let mut inv: Vec<f32> = (0..d)
-        .step_by(2)
-        .map(|i| 1.0 / base.powf(i as f32 / d as f32))
-        .collect();
-    if let Some(s) = &cfg.rope_scaling {
-        let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
-        let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
-        for f in inv.iter_mut() {
-            let freq = *f as f64;
-            let wavelen = 2.0 * std::f64::consts::PI / freq;
-            *f = if wavelen < high_wavelen {
-                freq
-            } else if wavelen > low_wavelen {
-                freq / s.factor
-            } else {
-                let smooth = (s.original_max_position_embeddings as f64 / wavelen
-                    - s.low_freq_factor)
-                    / (s.high_freq_factor - s.low_freq_factor);
-                (1.0 - smooth) * freq / s.factor + smooth * freq
-            } as f32;
-        }
-    }
-    inv
 }

@@ -125,6 +125,35 @@ struct PeftConfigFile {
 
 const PEFT_PREFIX: &str = "base_model.model.";
 
+/// PEFT settings that change the adapted model and that paft does not implement: refused, since
+/// ignoring them would give a different model than PEFT's without a word. Absent, `null`,
+/// `false` and empty values are PEFT's defaults and pass.
+fn unsupported_peft_settings(text: &str) -> Result<()> {
+    let raw: serde_json::Value = serde_json::from_str(text)?;
+    const KEYS: [(&str, &str); 8] = [
+        ("use_dora", "DoRA's magnitude vectors"),
+        ("rank_pattern", "per-module ranks"),
+        ("alpha_pattern", "per-module alphas"),
+        ("modules_to_save", "fully trained extra modules"),
+        ("lora_bias", "a bias on lora_B"),
+        ("target_parameters", "LoRA on raw parameters"),
+        ("use_qalora", "QA-LoRA"),
+        ("trainable_token_indices", "trained token embeddings"),
+    ];
+    for (key, what) in KEYS {
+        let set = match raw.get(key) {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+            Some(serde_json::Value::Object(o)) => !o.is_empty(),
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            bail!("`{key}` is set ({what}); paft applies plain LoRA only");
+        }
+    }
+    Ok(())
+}
+
 impl LoraAdapter {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
@@ -137,6 +166,8 @@ impl LoraAdapter {
                 bail!("{}: peft_type `{t}` is not LORA", cfg_path.display());
             }
         }
+        unsupported_peft_settings(&text)
+            .with_context(|| format!("{}: unsupported adapter", cfg_path.display()))?;
         if file.fan_in_fan_out {
             bail!(
                 "{}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported",
@@ -184,7 +215,13 @@ impl LoraAdapter {
                 );
             };
             let Some(module) = rest.strip_suffix(".lora_A.weight") else {
-                continue;
+                if rest.ends_with(".lora_B.weight") {
+                    continue; // read with its lora_A
+                }
+                bail!(
+                    "{}: tensor `{name}` is not a LoRA factor paft applies (only lora_A/lora_B of linear layers)",
+                    weights_path.display()
+                );
             };
             let b_name = format!("{PEFT_PREFIX}{module}.lora_B.weight");
             if !files.contains(&b_name) {

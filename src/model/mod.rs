@@ -11,6 +11,7 @@ pub mod llama;
 pub mod lora;
 pub mod ops;
 pub mod pretrained;
+pub mod rope;
 pub mod source;
 pub mod tiny;
 pub mod tokenizer;

@@ -93,17 +93,24 @@ impl ModelFiles {
         })
     }
 
-    /// Reads every tensor the config expects, converted to `dtype` (default: as stored).
-    pub fn load(self, dtype: Option<DType>, device: &Device) -> Result<Pretrained> {
-        let tokenizer = match self.tokenizer {
-            Some(t) => t,
-            None => ModelTokenizer::load_dir(&self.dir)?, // fails naming the missing file
-        };
+    /// Every tensor the config expects, converted to `dtype` (default: as stored); enough to
+    /// run the model without a tokenizer.
+    pub fn load_weights(&self, dtype: Option<DType>, device: &Device) -> Result<WeightMap> {
         let mut weights = WeightMap::new();
         for (name, _) in self.config.expected_tensors() {
             let t = self.checkpoint.load(&name, dtype, device)?;
             weights.insert(name, t);
         }
+        Ok(weights)
+    }
+
+    /// Reads every tensor the config expects, converted to `dtype` (default: as stored).
+    pub fn load(self, dtype: Option<DType>, device: &Device) -> Result<Pretrained> {
+        let weights = self.load_weights(dtype, device)?;
+        let tokenizer = match self.tokenizer {
+            Some(t) => t,
+            None => ModelTokenizer::load_dir(&self.dir)?, // fails naming the missing file
+        };
         Ok(Pretrained {
             dir: self.dir,
             config: self.config,
@@ -129,7 +136,7 @@ impl Pretrained {
         let dir = AtomicDir::new(out)?;
         let mut config = self.config.clone();
         if let Some(d) = dtype {
-            config.raw["torch_dtype"] = serde_json::json!(dtype_name(d));
+            config.set_dtype(dtype_name(d));
         }
         config.write(&dir.path().join("config.json"))?;
         copy_tokenizer_files(&self.dir, dir.path())?;

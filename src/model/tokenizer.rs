@@ -79,14 +79,61 @@ impl ModelTokenizer {
                     .with_context(|| format!("cannot read {}", jinja.display()))?,
             );
         }
-        Ok(Self {
+        let tokenizer = Self {
             inner,
             path,
             bos_token: special_token(&cfg, "bos_token"),
             eos_token: special_token(&cfg, "eos_token"),
             pad_token: special_token(&cfg, "pad_token"),
             chat_template,
-        })
+        };
+        tokenizer
+            .check_special_token_flags(&cfg)
+            .with_context(|| format!("{}", cfg_path.display()))?;
+        if cfg.get("clean_up_tokenization_spaces") == Some(&Value::Bool(true)) {
+            tracing::warn!(
+                "{}: clean_up_tokenization_spaces is true; paft decodes without it, as transformers 5 \
+                 does for BPE tokenizers (transformers 4 would strip spaces before punctuation)",
+                cfg_path.display()
+            );
+        }
+        Ok(tokenizer)
+    }
+
+    /// transformers 5 rebuilds the post-processor from an explicit `add_bos_token` /
+    /// `add_eos_token` (transformers 4 does for Llama tokenizers only); paft encodes with
+    /// tokenizer.json's post-processor. Where the two disagree the generations differ, so refuse.
+    fn check_special_token_flags(&self, cfg: &Value) -> Result<()> {
+        let probe = self.encode("a", true)?;
+        let plain = self.encode("a", false)?;
+        let checks = [
+            (
+                "add_bos_token",
+                &self.bos_token,
+                probe.first() != plain.first(),
+            ),
+            (
+                "add_eos_token",
+                &self.eos_token,
+                probe.last() != plain.last(),
+            ),
+        ];
+        for (key, token, post_processor_adds) in checks {
+            let Some(flag) = cfg.get(key).and_then(Value::as_bool) else {
+                continue;
+            };
+            if flag && token.is_none() {
+                continue; // transformers turns the flag off when the token is undefined
+            }
+            if flag != post_processor_adds {
+                bail!(
+                    "`{key}` is {flag} but tokenizer.json's post-processor {} it; transformers 4 and 5 \
+                     disagree on which wins, so fix one of the two files",
+                    if post_processor_adds { "adds" } else { "does not add" }
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn from_tokenizer(inner: Tokenizer, path: PathBuf) -> Self {

@@ -3,6 +3,7 @@
 mod common;
 
 mod bad_input;
+mod config_layouts;
 mod eval;
 mod gradients;
 mod hub;
