@@ -77,10 +77,12 @@ fn main() -> Result<()> {
         sft: need("--sft")?,
         pref: need("--pref")?,
     };
+    let mut eval = paft::eval::EvalConfig::new(paft::eval::parse_task_list(&tasks)?);
+    eval.split = space.pools;
     let mut scorer = CandidateScorer::new(
         inputs,
         TaskStore::new(tasks_dir),
-        &tasks,
+        eval,
         0,
         space.objective.clone(),
         candle_core::Device::Cpu,

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod io;
 pub mod memory;
 pub mod merge;
 pub mod model;

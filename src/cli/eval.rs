@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
 
 use super::ModelArgs;
 use crate::eval::{
-    parse_task_list, results::write_samples, EvalConfig, EvalModel, PreparedSuite, Selection,
-    TaskOptions, TaskStore,
+    parse_task_list, DocSet, EvalConfig, Evaluator, Pool, PoolSplit, Selection, TaskOptions,
+    TaskStore,
 };
 use crate::model::{self, Mode, Pretrained};
 
@@ -51,6 +51,19 @@ pub struct EvalArgs {
     /// TruthfulQA mc2 true set as the leaderboard had it (answers before the first false one).
     #[arg(long)]
     pub legacy_mc2: bool,
+    /// Which documents: `all` (lm-eval's semantics), or the held-out protocol's `search` or
+    /// `report` pool (the same split as a search space's `[pools]`).
+    #[arg(long, default_value = "all", value_parser = Pool::parse)]
+    pub pool: Pool,
+    /// Fraction of each task in the search pool (with --pool).
+    #[arg(long, default_value_t = 0.5)]
+    pub split_search: f64,
+    /// Fraction of each task in the report pool (with --pool).
+    #[arg(long, default_value_t = 0.5)]
+    pub split_report: f64,
+    /// Seed of the pool split (with --pool).
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -66,10 +79,19 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             .unwrap_or_else(TaskStore::default_root),
     );
     let mut config = EvalConfig::new(parse_task_list(&args.tasks)?);
-    config.selection = match (args.limit, args.sample) {
+    let selection = match (args.limit, args.sample) {
         (Some(n), _) => Selection::Limit(n),
         (None, Some(n)) => Selection::Sample { n, seed: args.seed },
         (None, None) => Selection::All,
+    };
+    let docs = DocSet {
+        pool: args.pool,
+        selection,
+    };
+    config.split = PoolSplit {
+        search: args.split_search,
+        report: args.split_report,
+        seed: args.split_seed,
     };
     config.num_fewshot = args.num_fewshot;
     config.fewshot_seed = args.fewshot_seed;
@@ -83,32 +105,16 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let dir = model::source::resolve_model(&args.model.model, args.model.revision.as_deref())?;
     let pre = Pretrained::load(&dir, Some(dtype), &device)?;
     let net = pre.model(Mode::Inference, None)?;
-
-    let suite = PreparedSuite::prepare(
-        &store,
-        &pre.tokenizer,
-        pre.config.max_position_embeddings,
-        config,
-    )
-    .with_context(|| format!("preparing tasks from {}", store.root().display()))?;
+    let mut evaluator = Evaluator::new(pre, store.clone(), config)?;
+    let n_docs = evaluator.suite(docs)?.num_docs();
     tracing::info!(
-        "{} documents in {} task(s) from {}",
-        suite.num_docs(),
-        suite.tasks.len(),
+        "{n_docs} documents ({} pool) from {}",
+        args.pool.name(),
         store.root().display()
     );
-    let target = EvalModel {
-        model: &net,
-        tokenizer: &pre.tokenizer,
-        stop_token_ids: pre.stop_token_ids(),
-        pad_id: pre.pad_token_id(),
-    };
-    let bar = crate::progress::bar(suite.num_docs() as u64, "eval");
-    let result = suite.evaluate(&target, &|| bar.inc(1))?;
-    bar.finish_and_clear();
+    let result = evaluator.evaluate(&net, docs)?;
 
     if let Some(out) = &args.output {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
         let config = json!({
             "model": args.model.model,
             "model_dir": dir,
@@ -123,11 +129,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "tasks_dir": store.root(),
             "legacy_mc2": args.legacy_mc2,
         });
-        let json = serde_json::to_vec_pretty(&result.to_json(config))?;
-        model::weights::write_file_atomic(&out.join("results.json"), &json)?;
-        if args.log_samples {
-            write_samples(out, &suite, &result)?;
-        }
+        evaluator.write(out, docs, &result, config, args.log_samples)?;
         tracing::info!("results written to {}", out.display());
     }
     if let Some(micro) = result.mmlu_micro() {

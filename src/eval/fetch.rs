@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::model::weights::write_file_atomic;
+use crate::io::write_file_atomic;
 use anyhow::{Context, Result};
 
 /// A split of a Hub dataset and where it goes in the task store.

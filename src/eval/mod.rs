@@ -3,13 +3,18 @@
 //! with shared prefixes and document contexts prefilled once.
 //!
 //! Flow: [`TaskStore`] (files) → [`tasks`] (documents → requests, one file per task behind
-//! [`Task`]) → [`PreparedSuite`] (selection, shots, tokens; built once per tokenizer) →
-//! [`engine`] (KV-cache scoring and generation) → [`SuiteResult`] (metrics, results.json).
+//! [`Task`]) → [`PreparedSuite`] (pool, selection, shots, tokens; built once per tokenizer) →
+//! [`engine`] (KV-cache scoring and generation) → [`SuiteResult`] (metrics) → [`output`]
+//! (results.json, samples). [`Evaluator`] is the one entry point; [`pools`] holds the search /
+//! report split.
 
 pub mod engine;
+pub mod evaluator;
 pub mod fetch;
 pub mod fewshot;
 pub mod multiple_choice;
+pub mod output;
+pub mod pools;
 pub mod pyrandom;
 pub mod results;
 pub mod store;
@@ -19,9 +24,11 @@ pub mod task;
 pub mod tasks;
 pub mod tokenize;
 
+pub use evaluator::Evaluator;
+pub use pools::{Pool, PoolSplit};
 pub use results::{Headline, SuiteResult, TaskResult};
 pub use store::TaskStore;
 pub use subset::Selection;
-pub use suite::{EvalConfig, EvalModel, PreparedSuite};
+pub use suite::{DocSet, EvalConfig, EvalModel, PreparedSuite};
 pub use task::{Benchmark, MetricKey, Task};
 pub use tasks::{parse_task_list, TaskOptions, TaskSpec};

@@ -129,19 +129,33 @@ impl Task for MultipleChoiceTask {
         let d = &self.docs[doc];
         let lls = loglikelihoods(response, d.choices.len(), &self.name)?;
         let mut metrics = vec![(ACC, (argmax(lls.iter().copied()) == d.gold) as u8 as f64)];
+        let mut probability = gold_probability(&lls, d.gold);
         if self.with_acc_norm {
             // Normalised by Unicode code points of the choice (not bytes, not tokens), as lm-eval.
-            let norm = lls
+            let norm: Vec<f64> = lls
                 .iter()
                 .zip(&d.choices)
-                .map(|(ll, c)| ll / c.chars().count() as f64);
-            metrics.push((ACC_NORM, (argmax(norm) == d.gold) as u8 as f64));
+                .map(|(ll, c)| ll / c.chars().count() as f64)
+                .collect();
+            metrics.push((
+                ACC_NORM,
+                (argmax(norm.iter().copied()) == d.gold) as u8 as f64,
+            ));
+            probability = gold_probability(&norm, d.gold);
         }
         Ok(DocScore {
             metrics,
+            probability: Some(probability),
             filtered: vec![],
         })
     }
+}
+
+/// softmax(scores)[gold], via log-sum-exp: the smooth version of "the argmax is gold".
+pub fn gold_probability(scores: &[f64], gold: usize) -> f64 {
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+    (scores[gold] - max).exp() / total
 }
 
 /// The log-likelihoods of a response that must hold `expected` of them.

@@ -3,15 +3,10 @@
 //! summary table.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
 
-use anyhow::Result;
 use serde_json::{json, Map, Value};
 
-use super::suite::{PreparedSuite, PreparedTask};
-use super::task::{Benchmark, DocScore, MetricKey, Requests, Response};
-use crate::model::weights::write_file_atomic;
+use super::task::{Benchmark, DocScore, MetricKey, Response, Task};
 
 /// One evaluated document.
 #[derive(Debug, Clone)]
@@ -57,9 +52,14 @@ fn mean_stderr(values: &[f64]) -> (f64, f64) {
 }
 
 impl TaskResult {
-    pub fn new(t: &PreparedTask, records: Vec<DocRecord>, seconds: f64) -> Self {
-        let metrics = t
-            .task
+    pub fn new(
+        task: &dyn Task,
+        num_fewshot: usize,
+        num_requests: usize,
+        records: Vec<DocRecord>,
+        seconds: f64,
+    ) -> Self {
+        let metrics = task
             .metric_keys()
             .iter()
             .map(|&key| {
@@ -78,11 +78,11 @@ impl TaskResult {
             })
             .collect();
         Self {
-            name: t.task.name().to_string(),
-            benchmark: t.task.benchmark(),
-            num_fewshot: t.num_fewshot,
-            n_original: t.task.num_docs(),
-            num_requests: t.num_requests(),
+            name: task.name().to_string(),
+            benchmark: task.benchmark(),
+            num_fewshot,
+            n_original: task.num_docs(),
+            num_requests,
             records,
             metrics,
             seconds,
@@ -91,6 +91,17 @@ impl TaskResult {
 
     pub fn metric(&self, key: MetricKey) -> Option<f64> {
         self.metrics.iter().find(|m| m.key == key).map(|m| m.mean)
+    }
+
+    /// Mean and standard error of the documents' smooth scores ([`DocScore::probability`]);
+    /// `None` when the task has none.
+    pub fn probability(&self) -> Option<(f64, f64)> {
+        let values: Vec<f64> = self
+            .records
+            .iter()
+            .map(|r| r.score.probability)
+            .collect::<Option<Vec<f64>>>()?;
+        (!values.is_empty()).then(|| mean_stderr(&values))
     }
 }
 
@@ -121,27 +132,25 @@ impl SuiteResult {
     /// The leaderboard's number for `b`: the task's headline metric, or for MMLU the unweighted
     /// mean over subjects (the leaderboard's macro average; standard error of that mean).
     pub fn headline(&self, b: Benchmark) -> Option<Headline> {
-        let parts: Vec<&MetricSummary> = self
+        let parts: Vec<(f64, f64)> = self
             .of(b)
             .filter_map(|t| t.metrics.iter().find(|m| m.key == b.headline()))
+            .map(|m| (m.mean, m.stderr))
             .collect();
+        macro_mean(&parts)
+    }
+
+    /// The smooth counterpart of [`Self::headline`] (mean gold-answer probability), aggregated
+    /// the same way; for GSM8K, which has none, the headline itself.
+    pub fn probability(&self, b: Benchmark) -> Option<Headline> {
+        let parts: Vec<(f64, f64)> = self
+            .of(b)
+            .map(|t| t.probability())
+            .collect::<Option<Vec<_>>>()?;
         if parts.is_empty() {
-            return None;
+            return self.headline(b);
         }
-        let k = parts.len() as f64;
-        let value = parts.iter().map(|m| m.mean).sum::<f64>() / k;
-        let stderr = if parts.len() == 1 {
-            parts[0].stderr
-        } else {
-            parts
-                .iter()
-                .map(|m| m.stderr.powi(2))
-                .filter(|v| v.is_finite())
-                .sum::<f64>()
-                .sqrt()
-                / k
-        };
-        Some(Headline { value, stderr })
+        macro_mean(&parts)
     }
 
     /// MMLU's mean over questions (lm-eval's group number), logged next to the macro mean.
@@ -268,58 +277,32 @@ impl SuiteResult {
     }
 }
 
+/// The unweighted mean of per-task (mean, stderr) pairs, with the standard error of that mean
+/// (the leaderboard's MMLU aggregation; a single task passes through).
+fn macro_mean(parts: &[(f64, f64)]) -> Option<Headline> {
+    if parts.is_empty() {
+        return None;
+    }
+    let k = parts.len() as f64;
+    let value = parts.iter().map(|p| p.0).sum::<f64>() / k;
+    let stderr = if parts.len() == 1 {
+        parts[0].1
+    } else {
+        parts
+            .iter()
+            .map(|p| p.1.powi(2))
+            .filter(|v| v.is_finite())
+            .sum::<f64>()
+            .sqrt()
+            / k
+    };
+    Some(Headline { value, stderr })
+}
+
 fn finite(v: f64) -> Value {
     if v.is_finite() {
         json!(v)
     } else {
         Value::Null
     }
-}
-
-/// `samples_<task>.jsonl`: per document the exact requests, the model's answers, the target,
-/// filtered predictions and metrics. Each file is written atomically.
-pub fn write_samples(dir: &Path, suite: &PreparedSuite, result: &SuiteResult) -> Result<()> {
-    for (t, r) in suite.tasks.iter().zip(&result.tasks) {
-        let mut buf = vec![];
-        for rec in &r.records {
-            let inst = t.task.instance(rec.doc_id, &rec.shots);
-            let (arguments, resps) = match (&inst.requests, &rec.response) {
-                (Requests::Loglikelihood(reqs), Response::Loglikelihood(lls)) => (
-                    reqs.iter()
-                        .map(|q| json!({"context": q.context, "continuation": q.continuation}))
-                        .collect::<Vec<_>>(),
-                    lls.iter().map(|(ll, g)| json!([ll, g])).collect::<Vec<_>>(),
-                ),
-                (Requests::Generate(g), Response::Generation(text)) => (
-                    vec![
-                        json!({"context": g.context, "until": g.until, "max_gen_toks": g.max_gen_toks}),
-                    ],
-                    vec![json!(text)],
-                ),
-                _ => (vec![], vec![]),
-            };
-            let mut line = json!({
-                "doc_id": rec.doc_id,
-                "fewshot_ids": rec.shots,
-                "arguments": arguments,
-                "resps": resps,
-                "target": inst.target,
-            });
-            if !rec.score.filtered.is_empty() {
-                line["filtered_resps"] = json!(rec
-                    .score
-                    .filtered
-                    .iter()
-                    .map(|(f, v)| (f.to_string(), json!(v)))
-                    .collect::<Map<_, _>>());
-            }
-            for (k, v) in &rec.score.metrics {
-                line["metrics"][k.to_string()] = json!(v);
-            }
-            serde_json::to_writer(&mut buf, &line)?;
-            buf.write_all(b"\n")?;
-        }
-        write_file_atomic(&dir.join(format!("samples_{}.jsonl", r.name)), &buf)?;
-    }
-    Ok(())
 }

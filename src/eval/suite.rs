@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::engine::{self, Prefilled};
 use super::fewshot::{shot_plan, DEFAULT_FEWSHOT_SEED};
+use super::pools::{Pool, PoolSplit};
 use super::results::{DocRecord, SuiteResult, TaskResult};
 use super::store::TaskStore;
 use super::subset::{stratified_sample, Selection};
@@ -17,11 +18,12 @@ use super::tasks::{load_tasks, TaskOptions, TaskSpec};
 use super::tokenize::{common_prefix_len, RequestEncoder, TokenizedRequests};
 use crate::model::{LlamaModel, ModelTokenizer};
 
-/// What to evaluate and how.
+/// What to evaluate and how (the documents are chosen per call, by a [`DocSet`]).
 #[derive(Debug, Clone)]
 pub struct EvalConfig {
     pub tasks: Vec<TaskSpec>,
-    pub selection: Selection,
+    /// How each task splits into the search and report pools.
+    pub split: PoolSplit,
     /// Overrides every task's shot count (TruthfulQA has no few-shot pool and stays 0-shot).
     pub num_fewshot: Option<usize>,
     pub fewshot_seed: u64,
@@ -34,12 +36,41 @@ impl EvalConfig {
     pub fn new(tasks: Vec<TaskSpec>) -> Self {
         Self {
             tasks,
-            selection: Selection::All,
+            split: PoolSplit::default(),
             num_fewshot: None,
             fewshot_seed: DEFAULT_FEWSHOT_SEED,
             batch_size: 8,
             task_options: TaskOptions::default(),
         }
+    }
+}
+
+/// Which documents a prepared suite scores: a pool of each task, then a selection within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DocSet {
+    pub pool: Pool,
+    pub selection: Selection,
+}
+
+impl DocSet {
+    /// Every document (lm-eval's semantics).
+    pub const ALL: DocSet = DocSet {
+        pool: Pool::All,
+        selection: Selection::All,
+    };
+
+    /// `docs` per task (`None`: the whole pool), stratified with `seed`, from `pool`.
+    pub fn sampled(pool: Pool, docs: Option<usize>, seed: u64) -> Self {
+        let selection = match docs {
+            Some(n) => Selection::Sample { n, seed },
+            None => Selection::All,
+        };
+        Self { pool, selection }
+    }
+
+    /// How results.json and the report describe it.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({"pool": self.pool.name(), "selection": self.selection})
     }
 }
 
@@ -80,6 +111,7 @@ impl PreparedTask {
 
 pub struct PreparedSuite {
     pub config: EvalConfig,
+    pub docs: DocSet,
     pub tasks: Vec<PreparedTask>,
 }
 
@@ -89,9 +121,11 @@ impl PreparedSuite {
         tokenizer: &ModelTokenizer,
         max_length: usize,
         config: EvalConfig,
+        docs: DocSet,
     ) -> Result<Self> {
+        config.split.validate()?;
         let tasks = load_tasks(store, &config.tasks, &config.task_options)?;
-        let selected = select_documents(&tasks, config.selection);
+        let selected = select_documents(&tasks, docs, &config.split)?;
         let encoder = RequestEncoder {
             tokenizer,
             max_length,
@@ -131,6 +165,7 @@ impl PreparedSuite {
         }
         Ok(Self {
             config,
+            docs,
             tasks: prepared,
         })
     }
@@ -158,7 +193,9 @@ impl PreparedSuite {
                 });
             }
             results.push(TaskResult::new(
-                t,
+                t.task.as_ref(),
+                t.num_fewshot,
+                t.num_requests(),
                 records,
                 task_start.elapsed().as_secs_f64(),
             ));
@@ -234,14 +271,38 @@ fn task_shared_prefix(requests: &[TokenizedRequests]) -> Vec<u32> {
     prefixes[0][..n].to_vec()
 }
 
-/// Selected document ids per task. `Sample` draws per benchmark; MMLU's subjects are strata of
-/// one sample, so its size is the total over subjects.
-fn select_documents(tasks: &[Box<dyn Task>], selection: Selection) -> Vec<Vec<usize>> {
-    match selection {
-        Selection::All => tasks.iter().map(|t| (0..t.num_docs()).collect()).collect(),
-        Selection::Limit(n) => tasks
-            .iter()
-            .map(|t| (0..t.num_docs().min(n)).collect())
+/// Selected document ids per task: the pool's documents, then the selection among them.
+/// `Sample` draws per benchmark; MMLU's subjects are strata of one sample, so its size is the
+/// total over subjects. A sample larger than its pool is an error, not a silent "all".
+fn select_documents(
+    tasks: &[Box<dyn Task>],
+    docs: DocSet,
+    split: &PoolSplit,
+) -> Result<Vec<Vec<usize>>> {
+    let pools: Vec<Vec<usize>> = tasks
+        .iter()
+        .map(|t| split.documents(t.name(), t.num_docs(), docs.pool))
+        .collect();
+    let too_few = |what: &str, have: usize, n: usize| {
+        anyhow::anyhow!(
+            "{what}: the {} pool has {have} documents but {n} were requested per task{}",
+            docs.pool.name(),
+            if docs.pool == Pool::All {
+                String::new()
+            } else {
+                format!(
+                    " (pools: search {:.0}%, report {:.0}% of each task)",
+                    100.0 * split.search,
+                    100.0 * split.report
+                )
+            }
+        )
+    };
+    Ok(match docs.selection {
+        Selection::All => pools,
+        Selection::Limit(n) => pools
+            .into_iter()
+            .map(|p| p.into_iter().take(n).collect())
             .collect(),
         Selection::Sample { n, seed } => {
             let mut out = vec![vec![]; tasks.len()];
@@ -252,10 +313,13 @@ fn select_documents(tasks: &[Box<dyn Task>], selection: Selection) -> Vec<Vec<us
             let mut population: Vec<(usize, usize)> = vec![];
             let mut strata: Vec<&str> = vec![];
             for &i in &mmlu {
-                for d in 0..tasks[i].num_docs() {
+                for &d in &pools[i] {
                     population.push((i, d));
                     strata.push(tasks[i].name());
                 }
+            }
+            if !mmlu.is_empty() && n > population.len() {
+                return Err(too_few("mmlu (all subjects)", population.len(), n));
             }
             for j in stratified_sample(&strata, n, seed) {
                 let (i, d) = population[j];
@@ -263,11 +327,20 @@ fn select_documents(tasks: &[Box<dyn Task>], selection: Selection) -> Vec<Vec<us
             }
             for (i, t) in tasks.iter().enumerate() {
                 if t.benchmark() != Benchmark::Mmlu {
-                    let strata: Vec<&str> = (0..t.num_docs()).map(|d| t.stratum(d)).collect();
-                    out[i] = stratified_sample(&strata, n, seed);
+                    if n > pools[i].len() {
+                        return Err(too_few(t.name(), pools[i].len(), n));
+                    }
+                    let strata: Vec<&str> = pools[i].iter().map(|&d| t.stratum(d)).collect();
+                    out[i] = stratified_sample(&strata, n, seed)
+                        .into_iter()
+                        .map(|j| pools[i][j])
+                        .collect();
                 }
+            }
+            for o in &mut out {
+                o.sort_unstable();
             }
             out
         }
-    }
+    })
 }

@@ -47,6 +47,11 @@ pub enum Response {
 #[derive(Debug, Clone, Default)]
 pub struct DocScore {
     pub metrics: Vec<(MetricKey, f64)>,
+    /// A smooth counterpart of the headline metric in [0, 1], for search objectives that must
+    /// not be step functions: the probability of the gold answer after a softmax over the
+    /// choices' log-likelihoods (length-normalised where the headline is `acc_norm`). `None`
+    /// where the task has none (GSM8K's exact match).
+    pub probability: Option<f64>,
     /// Filtered predictions (generation tasks), by filter name.
     pub filtered: Vec<(&'static str, String)>,
 }

@@ -274,22 +274,6 @@ impl AtomicDir {
     }
 }
 
-/// Writes a file via a temp file in the same directory and a rename.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
 /// Writes one safetensors file with the `format: pt` metadata transformers requires, readable by
 /// others like any checkpoint (safetensors' own writer creates it private).
 pub fn write_safetensors(path: &Path, mut tensors: Vec<(String, Tensor)>) -> Result<()> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 
 use super::experiment::Experiment;
-use crate::model::weights::write_file_atomic;
+use crate::io::write_file_atomic;
 
 const EXPERIMENT: &str = include_str!("../../configs/demo.toml");
 const SPACE: &str = include_str!("../../search-spaces/demo-ties.toml");

@@ -8,13 +8,13 @@ use candle_core::{DType, Device};
 use serde_json::json;
 
 use super::experiment::{Experiment, Stage};
-use crate::eval::TaskStore;
+use crate::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, TaskStore};
+use crate::io::write_file_atomic;
 use crate::merge::inspect::inspect_delta;
+use crate::merge::load_f32;
 use crate::merge::ModelRef;
-use crate::model::weights::write_file_atomic;
 use crate::model::{self, Pretrained};
-use crate::search::scorer::load_f32;
-use crate::search::{run_search, MergeInputs, SearchOptions, SearchSpace, SubsetEvaluator};
+use crate::search::{run_search, MergeInputs, SearchOptions, SearchSpace};
 use crate::train::{TrainConfig, Trainer};
 
 /// Marks finished stages so a rerun of the pipeline skips them.
@@ -287,23 +287,20 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
         .collect();
     if !pending.is_empty() {
         let tasks = exp.eval.tasks.clone().unwrap_or(space.budget.tasks.clone());
-        let mut evaluator = SubsetEvaluator::new(
-            &base_ref,
-            TaskStore::new(tasks_dir.to_path_buf()),
-            &tasks,
-            exp.eval.seed,
-        )?;
+        // Every row on the report pool: the same documents and shots for each, none of them
+        // seen by the search (which scored only the search pool of the same split).
+        let mut config = EvalConfig::new(parse_task_list(&tasks)?);
+        config.split = space.pools;
+        let docs = DocSet::sampled(Pool::Report, exp.eval.docs, exp.eval.seed);
+        let mut evaluator =
+            Evaluator::open(&base_ref, TaskStore::new(tasks_dir.to_path_buf()), config)?;
         for (name, r) in pending {
             marks.run(&format!("eval-{name}"), || {
-                let result = evaluator.evaluate_model(&ModelRef::parse(r), exp.eval.docs)?;
+                let result = evaluator.evaluate_model(&ModelRef::parse(r), docs)?;
                 let dir = out.join("evals").join(name);
-                std::fs::create_dir_all(&dir)?;
                 let config = json!({"model": r, "tasks": tasks, "docs_per_task": exp.eval.docs,
                                     "subset_seed": exp.eval.seed});
-                write_file_atomic(
-                    &dir.join("results.json"),
-                    &serde_json::to_vec_pretty(&result.to_json(config))?,
-                )?;
+                evaluator.write(&dir, docs, &result, config, true)?;
                 print!("{}", result.table(name));
                 Ok(())
             })?;

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::model::weights::write_file_atomic;
+use crate::io::write_file_atomic;
 use crate::search::{Journal, JournalEntry};
 pub use rows::{scores_from_results, RowSpec};
 use tables::FloatFormat;

@@ -569,6 +569,8 @@ mod tests {
             docs_per_task: if rung == 0 { Some(20) } else { None },
             scores: BTreeMap::from([("gsm8k".to_string(), objective)]),
             objective,
+            objective_stderr: None,
+            pool: None,
             seconds: 1.0,
         }
     }

@@ -161,6 +161,8 @@ mod tests {
             docs_per_task: Some(10 * (rung + 1)),
             scores: BTreeMap::new(),
             objective,
+            objective_stderr: None,
+            pool: None,
             seconds: 0.5,
         }
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use polars::prelude::{AnyValue, CsvWriter, DataFrame, ParquetWriter, SerWriter};
 
-use crate::model::weights::write_file_atomic;
+use crate::io::write_file_atomic;
 
 /// How a float column is shown in Markdown and HTML (CSV and Parquet keep their own precision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -33,6 +33,13 @@ pub struct JournalEntry {
     pub scores: BTreeMap<String, f64>,
     /// The space's weighted objective (higher is better).
     pub objective: f64,
+    /// Its standard error over the documents (absent in journals from before paft 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective_stderr: Option<f64>,
+    /// The pool the documents came from (`search`; absent in journals from before the held-out
+    /// protocol, whose subsets were drawn from the whole task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// Wall time of merge + evaluation.
     pub seconds: f64,
 }
@@ -158,6 +165,8 @@ mod tests {
             docs_per_task: Some(10),
             scores: BTreeMap::from([("arc_challenge".to_string(), 30.0 + index as f64)]),
             objective: 30.0 + index as f64,
+            objective_stderr: None,
+            pool: None,
             seconds: 1.5,
         }
     }

@@ -11,6 +11,6 @@ pub mod space;
 
 pub use journal::{Journal, JournalEntry};
 pub use run::{run_search, SearchOptions, SearchSummary};
-pub use scorer::{CandidateScorer, MergeInputs, SubsetEvaluator};
+pub use scorer::{CandidateScorer, MergeInputs, Objective, ObjectiveMetric};
 pub use solver::{minimize, Candidate, Outcome, Problem, SolverKind, SolverSettings};
 pub use space::{MergeCandidate, SearchSpace};

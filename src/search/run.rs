@@ -16,9 +16,9 @@ use super::journal::{Journal, JournalEntry};
 use super::scorer::{CandidateScorer, MergeInputs};
 use super::solver::{minimize, Problem, SolverKind, SolverSettings};
 use super::space::{MergeCandidate, SearchSpace};
-use crate::eval::TaskStore;
+use crate::eval::{parse_task_list, EvalConfig, TaskStore};
+use crate::io::write_file_atomic;
 use crate::merge::MergeMethod;
-use crate::model::weights::write_file_atomic;
 use crate::model::Pretrained;
 
 pub struct SearchOptions {
@@ -45,6 +45,9 @@ impl RunFiles {
     }
     pub fn summary(out: &Path) -> PathBuf {
         out.join("search-summary.json")
+    }
+    pub fn search_documents(out: &Path) -> PathBuf {
+        out.join("search-documents.json")
     }
 }
 
@@ -85,13 +88,16 @@ impl Searcher<'_> {
             docs_per_task: docs,
             scores: scored.scores,
             objective: scored.objective,
+            objective_stderr: Some(scored.objective_stderr).filter(|v| v.is_finite()),
+            pool: Some(crate::eval::Pool::Search.name().to_string()),
             seconds: scored.seconds,
         };
         tracing::info!(
-            "#{} rung {rung} ({}): {key} → {:.2} in {:.0}s",
+            "#{} rung {rung} ({}): {key} → {:.2} ± {:.2} in {:.0}s",
             entry.index,
-            docs.map_or("full".to_string(), |d| format!("{d} docs/task")),
+            docs.map_or("search pool".to_string(), |d| format!("{d} docs/task")),
             entry.objective,
+            scored.objective_stderr,
             entry.seconds
         );
         self.journal.append(entry)?;
@@ -163,15 +169,18 @@ pub fn run_search(
             journal_path.display()
         );
     }
-    let scorer = CandidateScorer::new(
+    let mut eval = EvalConfig::new(parse_task_list(&space.budget.tasks)?);
+    eval.split = space.pools;
+    let mut scorer = CandidateScorer::new(
         inputs.clone(),
         TaskStore::new(opts.tasks_dir.clone()),
-        &space.budget.tasks,
+        eval,
         space.budget.subset_seed,
         space.objective.clone(),
         opts.device.clone(),
         space.seed,
     )?;
+    write_search_documents(&mut scorer, space, &opts.out)?;
     let mut s = Searcher {
         space,
         scorer,
@@ -240,6 +249,35 @@ pub fn run_search(
         &serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// `search-documents.json`: the search pool's split and the documents of every rung, per task,
+/// so anyone can check that no report row was scored on a document the search selected on.
+fn write_search_documents(
+    scorer: &mut CandidateScorer,
+    space: &SearchSpace,
+    out: &Path,
+) -> Result<()> {
+    let mut rungs = serde_json::Map::new();
+    let sizes: Vec<Option<usize>> = std::iter::once(Some(space.budget.docs))
+        .chain(space.budget.rungs.iter().map(|&d| Some(d)))
+        .chain((space.budget.finalists > 0).then_some(None))
+        .collect();
+    for (rung, docs) in sizes.into_iter().enumerate() {
+        let set = scorer.doc_set(docs);
+        let suite = scorer.evaluator_mut().suite(set)?;
+        let tasks: serde_json::Map<String, serde_json::Value> = suite
+            .tasks
+            .iter()
+            .map(|t| (t.task.name().to_string(), serde_json::json!(t.doc_ids)))
+            .collect();
+        rungs.insert(rung.to_string(), serde_json::Value::Object(tasks));
+    }
+    let doc = serde_json::json!({"pool": "search", "split": space.pools, "rungs": rungs});
+    write_file_atomic(
+        &RunFiles::search_documents(out),
+        &serde_json::to_vec_pretty(&doc)?,
+    )
 }
 
 /// The best candidate as a Hugging Face directory (with its mergekit config inside) and as a

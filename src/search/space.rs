@@ -8,8 +8,9 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use super::scorer::{Objective, ObjectiveMetric};
 use super::solver::SolverKind;
-use crate::eval::Benchmark;
+use crate::eval::{Benchmark, PoolSplit};
 use crate::merge::MergeMethod;
 
 /// The two task vectors PAFT merges, as parameter prefixes (`sft.weight`, `pref.density`).
@@ -93,8 +94,10 @@ pub struct SearchSpace {
     /// Categorical parameters other than the method (`sign_rule`).
     pub choices: BTreeMap<String, Vec<String>>,
     pub initial: BTreeMap<String, f64>,
-    /// Weight of each benchmark's headline metric in the objective.
-    pub objective: BTreeMap<Benchmark, f64>,
+    /// What the search maximises (weights per benchmark, accuracy or probability).
+    pub objective: Objective,
+    /// The search / report split of every task: the search scores only its search pool.
+    pub pools: PoolSplit,
     pub solver: SolverKind,
     pub seed: u64,
     pub grid_points: usize,
@@ -114,8 +117,10 @@ struct RawSpace {
     #[serde(default)]
     initial: BTreeMap<String, f64>,
     #[serde(default)]
-    objective: BTreeMap<String, f64>,
+    objective: BTreeMap<String, toml::Value>,
     subset: RawSubset,
+    #[serde(default)]
+    pools: PoolSplit,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +169,48 @@ struct RawSubset {
     promote: f64,
     #[serde(default = "default_finalists")]
     finalists: usize,
+}
+
+/// `[objective]`: `metric = "probability" | "accuracy"` (default probability: smooth in the
+/// merge weights, so neighbouring candidates do not tie) and a weight per benchmark (default:
+/// all six equally).
+fn parse_objective(raw: &BTreeMap<String, toml::Value>) -> Result<Objective> {
+    let metric = match raw.get("metric") {
+        None => ObjectiveMetric::Probability,
+        Some(toml::Value::String(m)) if m == "probability" => ObjectiveMetric::Probability,
+        Some(toml::Value::String(m)) if m == "accuracy" => ObjectiveMetric::Accuracy,
+        Some(other) => {
+            bail!("objective: `metric` must be \"probability\" or \"accuracy\", got {other}")
+        }
+    };
+    let mut weights = BTreeMap::new();
+    for (k, v) in raw.iter().filter(|(k, _)| k.as_str() != "metric") {
+        let b = Benchmark::ALL
+            .into_iter()
+            .find(|b| b.task_name() == k)
+            .with_context(|| {
+                format!(
+                    "objective: unknown term `{k}` (known: metric, {})",
+                    Benchmark::ALL.map(|b| b.task_name()).join(", ")
+                )
+            })?;
+        let w = match v {
+            toml::Value::Float(f) => *f,
+            toml::Value::Integer(i) => *i as f64,
+            other => bail!("objective weight of `{k}` must be a number, got {other}"),
+        };
+        if !w.is_finite() || w < 0.0 {
+            bail!("objective weight of `{k}` must be a finite number ≥ 0, got {w}");
+        }
+        weights.insert(b, w);
+    }
+    if weights.is_empty() {
+        weights = Benchmark::ALL.iter().map(|&b| (b, 1.0)).collect();
+    }
+    if weights.values().sum::<f64>() <= 0.0 {
+        bail!("objective: the weights sum to zero");
+    }
+    Ok(Objective { weights, metric })
 }
 
 fn default_tasks() -> String {
@@ -296,31 +343,8 @@ impl SearchSpace {
                 _ => bail!("initial `{name}`: not a searched parameter"),
             }
         }
-        let objective = if raw.objective.is_empty() {
-            Benchmark::ALL.iter().map(|&b| (b, 1.0)).collect()
-        } else {
-            raw.objective
-                .iter()
-                .map(|(k, &w)| {
-                    let b = Benchmark::ALL
-                        .into_iter()
-                        .find(|b| b.task_name() == k)
-                        .with_context(|| {
-                            format!(
-                                "objective: unknown benchmark `{k}` (known: {})",
-                                Benchmark::ALL.map(|b| b.task_name()).join(", ")
-                            )
-                        })?;
-                    if !w.is_finite() || w < 0.0 {
-                        bail!("objective weight of `{k}` must be a finite number ≥ 0, got {w}");
-                    }
-                    Ok((b, w))
-                })
-                .collect::<Result<BTreeMap<_, _>>>()?
-        };
-        if objective.values().sum::<f64>() <= 0.0 {
-            bail!("objective: the weights sum to zero");
-        }
+        let objective = parse_objective(&raw.objective)?;
+        raw.pools.validate().context("[pools]")?;
         let s = raw.subset;
         crate::eval::parse_task_list(&s.tasks).context("[subset] tasks")?;
         if s.docs == 0 {
@@ -344,6 +368,7 @@ impl SearchSpace {
             choices: raw.choices,
             initial: raw.initial,
             objective,
+            pools: raw.pools,
             solver,
             seed: raw.search.seed,
             grid_points: raw.search.grid_points.max(1),

@@ -19,9 +19,8 @@ use crate::data::examples::{parse_preference, parse_sft, resolve_dataset};
 use crate::data::{
     length_grouped_batches, load_rows, PreferencePair, Tokenization, TokenizedSequence,
 };
-use crate::model::weights::{
-    write_file_atomic, write_safetensors, write_weights, AtomicDir, DEFAULT_SHARD_BYTES,
-};
+use crate::io::write_file_atomic;
+use crate::model::weights::{write_safetensors, write_weights, AtomicDir, DEFAULT_SHARD_BYTES};
 use crate::model::{
     self, pretrained::copy_tokenizer_files, LoraAdapter, LoraConfig, Mode, Pretrained, TargetModule,
 };

@@ -9,7 +9,8 @@ use paft::eval::fewshot::{shot_plan, DEFAULT_FEWSHOT_SEED};
 use paft::eval::task::Requests;
 use paft::eval::tasks::load_tasks;
 use paft::eval::{
-    parse_task_list, EvalConfig, EvalModel, PreparedSuite, Selection, TaskOptions, TaskStore,
+    parse_task_list, DocSet, EvalConfig, EvalModel, Pool, PreparedSuite, Selection, TaskOptions,
+    TaskStore,
 };
 use paft::model::{tiny::TinySpec, Mode, Pretrained};
 use serde_json::Value;
@@ -205,22 +206,24 @@ fn matches_lm_evaluation_harness() {
     let names: Vec<&str> = fixtures.keys().map(String::as_str).collect();
     let mut config = EvalConfig::new(parse_task_list(&names.join(",")).unwrap());
     // The acceptance check's workload: 40 documents per task (GSM8K: 20).
-    config.selection = Selection::Limit(40);
+    let limit = |n| DocSet {
+        pool: Pool::All,
+        selection: Selection::Limit(n),
+    };
     let mut gsm_config = config.clone();
     config
         .tasks
         .retain(|t| *t != parse_task_list("gsm8k").unwrap()[0]);
     gsm_config.tasks = parse_task_list("gsm8k").unwrap();
-    gsm_config.selection = Selection::Limit(20);
 
     let mut worst_ll = 0f64;
-    let mut configs: Vec<EvalConfig> = vec![config];
-    configs.retain(|c| !c.tasks.is_empty());
+    let mut configs: Vec<(EvalConfig, DocSet)> = vec![(config, limit(40))];
+    configs.retain(|c| !c.0.tasks.is_empty());
     if fixtures.contains_key("gsm8k") {
-        configs.push(gsm_config);
+        configs.push((gsm_config, limit(20)));
     }
-    for config in configs {
-        let suite = PreparedSuite::prepare(&store, &pre.tokenizer, 8192, config).unwrap();
+    for (config, docs) in configs {
+        let suite = PreparedSuite::prepare(&store, &pre.tokenizer, 8192, config, docs).unwrap();
         let result = suite.evaluate(&target, &|| {}).unwrap();
         for (prepared, task_result) in suite.tasks.iter().zip(&result.tasks) {
             let name = task_result.name.as_str();

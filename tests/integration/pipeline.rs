@@ -1,9 +1,12 @@
 //! `paft run` end to end on a tiny model with the shared data: parallel training, the
 //! sequential baseline, a search, the five evaluations and the report; a rerun redoes nothing.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use paft::eval::{Pool, PoolSplit};
 use paft::model::tiny::TinySpec;
+use serde_json::Value;
 
 use crate::common::{self, expect_clean_failure, paft};
 
@@ -24,7 +27,7 @@ fn experiment(base: &Path, work: &Path) -> String {
         "pref.density" = 0.5
         [subset]
         tasks = "arc_challenge,winogrande"
-        docs = 2
+        docs = 3
         finalists = 0
         "#,
     )
@@ -55,7 +58,7 @@ fn experiment(base: &Path, work: &Path) -> String {
         [search]
         space = "{space}"
         [eval]
-        docs = 2
+        docs = 4
         "#,
         base = base.display(),
         work = work.display(),
@@ -96,6 +99,7 @@ fn the_pipeline_runs_every_stage_once() {
             "{row}: {v}"
         );
     }
+    held_out_protocol(&run_dir);
     for dir in [
         "sft/adapter",
         "dpo/adapter",
@@ -121,6 +125,84 @@ fn the_pipeline_runs_every_stage_once() {
     let (j0, r0) = (stamp(&journal), stamp(&results));
     run();
     assert_eq!((stamp(&journal), stamp(&results)), (j0, r0));
+}
+
+/// Document ids per task of a row's `samples_<task>.jsonl`.
+fn sampled_ids(row: &Path) -> BTreeMap<String, BTreeSet<u64>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(row).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let Some(task) = name
+            .strip_prefix("samples_")
+            .and_then(|n| n.strip_suffix(".jsonl"))
+        else {
+            continue;
+        };
+        let ids = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["doc_id"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        out.insert(task.to_string(), ids);
+    }
+    out
+}
+
+/// The search scored only search-pool documents, every report row the same report-pool
+/// documents, and the two never meet.
+fn held_out_protocol(run_dir: &Path) {
+    let docs: Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("search-documents.json")).unwrap(),
+    )
+    .unwrap();
+    let split = PoolSplit::default();
+    let mut searched: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for rung in docs["rungs"].as_object().unwrap().values() {
+        for (task, ids) in rung.as_object().unwrap() {
+            for id in ids.as_array().unwrap() {
+                let id = id.as_u64().unwrap();
+                assert_eq!(
+                    split.pool_of(task, id as usize),
+                    Some(Pool::Search),
+                    "{task} {id}"
+                );
+                searched.entry(task.clone()).or_default().insert(id);
+            }
+        }
+    }
+    assert_eq!(searched.len(), 2, "{docs}");
+    let journal = std::fs::read_to_string(run_dir.join("journal.jsonl")).unwrap();
+    for line in journal.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(e["pool"], "search", "{line}");
+    }
+    let rows: Vec<_> = ["base", "sft", "dpo", "sequential", "paft"]
+        .iter()
+        .map(|r| sampled_ids(&run_dir.join("evals").join(r)))
+        .collect();
+    assert_eq!(rows[0].len(), 2, "{:?}", rows[0]);
+    for row in &rows {
+        assert_eq!(row, &rows[0], "every report row has the same documents");
+    }
+    for (task, ids) in &rows[0] {
+        assert_eq!(ids.len(), 4, "{task}");
+        for &id in ids {
+            assert_eq!(
+                split.pool_of(task, id as usize),
+                Some(Pool::Report),
+                "{task} {id}"
+            );
+            assert!(
+                !searched[task].contains(&id),
+                "{task} {id} was scored by the search"
+            );
+        }
+    }
 }
 
 #[test]

@@ -123,6 +123,8 @@ fn journal_entries() -> Vec<JournalEntry> {
                 .map(|(i, t)| (t.to_string(), objective + i as f64 - 2.5))
                 .collect(),
             objective,
+            objective_stderr: None,
+            pool: None,
             seconds: 12.5,
         }
     };

@@ -155,6 +155,7 @@ impl Task for Gsm8k {
         let strict = strict_match(g);
         let flexible = flexible_extract(g);
         Ok(DocScore {
+            probability: None,
             metrics: vec![
                 (STRICT, exact_match(&strict, gold) as u8 as f64),
                 (FLEXIBLE, exact_match(&flexible, gold) as u8 as f64),

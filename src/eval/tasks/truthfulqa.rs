@@ -130,6 +130,8 @@ impl Task for TruthfulQaMc2 {
             .map(|(w, _)| w)
             .sum();
         Ok(DocScore {
+            // mc2 is already the probability mass of the true answers.
+            probability: Some(true_mass / total),
             metrics: vec![(ACC, true_mass / total)],
             filtered: vec![],
         })

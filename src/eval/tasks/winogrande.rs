@@ -117,8 +117,10 @@ impl Task for Winogrande {
 
     fn score(&self, doc: usize, response: &Response) -> Result<DocScore> {
         let lls = loglikelihoods(response, 2, self.name())?;
+        let gold = self.docs[doc].gold;
         Ok(DocScore {
-            metrics: vec![(ACC, (argmax(lls) == self.docs[doc].gold) as u8 as f64)],
+            probability: Some(crate::eval::multiple_choice::gold_probability(&lls, gold)),
+            metrics: vec![(ACC, (argmax(lls) == gold) as u8 as f64)],
             filtered: vec![],
         })
     }
