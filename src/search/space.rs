@@ -601,5 +601,31 @@ mod tests {
         );
         assert!(bad("rungs = [20, 40]", "rungs = [5]").contains("rungs"));
         assert!(bad("\"sft.weight\" = 1.0", "\"sft.weight\" = 9.0").contains("outside"));
+        let with = |extra: &str| {
+            format!(
+                "{:#}",
+                SearchSpace::from_toml(&format!("{SPACE}\n{extra}"), "t").unwrap_err()
+            )
+        };
+        let m = with("[pools]\nsearch = 0.7\nreport = 0.5");
+        assert!(m.contains("pools overlap"), "{m}");
+        let m = with("[objective]\nheldout_loss = 1.0");
+        assert!(m.contains("unknown term `heldout_loss`"), "{m}");
+        let m = with("[objective]\nmetric = \"f1\"");
+        assert!(m.contains("`metric`"), "{m}");
+    }
+
+    #[test]
+    fn the_objective_defaults_to_the_smooth_metric_and_the_half_split() {
+        let s = SearchSpace::from_toml(SPACE, "t").unwrap();
+        assert_eq!(s.objective.metric, ObjectiveMetric::Probability);
+        assert_eq!(s.pools, PoolSplit::default());
+        let acc = SearchSpace::from_toml(
+            &format!("{SPACE}\n[objective]\nmetric = \"accuracy\"\narc_challenge = 2"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(acc.objective.metric, ObjectiveMetric::Accuracy);
+        assert_eq!(acc.objective.weights.len(), 1);
     }
 }

@@ -176,3 +176,29 @@ fn existing_output_directory_is_not_overwritten() {
         "mine"
     );
 }
+
+#[test]
+fn a_sample_larger_than_its_pool_is_refused() {
+    let Some(model) = common::tiny_model(&paft::model::tiny::TinySpec::llama(3)) else {
+        return;
+    };
+    let out = common::paft()
+        .args(["--quiet", "eval", "--model"])
+        .arg(model.path())
+        .args([
+            "--tasks",
+            "winogrande",
+            "--pool",
+            "report",
+            "--sample",
+            "1000",
+        ])
+        .env("PAFT_TASKS_DIR", common::shared_tasks_dir())
+        .output()
+        .unwrap();
+    let msg = common::expect_clean_failure(&out);
+    assert!(
+        msg.contains("winogrande") && msg.contains("report pool has") && msg.contains("1000"),
+        "{msg}"
+    );
+}
