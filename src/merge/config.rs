@@ -281,7 +281,7 @@ impl MergeConfig {
     }
 
     /// Everything that can be checked without opening a model.
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let m = self.method;
         if m.needs_base() && self.base_model.is_none() {
             bail!("{} needs a `base_model`", m.name());

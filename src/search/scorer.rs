@@ -12,7 +12,7 @@ use super::space::{MergeCandidate, MODELS};
 use crate::eval::pools::Pool;
 use crate::eval::suite::DocSet;
 use crate::eval::{Benchmark, EvalConfig, Evaluator, SuiteResult, TaskStore};
-use crate::merge::{load_f32, InMemoryMerger, MergeConfig, ModelRef};
+use crate::merge::{load_f32, InMemoryMerger, ModelRef};
 use crate::model::{Pretrained, WeightMap};
 
 /// What the search merges: the base θ₀ and the two fine-tunes whose deltas are combined
@@ -104,9 +104,7 @@ impl CandidateScorer {
 
     /// The candidate's merged weights (f32, on the scoring device).
     pub fn merge(&self, c: &MergeCandidate) -> Result<WeightMap> {
-        let yaml = c.mergekit_yaml(&self.inputs.base, self.inputs.models());
-        let config =
-            MergeConfig::from_yaml(&yaml).with_context(|| format!("candidate {}", c.key()))?;
+        let config = c.merge_config(&self.inputs.base, self.inputs.models())?;
         self.merger
             .merge(&config, self.seed, DType::F32, &self.device)
     }

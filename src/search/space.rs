@@ -11,7 +11,8 @@ use serde::Deserialize;
 use super::scorer::{Objective, ObjectiveMetric};
 use super::solver::SolverKind;
 use crate::eval::{Benchmark, PoolSplit};
-use crate::merge::MergeMethod;
+use crate::merge::config::{ModelEntry, Params};
+use crate::merge::{MergeConfig, MergeMethod, ModelRef, ParamValue};
 
 /// The two task vectors PAFT merges, as parameter prefixes (`sft.weight`, `pref.density`).
 pub const MODELS: [&str; 2] = ["sft", "pref"];
@@ -490,6 +491,50 @@ impl MergeCandidate {
     }
 
     /// The merge as a mergekit YAML over the given model references.
+    /// The candidate as the merger's typed config (the mergekit YAML is only its record).
+    pub fn merge_config(&self, base: &str, models: [&str; 2]) -> Result<MergeConfig> {
+        let mut entries = vec![];
+        for (prefix, model) in MODELS.iter().zip(models) {
+            let parameters: Params = self
+                .params
+                .iter()
+                .filter_map(|(n, v)| {
+                    let p = n.strip_prefix(prefix)?.strip_prefix('.')?;
+                    Some((p.to_string(), ParamValue::Number(*v)))
+                })
+                .collect();
+            entries.push(ModelEntry {
+                model: ModelRef::parse(model),
+                parameters,
+            });
+        }
+        let parameters: Params = self
+            .params
+            .iter()
+            .filter(|(n, _)| !n.contains('.'))
+            .map(|(n, v)| (n.clone(), ParamValue::Number(*v)))
+            .chain(
+                self.choices
+                    .iter()
+                    .map(|(n, v)| (n.clone(), ParamValue::Text(v.clone()))),
+            )
+            .collect();
+        let config = MergeConfig {
+            method: self.method,
+            base_model: self.method.needs_base().then(|| ModelRef::parse(base)),
+            models: entries,
+            parameters,
+            dtype: Some("float32".into()),
+            out_dtype: None,
+            tokenizer_source: None,
+            source: self.mergekit_yaml(base, models),
+        };
+        config
+            .validate()
+            .with_context(|| format!("candidate {}", self.key()))?;
+        Ok(config)
+    }
+
     pub fn mergekit_yaml(&self, base: &str, models: [&str; 2]) -> String {
         let mut y = format!("merge_method: {}\n", self.method.name());
         if self.method.needs_base() {
@@ -571,6 +616,9 @@ mod tests {
         let cfg = crate::merge::MergeConfig::from_yaml(&yaml).unwrap();
         assert_eq!(cfg.method, MergeMethod::DareTies);
         assert_eq!(cfg.models.len(), 2);
+        // The typed config the merger gets is the one its YAML record parses to.
+        let typed = c.merge_config("base", ["sft", "pref"]).unwrap();
+        assert_eq!(format!("{typed:?}"), format!("{cfg:?}"));
         // Linear reads no densities or lambda: they leave the key.
         let lin = MergeCandidate::new(MergeMethod::Linear, c.params.clone(), BTreeMap::new());
         assert_eq!(lin.key(), "linear|pref.weight=0.5|sft.weight=2");
