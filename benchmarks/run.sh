@@ -23,6 +23,12 @@
 #                                  # default 20): evaluations each needs to come within 0.5 points of the grid's best. Deltas:
 #                                  # the LoRA adapters of RUN (default runs/smollm2-paft, made by
 #                                  # `paft parallel --config configs/experiment-smollm2.toml`).
+#   benchmarks/run.sh objective    # screening objectives: a GRID×GRID (default 4) TIES grid over the two weights in [0, HIGH]
+#                                  # (default 2), each candidate scored on SCREEN (default 10) search-pool documents per task
+#                                  # (accuracy and probability objectives from the same evaluation) and on REPORT (default 60)
+#                                  # report-pool documents (accuracy): Spearman of each screening objective with the report
+#                                  # accuracy. TASKS default arc_challenge,hellaswag,truthfulqa_mc2,winogrande. Deltas: LoRA SFT
+#                                  # and DPO adapters of SmolLM2 trained STEPS (default 20) steps with the demo's settings into RUN.
 # Env: THREADS (default: nproc), PAFT_BIN (a built paft; default: build the dev profile), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -33,7 +39,7 @@ SHARED=${PAFT_SHARED:-../shared}
 PY=${PYTHON:-scripts/.venv/bin/python}
 OUT=target/bench-assets
 mkdir -p "$OUT"
-if [ "$what" != search ] && [ "$what" != sparsity ]; then
+if [ "$what" != search ] && [ "$what" != sparsity ] && [ "$what" != objective ]; then
   [ -x "$PY" ] || { echo "no Python at $PY: create the reference venv as scripts/reference/README.md says" >&2; exit 1; }
 fi
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -106,6 +112,22 @@ PY
       --tasks "$tasks" --docs "$docs" --grid "${GRID:-5}" --high "$high" --seeds "${SEEDS:-3}" \
       --cache "$cache" | tee "$log"
     ;;
+  objective)
+    RUN=${RUN:-$OUT/objective-run}
+    if [ ! -f "$RUN/train/dpo/adapter/adapter_config.json" ]; then
+      exp=$OUT/objective-experiment.toml
+      sed -e "s|{shared}|$SHARED|g" -e "s|{space}|search-spaces/demo-ties.toml|" \
+          -e "s|^max_steps = .*|max_steps = ${STEPS:-20}|" -e "s|^limit = 64|limit = 128|" \
+          -e "s|^name = \"demo\"|name = \"objective\"\nout = \"$RUN\"|" configs/demo.toml > "$exp"
+      "$BIN" parallel --config "$exp"
+    fi
+    tasks=${TASKS:-arc_challenge,hellaswag,truthfulqa_mc2,winogrande}
+    cache=$OUT/objective-cache-${tasks//,/+}-${SCREEN:-10}-${REPORT:-60}-${HIGH:-2}.jsonl
+    cargo bench --profile dev --quiet --bench objective_ranking -- --base "$MODEL" \
+      --sft "$MODEL+$RUN/train/sft/adapter" --pref "$MODEL+$RUN/train/dpo/adapter" --tasks "$tasks" \
+      --screen "${SCREEN:-10}" --report "${REPORT:-60}" --grid "${GRID:-4}" --high "${HIGH:-2}" \
+      --cache "$cache" | tee "$OUT/objective.jsonl"
+    ;;
   prefill)
     log=$OUT/prefill.jsonl
     : > "$log"
@@ -161,5 +183,5 @@ YAML
     python3 benchmarks/eval_summary.py lm-eval "$OUT/eval-lmeval/lm_eval_results.json" - "$THREADS" | tee -a "$log"
     python3 benchmarks/ratio.py "$log"
     ;;
-  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search)" >&2; exit 2 ;;
+  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search, objective)" >&2; exit 2 ;;
 esac
