@@ -6,6 +6,7 @@
 //! [`Task`]) → [`PreparedSuite`] (selection, shots, tokens; built once per tokenizer) →
 //! [`engine`] (KV-cache scoring and generation) → [`SuiteResult`] (metrics, results.json).
 
+pub mod alignment_tax;
 pub mod engine;
 pub mod fetch;
 pub mod fewshot;
