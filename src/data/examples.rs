@@ -31,9 +31,20 @@ pub struct PreferenceExample {
     pub rejected: Text,
 }
 
-/// Rows of a JSONL or parquet file with their 1-based row numbers.
-pub fn load_rows(path: &Path) -> Result<Vec<(usize, Value)>> {
-    let text = if path.extension().is_some_and(|e| e == "parquet") {
+/// One row of a dataset file, before the held-out split.
+pub(super) struct RawRow {
+    /// 1-based line number (in the JSON-lines form for parquet), which error messages name.
+    pub line: usize,
+    /// The text whose hash decides the split (see [`super::heldout`]).
+    pub split_key: String,
+    pub value: Value,
+}
+
+/// Every row of a JSONL or parquet file, held-out rows included: only [`super::heldout`] calls
+/// this, so that nothing else can read a row without going through the split.
+pub(super) fn read_rows(path: &Path) -> Result<Vec<RawRow>> {
+    let parquet = path.extension().is_some_and(|e| e == "parquet");
+    let text = if parquet {
         parquet_to_jsonl(path)?
     } else {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
@@ -43,14 +54,63 @@ pub fn load_rows(path: &Path) -> Result<Vec<(usize, Value)>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line)
+        let value: Value = serde_json::from_str(line)
             .with_context(|| format!("{}: row {}: malformed JSON", path.display(), i + 1))?;
-        rows.push((i + 1, v));
+        // A JSONL row is identified by its bytes as the user wrote them; a parquet row has no
+        // text of its own, and polars' JSON rendering may change between versions, so it is
+        // identified by a canonical rendering of its values.
+        let split_key = if parquet {
+            canonical_json(&value)
+        } else {
+            line.trim_end().to_string()
+        };
+        rows.push(RawRow {
+            line: i + 1,
+            split_key,
+            value,
+        });
     }
     if rows.is_empty() {
         bail!("{} has no rows", path.display());
     }
     Ok(rows)
+}
+
+/// Compact JSON with object keys sorted by their bytes, whatever order the map keeps
+/// (serde_json's `preserve_order` feature would otherwise leak into the split).
+pub(super) fn canonical_json(v: &Value) -> String {
+    fn write(v: &Value, out: &mut String) {
+        match v {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(k.clone()).to_string());
+                    out.push(':');
+                    write(&map[k], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(v, &mut out);
+    out
 }
 
 fn where_(path: &Path, row: usize, field: &str) -> String {

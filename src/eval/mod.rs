@@ -8,6 +8,7 @@
 //! (results.json, samples). [`Evaluator`] is the one entry point; [`pools`] holds the search /
 //! report split.
 
+pub mod alignment_tax;
 pub mod engine;
 pub mod evaluator;
 pub mod fetch;

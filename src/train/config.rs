@@ -44,7 +44,7 @@ pub struct TrainConfig {
     pub dataset: String,
     /// Run directory (weights, checkpoints, metrics.jsonl).
     pub output: PathBuf,
-    /// Use only the first N rows of the dataset.
+    /// Use only the first N training rows of the dataset (after the held-out tenth is dropped).
     pub limit: Option<usize>,
     /// Drop rows that cannot be trained on (empty answer, nothing left after truncation) with a
     /// warning, instead of stopping the run.

@@ -17,7 +17,7 @@ use super::optimizer::{clip_grads, collect_grads, grad_norm, learning_rate, Adam
 use super::params::Trainable;
 use crate::data::examples::{parse_preference, parse_sft, resolve_dataset};
 use crate::data::{
-    length_grouped_batches, load_rows, PreferencePair, Tokenization, TokenizedSequence,
+    length_grouped_batches, training_rows, PreferencePair, Tokenization, TokenizedSequence,
 };
 use crate::io::write_file_atomic;
 use crate::model::weights::{write_safetensors, write_weights, AtomicDir, DEFAULT_SHARD_BYTES};
@@ -56,7 +56,9 @@ impl Dataset {
 
 pub fn load_dataset(cfg: &TrainConfig, objective: Objective, pre: &Pretrained) -> Result<Dataset> {
     let path = resolve_dataset(&cfg.dataset)?;
-    let mut rows = load_rows(&path)?;
+    // Held-out rows are gone before anything else looks at the data (`limit` included), so no
+    // setting can put them into training.
+    let mut rows = training_rows(&path)?;
     if let Some(n) = cfg.limit {
         rows.truncate(n);
     }

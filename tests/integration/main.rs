@@ -2,6 +2,7 @@
 
 mod common;
 
+mod alignment_tax;
 mod bad_input;
 mod config_layouts;
 mod eval;

@@ -645,3 +645,181 @@ fn l1_refit_settings_that_cannot_work_are_rejected() {
         assert!(err.contains(want), "{args:?}: unclear error: {err}");
     }
 }
+
+// ------------------------------------------------------------------ the held-out split
+
+/// 30 prompt/completion rows; lines 1, 16, 25 and 27 are held out (FNV-1a of the line, mod 10,
+/// computed outside paft).
+fn split_sft_lines() -> (Vec<String>, [usize; 4]) {
+    let lines = (0..30)
+        .map(|i| {
+            format!(
+                r#"{{"prompt": "Question {i}: what comes after {i}?", "completion": " {}."}}"#,
+                i + 1
+            )
+        })
+        .collect();
+    (lines, [1, 16, 25, 27])
+}
+
+/// 30 preference rows; lines 1, 5, 7, 18, 21 and 29 are held out.
+fn split_pref_lines() -> (Vec<String>, [usize; 6]) {
+    let lines = (0..30)
+        .map(|i| {
+            let (c, r) = if i % 2 == 0 { ("yes", "no") } else { ("no", "yes") };
+            format!(
+                r#"{{"prompt": "Is {i} even?", "chosen": " Answer {i}: {c}.", "rejected": " Answer {i}: {r}."}}"#
+            )
+        })
+        .collect();
+    (lines, [1, 5, 7, 18, 21, 29])
+}
+
+/// Lines as `(1-based line number, JSON)`, as the row parsers take them.
+fn numbered_rows(lines: &[String]) -> Vec<(usize, Value)> {
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i + 1, serde_json::from_str(l).unwrap()))
+        .collect()
+}
+
+/// A trainer for `data` (data loaded, nothing trained yet).
+fn trainer_for(
+    model: &std::path::Path,
+    data: &std::path::Path,
+    out: &std::path::Path,
+    objective: paft::train::Objective,
+    limit: Option<usize>,
+) -> paft::train::Trainer {
+    let cfg = paft::train::TrainConfig {
+        model: model.display().to_string(),
+        dataset: data.display().to_string(),
+        output: out.to_path_buf(),
+        limit,
+        max_length: 256,
+        batch_size: 2,
+        max_steps: 1,
+        ..Default::default()
+    };
+    paft::train::Trainer::new(cfg, objective).unwrap()
+}
+
+/// The batches of a trainer's first three epochs, drawn as its loop draws them.
+fn batches_of(t: &paft::train::Trainer, lengths: &[usize]) -> Vec<Vec<usize>> {
+    (0..3)
+        .flat_map(|epoch| {
+            paft::data::length_grouped_batches(lengths, t.cfg.batch_size, t.cfg.seed, epoch)
+        })
+        .collect()
+}
+
+#[test]
+fn held_out_rows_never_reach_a_training_batch() {
+    use paft::data::examples::{parse_preference, parse_sft};
+    use paft::data::{first_held_out_rows, Tokenization, Truncation};
+    use paft::train::trainer::Dataset;
+    use paft::train::Objective;
+
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(31)) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = paft::model::Pretrained::load(model.path(), Some(DType::F32), &Device::Cpu).unwrap();
+    let tok = Tokenization {
+        tokenizer: &pre.tokenizer,
+        max_length: 256,
+        truncation: Truncation::Error,
+    };
+
+    // SFT: the trainer's examples are exactly the rows outside the split, in file order, with
+    // `limit` counting training rows only (line 1 is held out: a limit applied before the split
+    // would leave 4 of the first 5 lines).
+    let (lines, held) = split_sft_lines();
+    let path = write_lines(tmp.path(), "split_sft.jsonl", &lines);
+    let found: Vec<usize> = first_held_out_rows(&path, held.len())
+        .unwrap()
+        .iter()
+        .map(|r| r.line)
+        .collect();
+    assert_eq!(found, held, "the split is not FNV-1a of the line mod 10");
+    let rows = numbered_rows(&lines);
+    let seqs: Vec<TokenizedSequence> = parse_sft(&path, &rows)
+        .unwrap()
+        .iter()
+        .map(|e| tok.sft(e, "row").unwrap())
+        .collect();
+    let held_ids: Vec<&Vec<u32>> = held.iter().map(|&l| &seqs[l - 1].ids).collect();
+    for limit in [None, Some(5)] {
+        let want: Vec<&TokenizedSequence> = (1..=lines.len())
+            .filter(|l| !held.contains(l))
+            .take(limit.unwrap_or(usize::MAX))
+            .map(|l| &seqs[l - 1])
+            .collect();
+        let t = trainer_for(
+            model.path(),
+            &path,
+            &tmp.path().join("sft"),
+            Objective::Sft,
+            limit,
+        );
+        let Dataset::Sft(got) = &t.data else {
+            panic!("SFT data expected")
+        };
+        assert_eq!(got.iter().collect::<Vec<_>>(), want, "limit {limit:?}");
+        let lengths: Vec<usize> = got.iter().map(|s| s.len()).collect();
+        for batch in batches_of(&t, &lengths) {
+            for i in batch {
+                assert!(
+                    !held_ids.contains(&&got[i].ids),
+                    "a held-out row reached a training batch"
+                );
+            }
+        }
+    }
+
+    // Preference pairs (DPO, reference log-probs included) likewise.
+    let (lines, held) = split_pref_lines();
+    let path = write_lines(tmp.path(), "split_pref.jsonl", &lines);
+    let found: Vec<usize> = first_held_out_rows(&path, held.len())
+        .unwrap()
+        .iter()
+        .map(|r| r.line)
+        .collect();
+    assert_eq!(found, held, "the split is not FNV-1a of the line mod 10");
+    let pairs: Vec<paft::data::PreferencePair> = parse_preference(&path, &numbered_rows(&lines))
+        .unwrap()
+        .iter()
+        .map(|e| tok.preference(e, "row").unwrap())
+        .collect();
+    let held_ids: Vec<&Vec<u32>> = held
+        .iter()
+        .flat_map(|&l| [&pairs[l - 1].chosen.ids, &pairs[l - 1].rejected.ids])
+        .collect();
+    let t = trainer_for(
+        model.path(),
+        &path,
+        &tmp.path().join("dpo"),
+        Objective::Dpo,
+        None,
+    );
+    let Dataset::Preference(got) = &t.data else {
+        panic!("preference data expected")
+    };
+    let want: Vec<&paft::data::PreferencePair> = (1..=lines.len())
+        .filter(|l| !held.contains(l))
+        .map(|l| &pairs[l - 1])
+        .collect();
+    assert_eq!(got.iter().collect::<Vec<_>>(), want);
+    let lengths: Vec<usize> = got.iter().map(|p| p.chosen.len()).collect();
+    for batch in batches_of(&t, &lengths) {
+        for i in batch {
+            for ids in [&got[i].chosen.ids, &got[i].rejected.ids] {
+                assert!(
+                    !held_ids.contains(&ids),
+                    "a held-out pair reached a training batch"
+                );
+            }
+        }
+    }
+}
