@@ -34,7 +34,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 /// Whether a row with this text (a JSONL line, trailing whitespace trimmed; a parquet row's
 /// canonical JSON) is held out.
 pub fn is_held_out(row_text: &str) -> bool {
-    fnv1a64(row_text.as_bytes()) % HELD_OUT_EVERY == 0
+    fnv1a64(row_text.as_bytes()).is_multiple_of(HELD_OUT_EVERY)
 }
 
 /// The rows training may use, with their 1-based line numbers: every row that is not held out.
@@ -156,7 +156,7 @@ mod tests {
                 for b in l.bytes() {
                     h = (h ^ b as u64).wrapping_mul(0x100000001b3);
                 }
-                h % 10 == 0
+                h.is_multiple_of(10)
             })
             .map(|(i, _)| i + 1)
             .collect();

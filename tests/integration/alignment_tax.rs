@@ -35,7 +35,7 @@ fn spec(sft: &Path, pref: &Path, sft_rows: usize, pref_rows: usize) -> Alignment
 /// Σ log p over the completion tokens of one sequence, by hand: the sequence alone (no
 /// padding), every position's logits, log-softmax in f64.
 fn completion_logp_by_hand(model: &LlamaModel, s: &TokenizedSequence) -> (f64, u64) {
-    let batch = TokenBatch::right_padded(&[s.ids.clone()], &[0], 0);
+    let batch = TokenBatch::right_padded(std::slice::from_ref(&s.ids), &[0], 0);
     let hidden = model.forward(&batch, None).unwrap();
     let logits: Vec<Vec<f64>> = model
         .logits(&hidden)
@@ -69,10 +69,13 @@ fn row_by_id(path: &Path, n: usize, id: &str) -> HeldOutRow {
         .unwrap_or_else(|| panic!("{id} is not among the first {n} held-out rows"))
 }
 
+/// `got` within `tol` of `want`, relative to |want| when that is above 1 (the nll sums are in
+/// the hundreds, and f32 carries about 7 significant digits).
 fn close(got: f64, want: f64, tol: f64, what: &str) {
+    let allowed = tol * want.abs().max(1.0);
     assert!(
-        (got - want).abs() <= tol,
-        "{what}: {got} vs {want} by hand (tolerance {tol})"
+        (got - want).abs() <= allowed,
+        "{what}: {got} vs {want} by hand (tolerance {allowed:.1e})"
     );
 }
 
@@ -181,8 +184,8 @@ fn alignment_tax_equals_a_recomputation_by_hand() {
             max_length: 256,
             truncation: Truncation::KeepEnd,
         };
-        // f64 agrees to rounding; f32 batches (padding) and sums differently from the
-        // f64-by-hand path, within a few 1e-6 per token.
+        // f64 agrees to rounding. In f32 the log-probs are f32 (the by-hand path takes the
+        // f64 model's logits), about 3e-7 apart per token: 2e-5 on a 70-token sum of 735.
         let tol = if dtype == DType::F64 { 1e-9 } else { 1e-5 };
         let (model64, base64) = if dtype == DType::F64 {
             (other_net, base_net)

@@ -766,6 +766,7 @@ fn held_out_rows_never_reach_a_training_batch() {
         let Dataset::Sft(got) = &t.data else {
             panic!("SFT data expected")
         };
+        assert_eq!(got.len(), want.len(), "limit {limit:?}: examples loaded");
         assert_eq!(got.iter().collect::<Vec<_>>(), want, "limit {limit:?}");
         let lengths: Vec<usize> = got.iter().map(|s| s.len()).collect();
         for batch in batches_of(&t, &lengths) {
@@ -810,6 +811,7 @@ fn held_out_rows_never_reach_a_training_batch() {
         .filter(|l| !held.contains(l))
         .map(|l| &pairs[l - 1])
         .collect();
+    assert_eq!(got.len(), want.len(), "pairs loaded");
     assert_eq!(got.iter().collect::<Vec<_>>(), want);
     let lengths: Vec<usize> = got.iter().map(|p| p.chosen.len()).collect();
     for batch in batches_of(&t, &lengths) {
