@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::examples::{parse_preference, parse_sft, resolve_dataset};
 use crate::data::heldout::first_usable_held_out_rows;
 use crate::data::{PreferencePair, Tokenization, TokenizedSequence, Truncation};
-use crate::model::weights::write_file_atomic;
+use crate::io::write_file_atomic;
 use crate::model::{LlamaModel, Mode, Pretrained};
 use crate::train::objective::target_logps;
 
