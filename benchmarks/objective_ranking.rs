@@ -66,7 +66,8 @@ fn main() -> Result<()> {
     paft::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let need = |n: &str| arg(&args, n).with_context(|| format!("missing {n}"));
-    let tasks = arg(&args, "--tasks").unwrap_or("arc_challenge,hellaswag,truthfulqa_mc2,winogrande".into());
+    let tasks =
+        arg(&args, "--tasks").unwrap_or("arc_challenge,hellaswag,truthfulqa_mc2,winogrande".into());
     let screen: usize = arg(&args, "--screen").map_or(Ok(10), |s| s.parse())?;
     let report: usize = arg(&args, "--report").map_or(Ok(60), |s| s.parse())?;
     let grid: usize = arg(&args, "--grid").map_or(Ok(4), |s| s.parse())?;

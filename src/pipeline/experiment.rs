@@ -37,6 +37,9 @@ pub struct Experiment {
     pub search: SearchStage,
     #[serde(default)]
     pub eval: EvalStage,
+    /// Held-out SFT loss and preference accuracy/margin for every row of the comparison.
+    #[serde(default)]
+    pub alignment_tax: Option<crate::eval::alignment_tax::AlignmentTaxSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +80,9 @@ impl Experiment {
         e.train_config(Stage::Sft)?;
         e.train_config(Stage::Pref)?;
         e.train_config(Stage::SequentialPref)?;
+        if let Some(spec) = &e.alignment_tax {
+            spec.validate().context("[alignment_tax]")?;
+        }
         if e.devices.len() > 2 {
             bail!("`devices` takes at most two devices (SFT, preference)");
         }

@@ -8,12 +8,13 @@ use candle_core::{DType, Device};
 use serde_json::json;
 
 use super::experiment::{Experiment, Stage};
+use crate::eval::alignment_tax::AlignmentTaxSets;
 use crate::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, TaskStore};
 use crate::io::write_file_atomic;
 use crate::merge::inspect::inspect_delta;
 use crate::merge::load_f32;
 use crate::merge::ModelRef;
-use crate::model::{self, Pretrained};
+use crate::model::{self, LlamaModel, Mode, Pretrained};
 use crate::search::{run_search, MergeInputs, SearchOptions, SearchSpace};
 use crate::train::{TrainConfig, Trainer};
 
@@ -294,14 +295,42 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
         let docs = DocSet::sampled(Pool::Report, exp.eval.docs, exp.eval.seed);
         let mut evaluator =
             Evaluator::open(&base_ref, TaskStore::new(tasks_dir.to_path_buf()), config)?;
+        // The held-out alignment-tax sets, tokenized and scored by the base once.
+        let tax_sets = exp
+            .alignment_tax
+            .as_ref()
+            .map(|spec| AlignmentTaxSets::prepare(evaluator.base(), spec))
+            .transpose()
+            .context("[alignment_tax]")?;
         for (name, r) in pending {
             marks.run(&format!("eval-{name}"), || {
-                let result = evaluator.evaluate_model(&ModelRef::parse(r), docs)?;
+                let weights = load_f32(&ModelRef::parse(r), &evaluator.base().config)?;
+                let net = LlamaModel::from_weights(
+                    &evaluator.base().config,
+                    &weights,
+                    None,
+                    Mode::Inference,
+                )?;
+                let result = evaluator
+                    .evaluate(&net, docs)
+                    .with_context(|| format!("evaluating {r}"))?;
                 let dir = out.join("evals").join(name);
                 let config = json!({"model": r, "tasks": tasks, "docs_per_task": exp.eval.docs,
                                     "subset_seed": exp.eval.seed});
                 evaluator.write(&dir, docs, &result, config, true)?;
                 print!("{}", result.table(name));
+                if let Some(sets) = &tax_sets {
+                    let tax = sets
+                        .measure(&net)
+                        .with_context(|| format!("alignment tax of {r}"))?;
+                    tax.write(&dir)?;
+                    println!(
+                        "{name}: held-out SFT loss {:.4}, preference accuracy {:.3}, margin {:.4}",
+                        tax.sft_loss(),
+                        tax.preference_accuracy(),
+                        tax.preference_margin()
+                    );
+                }
                 Ok(())
             })?;
         }

@@ -59,6 +59,13 @@ fn experiment(base: &Path, work: &Path) -> String {
         space = "{space}"
         [eval]
         docs = 4
+        [alignment_tax]
+        sft_dataset = "{train}/sft/mixed_qa.jsonl"
+        pref_dataset = "{train}/preference/hh_harmless.jsonl"
+        sft_rows = 4
+        pref_rows = 4
+        max_length = 256
+        truncation = "keep_end"
         "#,
         base = base.display(),
         work = work.display(),
@@ -100,6 +107,15 @@ fn the_pipeline_runs_every_stage_once() {
         );
     }
     held_out_protocol(&run_dir);
+    for row in ["base", "sft", "dpo", "sequential", "paft"] {
+        let tax = paft::eval::alignment_tax::AlignmentTax::read(&run_dir.join("evals").join(row))
+            .unwrap_or_else(|e| panic!("{row}: {e:#}"));
+        assert!(tax.sft_loss().is_finite(), "{row}");
+        // The base is its own reference: every reward is exactly 0.
+        if row == "base" {
+            assert_eq!(tax.preference_margin(), 0.0);
+        }
+    }
     for dir in [
         "sft/adapter",
         "dpo/adapter",
