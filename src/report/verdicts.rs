@@ -412,3 +412,146 @@ pub(crate) fn verdict_cells(rows: &[VerdictRow]) -> Cells {
         numeric: vec![false, false, true, true, false, true, false],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::evidence::BenchmarkRecords;
+    use crate::report::rows::{Docs, ResultsFile, RowSpec};
+    use crate::report::tax::{AlignmentTax, SftHeldOut, SftRow};
+
+    /// A row scored 50% on every benchmark over `n` documents per task, plus `bonus` documents
+    /// right out of the ones everyone misses.
+    fn side(kind: RowKind, n: u64, bonus: u64) -> (EvaluatedRow, RowEvidence) {
+        let docs: Vec<(u64, f64)> = (0..n)
+            .map(|i| {
+                (
+                    i,
+                    if i % 2 == 0 || (i % 2 == 1 && i < 2 * bonus) {
+                        100.0
+                    } else {
+                        0.0
+                    },
+                )
+            })
+            .collect();
+        let records = BenchmarkRecords {
+            strata: [("t".to_string(), docs)].into_iter().collect(),
+        };
+        let mean = records.estimate().unwrap().value;
+        let row = EvaluatedRow {
+            kind,
+            spec: RowSpec {
+                name: "x".into(),
+                results: "x/results.json".into(),
+            },
+            file: ResultsFile {
+                scores: Benchmark::ALL.iter().map(|&b| (b, mean)).collect(),
+                docs: Docs::Full,
+                effective: BTreeMap::new(),
+            },
+        };
+        let ev = RowEvidence {
+            benchmarks: Benchmark::ALL
+                .iter()
+                .map(|&b| (b, records.clone()))
+                .collect(),
+            missing: BTreeMap::new(),
+            tax: None,
+        };
+        (row, ev)
+    }
+
+    fn table(rows: &[(EvaluatedRow, RowEvidence)]) -> Vec<VerdictRow> {
+        let sides: Vec<_> = rows.iter().map(|(r, e)| (r, e)).collect();
+        verdicts(&sides, Pref::Dpo, &BootstrapSettings::default())
+    }
+
+    #[test]
+    fn pairs_that_exist_get_one_row_per_metric_and_the_average() {
+        // PAFT right on 30 more of 200 documents per task than sequential; SFT identical to
+        // sequential; no DPO or base row.
+        let rows = [
+            side(RowKind::Paft, 200, 30),
+            side(RowKind::Sequential, 200, 0),
+            side(RowKind::Sft, 200, 0),
+        ];
+        let v = table(&rows);
+        let pairs: Vec<String> = v.iter().map(VerdictRow::comparison).collect();
+        assert_eq!(pairs.len(), 2 * 7);
+        assert!(pairs[..7].iter().all(|p| p == "PAFT − sequential"));
+        assert!(pairs[7..].iter().all(|p| p == "PAFT − SFT"));
+        assert_eq!(v[6].metric, Metric::Average);
+        for row in &v {
+            let m = row.outcome.as_ref().unwrap();
+            assert!((m.interval.difference - 15.0).abs() < 1e-9, "{row:?}");
+            assert_eq!(row.verdict(), Verdict::Better);
+            assert_eq!(row.verdict_text(), "PAFT better");
+        }
+        // The average of six independent benchmarks is tighter than any one of them.
+        let width = |r: &VerdictRow| {
+            let iv = r.outcome.as_ref().unwrap().interval;
+            iv.high - iv.low
+        };
+        assert!(width(&v[6]) < width(&v[0]), "{:?} {:?}", v[6], v[0]);
+        assert_eq!(v[6].outcome.as_ref().unwrap().items, 6 * 200);
+        let df = verdict_frame(&v).unwrap();
+        assert_eq!(df.height(), 14);
+        let cells = verdict_cells(&v);
+        assert_eq!(cells.rows[0][2], "+15.00");
+        assert!(cells.rows[0][3].starts_with("[+"), "{:?}", cells.rows[0]);
+    }
+
+    #[test]
+    fn different_documents_get_no_interval_and_a_message() {
+        let mut paft = side(RowKind::Paft, 50, 0);
+        let seq = side(RowKind::Sequential, 50, 0);
+        let gsm = paft.1.benchmarks.get_mut(&Benchmark::Gsm8k).unwrap();
+        gsm.strata = [("gsm8k".to_string(), (100..150).map(|i| (i, 0.0)).collect())]
+            .into_iter()
+            .collect();
+        let v = table(&[paft, seq]);
+        let gsm = v
+            .iter()
+            .find(|r| r.metric == Metric::Benchmark(Benchmark::Gsm8k))
+            .unwrap();
+        assert_eq!(gsm.verdict(), Verdict::NoInterval);
+        let err = gsm.outcome.as_ref().unwrap_err();
+        assert!(err.contains("`gsm8k`"), "{err}");
+        let avg = v.iter().find(|r| r.metric == Metric::Average).unwrap();
+        assert!(avg.outcome.as_ref().unwrap_err().contains("GSM8K"));
+        // Identical rows elsewhere: exactly 0, not distinguishable.
+        let arc = &v[0];
+        let iv = arc.outcome.as_ref().unwrap().interval;
+        assert_eq!((iv.low, iv.high), (0.0, 0.0));
+        assert_eq!(arc.verdict_text(), "not distinguishable");
+    }
+
+    #[test]
+    fn a_lower_loss_is_better() {
+        let tax = |nll: f64| {
+            Some(AlignmentTax {
+                sft: Some(SftHeldOut {
+                    rows: (0..40)
+                        .map(|i| SftRow {
+                            id: format!("r{i}"),
+                            nll_sum: nll + (i % 3) as f64,
+                            tokens: 10,
+                        })
+                        .collect(),
+                }),
+                preference: None,
+            })
+        };
+        let mut paft = side(RowKind::Paft, 20, 0);
+        let mut seq = side(RowKind::Sequential, 20, 0);
+        paft.1.tax = tax(10.0);
+        seq.1.tax = tax(12.0);
+        let v = table(&[paft, seq]);
+        let loss = v.last().unwrap();
+        assert_eq!(loss.metric, Metric::SftLoss);
+        let m = loss.outcome.as_ref().unwrap();
+        assert!((m.interval.difference + 0.2).abs() < 1e-12, "{loss:?}");
+        assert_eq!(loss.verdict_text(), "PAFT better");
+    }
+}
