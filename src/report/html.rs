@@ -63,7 +63,8 @@ p.note { color: #57606a; font-size: .85rem; }
 table { border-collapse: collapse; font-size: .9rem; }
 th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; }
 th { background: #f6f8fa; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+div.table { overflow-x: auto; }
 tr:nth-child(even) td { background: #fbfcfd; }
 .plot svg { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1rem; }
@@ -71,7 +72,7 @@ tr:nth-child(even) td { background: #fbfcfd; }
 ";
 
 fn table(c: &Cells) -> String {
-    let mut s = String::from("<table>\n<thead><tr>");
+    let mut s = String::from("<div class=\"table\"><table>\n<thead><tr>");
     for h in &c.header {
         s += &format!("<th>{}</th>", escape(h));
     }
@@ -84,7 +85,7 @@ fn table(c: &Cells) -> String {
         }
         s += "</tr>\n";
     }
-    s + "</tbody>\n</table>\n"
+    s + "</tbody>\n</table></div>\n"
 }
 
 /// Inline SVG without an XML declaration (not allowed inside HTML).

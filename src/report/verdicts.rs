@@ -268,7 +268,7 @@ fn average(benches: &BTreeMap<Benchmark, &Outcome>) -> std::result::Result<Measu
     for (b, r) in benches {
         match r {
             Ok(p) => parts.push(p),
-            Err(_) => return Err(format!("no interval for {}", b.column())),
+            Err(why) => return Err(format!("no interval for {}: {why}", b.column())),
         }
     }
     let draws: Vec<&[f64]> = parts.iter().map(|(_, d)| d.as_slice()).collect();

@@ -192,13 +192,15 @@ fn alignment_tax(row: &str) -> Value {
     let rows: Vec<Value> = (0..30)
         .map(|i| {
             let tokens = 20 + i % 7;
-            let nll = tokens as f64 * (loss + 0.3 * (difficulty("sft", i) - 0.5));
+            // Per-row noise around a shared per-document difficulty, as real models differ.
+            let noise = 0.3 * (difficulty("sft", i) - 0.5) + 0.1 * (difficulty(row, i) - 0.5);
+            let nll = tokens as f64 * (loss + noise);
             json!({"id": format!("held-{i}"), "nll_sum": nll, "tokens": tokens})
         })
         .collect();
     let pairs: Vec<Value> = (0..30)
         .map(|i| {
-            let m = margin + 2.0 * (difficulty("pref", i) - 0.5);
+            let m = margin + 2.0 * (difficulty("pref", i) - 0.5) + 0.5 * (difficulty(row, 100 + i) - 0.5);
             json!({"id": format!("pair-{i}"), "chosen_reward": m / 2.0, "rejected_reward": -m / 2.0})
         })
         .collect();
