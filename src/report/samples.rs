@@ -82,10 +82,14 @@ fn parse(text: &str, benchmark: Benchmark, path: &Path) -> Result<TaskFile> {
             .get("doc_id")
             .and_then(Value::as_u64)
             .with_context(|| format!("line {n}: no integer `doc_id`"))?;
-        let value = json
-            .get("metrics")
-            .and_then(Value::as_object)
-            .with_context(|| format!("line {n}: no `metrics` object"))?
+        // lm-eval's own files list metric names under `metrics` and put values at the top level
+        // (one line per filter); they are not read, but they do not sink the report either.
+        let Some(metrics) = json.get("metrics").and_then(Value::as_object) else {
+            return Ok(TaskFile::Unusable(format!(
+                "line {n} has no `metrics` object (only paft's samples format is read)"
+            )));
+        };
+        let value = metrics
             .get(&key)
             .with_context(|| format!("line {n}: `metrics` has no \"{key}\""))?;
         let v = match value {
@@ -145,6 +149,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(files["gsm8k"], TaskFile::Unusable(_)));
+        // lm-eval's layout: `metrics` lists names; values sit at the top level.
+        std::fs::write(
+            dir.path().join("samples_hellaswag.jsonl"),
+            "{\"doc_id\": 0, \"filter\": \"none\", \"metrics\": [\"acc_norm\"], \"acc_norm\": 1.0}\n",
+        )
+        .unwrap();
+        match &read_dir(dir.path()).unwrap()["hellaswag"] {
+            TaskFile::Unusable(why) => assert!(why.contains("paft's samples format"), "{why}"),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(benchmark_of_task("mmlu_anatomy"), Some(Benchmark::Mmlu));
         assert_eq!(benchmark_of_task("mmlu"), None);
         assert!(read_dir(&dir.path().join("absent")).unwrap().is_empty());
