@@ -4,22 +4,31 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::report::{default_out_dir, write_report, ReportOptions, RowSpec};
+use crate::report::bootstrap::{DEFAULT_RESAMPLES, DEFAULT_SEED};
+use crate::report::{default_out_dir, write_report, BootstrapSettings, ReportOptions, RowSpec};
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
     /// Run directory: journal.jsonl, evals/<row>/results.json (rows base, sft, dpo|orpo,
-    /// sequential, paft, any other name), deltas/{sft,dpo,orpo}.json; each optional.
+    /// sequential, paft, any other name; samples_<task>.jsonl and alignment_tax.json beside it
+    /// give the uncertainty), deltas/{sft,dpo,orpo}.json; each optional.
     pub run_dir: PathBuf,
     /// Output directory (default: reports/<RUN_DIR's name>).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Another leaderboard row, named like the evals/ rows (repeatable).
+    /// Another leaderboard row, named like the evals/ rows (repeatable); its samples_*.jsonl
+    /// (`paft eval --log-samples --output DIR`) and alignment_tax.json are read beside it.
     #[arg(long = "add", value_name = "NAME=PATH/results.json")]
     pub add: Vec<RowSpec>,
     /// Best search candidates listed in the leaderboard.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
+    /// Seed of the paired bootstrap behind the verdict table.
+    #[arg(long, default_value_t = DEFAULT_SEED)]
+    pub seed: u64,
+    /// Bootstrap resamples (at least 1000).
+    #[arg(long, default_value_t = DEFAULT_RESAMPLES)]
+    pub resamples: usize,
 }
 
 pub fn run(args: &ReportArgs) -> Result<()> {
@@ -30,6 +39,10 @@ pub fn run(args: &ReportArgs) -> Result<()> {
     let opts = ReportOptions {
         adds: args.add.clone(),
         top_k: args.top,
+        bootstrap: BootstrapSettings {
+            seed: args.seed,
+            resamples: args.resamples,
+        },
     };
     let paths = write_report(&args.run_dir, &out, &opts)?;
     tracing::info!(

@@ -1,12 +1,14 @@
 //! `index.html`: one self-contained page (inline CSS, inline SVG, no scripts, nothing fetched), so
 //! it can be mailed, archived or opened from a file system without its neighbours.
 
+use super::bootstrap::BootstrapSettings;
 use super::tables::Cells;
 
 /// The search's best candidate, as the header states it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Best {
     pub objective: f64,
+    pub objective_stderr: Option<f64>,
     pub rung: usize,
     pub docs_per_task: Option<usize>,
     pub label: String,
@@ -15,9 +17,18 @@ pub struct Best {
 /// Everything the page shows; absent parts leave a one-line note instead.
 pub struct Page<'a> {
     pub run_name: &'a str,
+    /// What the run can and cannot conclude, first thing on the page.
+    pub conclusion: &'a str,
     pub evaluations: usize,
     pub best: Option<Best>,
     pub leaderboard: &'a Cells,
+    pub leaderboard_svg: Option<&'a str>,
+    /// Why some ± are unavailable, one line per row (or benchmark).
+    pub uncertainty_notes: &'a [String],
+    pub verdicts: Option<&'a Cells>,
+    pub bootstrap: BootstrapSettings,
+    /// Whether the journal carries `objective_stderr`.
+    pub objective_stderrs: bool,
     pub trajectory_svg: Option<&'a str>,
     /// (parameter, SVG)
     pub param_svgs: &'a [(String, String)],
@@ -45,11 +56,15 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans',
 h1 { font-size: 1.6rem; margin-bottom: .2rem; }
 h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; }
 p.meta { color: #57606a; margin-top: 0; }
+p.conclusion { font-size: 1.05rem; background: #f6f8fa; border-left: 4px solid #0969da;
+               padding: .6rem .9rem; }
+ul.note { color: #57606a; font-size: .85rem; }
 p.note { color: #57606a; font-size: .85rem; }
 table { border-collapse: collapse; font-size: .9rem; }
 th, td { border: 1px solid #d0d7de; padding: .3rem .6rem; }
 th { background: #f6f8fa; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+div.table { overflow-x: auto; }
 tr:nth-child(even) td { background: #fbfcfd; }
 .plot svg { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 1rem; }
@@ -57,7 +72,7 @@ tr:nth-child(even) td { background: #fbfcfd; }
 ";
 
 fn table(c: &Cells) -> String {
-    let mut s = String::from("<table>\n<thead><tr>");
+    let mut s = String::from("<div class=\"table\"><table>\n<thead><tr>");
     for h in &c.header {
         s += &format!("<th>{}</th>", escape(h));
     }
@@ -70,7 +85,7 @@ fn table(c: &Cells) -> String {
         }
         s += "</tr>\n";
     }
-    s + "</tbody>\n</table>\n"
+    s + "</tbody>\n</table></div>\n"
 }
 
 /// Inline SVG without an XML declaration (not allowed inside HTML).
@@ -83,10 +98,16 @@ fn inline_svg(svg: &str) -> &str {
 
 pub fn render(p: &Page) -> String {
     let mut body = format!("<h1>PAFT report: {}</h1>\n", escape(p.run_name));
+    body += &format!(
+        "<p class=\"conclusion\" id=\"conclusion\">{}</p>\n",
+        escape(p.conclusion)
+    );
     let best = match &p.best {
         Some(b) => format!(
-            "best objective {:.2} (rung {}, {}): {}",
+            "best objective {:.2}{} (rung {}, {}): {}",
             b.objective,
+            b.objective_stderr
+                .map_or(String::new(), |se| format!(" ± {se:.2}")),
             b.rung,
             b.docs_per_task
                 .map_or("full tasks".to_string(), |n| format!("{n} docs/task")),
@@ -110,12 +131,69 @@ pub fn render(p: &Page) -> String {
                  subjects, TruthfulQA mc2 0-shot, Winogrande acc 5-shot, GSM8K strict exact \
                  match 5-shot); Average is their mean when all six are present. docs/task: \
                  the subset each row was scored on (full = complete task sets); search \
-                 candidates on subsets are not directly comparable with full rows.</p>\n";
+                 candidates on subsets are not directly comparable with full rows. \
+                 <b>±</b> is the standard error from the row's per-document records \
+                 (sample standard deviation / √n, as lm-eval; MMLU: √(Σ se²) / k over its k \
+                 subjects; Average: √(Σ se²) / 6); value ± 1.96·se is a 95% interval for one \
+                 row alone. Two rows scored on the same documents are compared in the verdict \
+                 table below, not by overlapping ±. Held-out SFT loss is nats per token (lower \
+                 is better; ± by the delta method for a ratio of sums); preference accuracy is \
+                 the percent of pairs whose chosen answer gets a strictly higher reward; reward \
+                 margin is the mean chosen − rejected reward.</p>\n";
+        if !p.uncertainty_notes.is_empty() {
+            body += "<p class=\"note\">± n/a: no uncertainty can be given for</p>\n<ul class=\"note\">\n";
+            for n in p.uncertainty_notes {
+                body += &format!("<li>{}</li>\n", escape(n));
+            }
+            body += "</ul>\n";
+        }
+    }
+    if let Some(svg) = p.leaderboard_svg {
+        body += &format!(
+            "<div class=\"plot\" id=\"leaderboard-plot\">{}</div>\n",
+            inline_svg(svg)
+        );
+    }
+
+    body += "<h2 id=\"verdicts\">Verdicts: PAFT against its baselines</h2>\n";
+    match p.verdicts {
+        Some(c) => {
+            body += &table(c);
+            body += &format!(
+                "<p class=\"note\">Difference = first row − second row (percentage points for \
+                 the benchmarks, the average and preference accuracy; nats per token for the \
+                 SFT loss; reward units for the margin). 95% interval: paired bootstrap over \
+                 documents — {} resamples of each task's documents with replacement (MMLU \
+                 within each subject, so the mean over subjects keeps its structure), both rows \
+                 scored on the same drawn documents, seed {}; the 2.5th and 97.5th percentiles \
+                 of the resampled differences. A verdict names a winner only when the interval \
+                 excludes 0; <b>not distinguishable</b> is the honest outcome of a small \
+                 document budget, not evidence that the two are equal. The interval covers the \
+                 choice of documents, not of training seeds.</p>\n",
+                p.bootstrap.resamples, p.bootstrap.seed
+            );
+        }
+        None => {
+            body += "<p class=\"note\">No pair to compare: the table needs evals/paft with \
+                     evals/sequential, evals/sft or evals/dpo|orpo, or evals/sequential with \
+                     evals/base.</p>\n"
+        }
     }
 
     body += "<h2>Search trajectory</h2>\n";
     match p.trajectory_svg {
-        Some(svg) => body += &format!("<div class=\"plot\">{}</div>\n", inline_svg(svg)),
+        Some(svg) => {
+            body += &format!("<div class=\"plot\">{}</div>\n", inline_svg(svg));
+            body += if p.objective_stderrs {
+                "<p class=\"note\">Shaded: each rung's best ± 1.96·stderr. Hollow circles: \
+                 candidates within 1.96·√(se_best² + se²) of their rung's best, not \
+                 distinguishable from it on this subset.</p>\n"
+            } else {
+                "<p class=\"note\">The journal carries no objective_stderr, so candidates \
+                 cannot be told apart from noise here: a small step in the best-so-far line may \
+                 be document noise rather than a better merge.</p>\n"
+            };
+        }
         None => body += "<p class=\"note\">No journal.jsonl in this run.</p>\n",
     }
 
@@ -170,17 +248,26 @@ mod tests {
         };
         let svg = "<?xml version=\"1.0\"?><svg></svg>".to_string();
         let params = [("sft.weight".to_string(), svg.clone())];
+        let notes = ["SFT: no samples".to_string()];
         let html = render(&Page {
             run_name: "run & co",
+            conclusion: "PAFT − sequential <is> fine",
             evaluations: 1,
             best: None,
             leaderboard: &lb,
+            leaderboard_svg: Some(&svg),
+            uncertainty_notes: &notes,
+            verdicts: Some(&lb),
+            bootstrap: BootstrapSettings::default(),
+            objective_stderrs: false,
             trajectory_svg: Some(&svg),
             param_svgs: &params,
             sparsity: None,
         });
         assert!(html.contains("run &amp; co") && html.contains("&lt;b&gt;"));
-        assert!(!html.contains("<?xml") && html.matches("<svg").count() == 2);
+        assert!(html.contains("sequential &lt;is&gt; fine"));
+        assert!(html.contains("<li>SFT: no samples</li>") && html.contains("seed 1234"));
+        assert!(!html.contains("<?xml") && html.matches("<svg").count() == 3);
         assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("href="));
         assert!(html.contains("<td class=\"num\">1.00</td>"));
     }

@@ -4,22 +4,38 @@
 //!
 //! A run directory holds what the earlier stages wrote, every part optional:
 //! `journal.jsonl` (the search), `evals/<row>/results.json` (full evaluations, `paft eval
-//! --output`) and `deltas/{sft,dpo,orpo}.json` (`paft inspect-delta --json`).
+//! --output`) with, beside it, `samples_<task>.jsonl` (`--log-samples`) and
+//! `alignment_tax.json`, and `deltas/{sft,dpo,orpo}.json` (`paft inspect-delta --json`).
+//!
+//! Uncertainty comes from the rows' per-document records: a standard error per number on the
+//! leaderboard and paired-bootstrap intervals for PAFT against its baselines (the verdict table
+//! and the sentence at the top of the page).
 
+pub mod bars;
+pub mod bootstrap;
+mod conclusion;
+mod evidence;
 pub mod html;
+mod pairing;
 pub mod plots;
 pub mod rows;
+mod samples;
 pub mod search;
 pub mod sparsity;
+mod stats;
 pub mod tables;
+mod tax;
+mod verdicts;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use crate::io::write_file_atomic;
 use crate::search::{Journal, JournalEntry};
+pub use bootstrap::BootstrapSettings;
+use evidence::RowEvidence;
 pub use rows::{scores_from_results, RowSpec};
 use tables::FloatFormat;
 
@@ -29,6 +45,8 @@ pub struct ReportOptions {
     pub adds: Vec<RowSpec>,
     /// Journal candidates shown in the leaderboard.
     pub top_k: usize,
+    /// Seed and size of the paired bootstrap.
+    pub bootstrap: BootstrapSettings,
 }
 
 impl Default for ReportOptions {
@@ -36,6 +54,7 @@ impl Default for ReportOptions {
         Self {
             adds: vec![],
             top_k: 5,
+            bootstrap: BootstrapSettings::default(),
         }
     }
 }
@@ -67,6 +86,8 @@ fn run_name(dir: &Path) -> String {
 struct RunInputs {
     name: String,
     entries: Vec<JournalEntry>,
+    /// `objective_stderr` by evaluation index (optional in the journal).
+    objective_stderrs: BTreeMap<usize, f64>,
     evals: Vec<RowSpec>,
     deltas: Vec<sparsity::NamedDelta>,
 }
@@ -80,14 +101,18 @@ impl RunInputs {
             );
         }
         let journal = run_dir.join("journal.jsonl");
-        let entries = if journal.is_file() {
-            Journal::read(&journal)?
+        let (entries, objective_stderrs) = if journal.is_file() {
+            (
+                Journal::read(&journal)?,
+                search::objective_stderrs(&journal)?,
+            )
         } else {
-            vec![]
+            (vec![], BTreeMap::new())
         };
         Ok(Self {
             name: run_name(&run_dir.canonicalize()?),
             entries,
+            objective_stderrs,
             evals: eval_specs(&run_dir.join("evals"))?,
             deltas: sparsity::read_deltas(&run_dir.join("deltas"))?,
         })
@@ -120,9 +145,15 @@ fn eval_specs(dir: &Path) -> Result<Vec<RowSpec>> {
     Ok(specs)
 }
 
-/// Leaderboard: percent with two decimals.
-fn percent_format(_: &str) -> FloatFormat {
-    FloatFormat::Fixed(2)
+/// Leaderboard: percent with two decimals; the per-token loss and the reward margin, whose
+/// differences are small, with three.
+fn leaderboard_format(column: &str) -> FloatFormat {
+    let base = column.strip_suffix(rows::STDERR_SUFFIX).unwrap_or(column);
+    if base == rows::SFT_LOSS_COLUMN || base == rows::REWARD_MARGIN_COLUMN {
+        FloatFormat::Fixed(3)
+    } else {
+        FloatFormat::Fixed(2)
+    }
 }
 
 /// Sparsity: shares with two decimals, norms in scientific notation.
@@ -137,6 +168,13 @@ fn sparsity_format(column: &str) -> FloatFormat {
 /// Reads `run_dir` and writes the report into `out_dir` (created if needed), every file
 /// atomically.
 pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Result<ReportPaths> {
+    if opts.bootstrap.resamples < bootstrap::MIN_RESAMPLES {
+        bail!(
+            "{} bootstrap resamples are too few for a 95% percentile interval (at least {})",
+            opts.bootstrap.resamples,
+            bootstrap::MIN_RESAMPLES
+        );
+    }
     let run = RunInputs::load(run_dir)?;
     if run.entries.is_empty()
         && run.evals.is_empty()
@@ -164,17 +202,83 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
                     .map(|d| if d.label == "ORPO" { "orpo" } else { "dpo" }),
             ),
     );
-    let mut board = rows::evaluation_rows(&specs, pref)?;
-    board.extend(rows::top_candidates(&run.entries, opts.top_k, pref));
+    let evaluated = rows::evaluated_rows(&specs)?;
+    let evidence: Vec<RowEvidence> = evaluated
+        .iter()
+        .map(RowEvidence::read)
+        .collect::<Result<_>>()?;
+    let mut board: Vec<rows::LeaderboardRow> = evaluated
+        .iter()
+        .zip(&evidence)
+        .map(|(r, ev)| rows::LeaderboardRow {
+            label: r.kind.label(pref),
+            docs: r.file.docs,
+            scores: r.file.scores.clone(),
+            stderrs: ev.stderrs(),
+            tax: ev.tax_estimates(),
+        })
+        .collect();
+    let mut uncertainty_notes: Vec<String> = board
+        .iter()
+        .zip(&evidence)
+        .flat_map(|(row, ev)| {
+            ev.notes()
+                .into_iter()
+                .map(move |n| format!("{}: {n}", row.label))
+        })
+        .collect();
+    let candidates = rows::top_candidates(&run.entries, opts.top_k, pref);
+    if !candidates.is_empty() {
+        uncertainty_notes.push(
+            "search candidates: the journal keeps their scores, not their per-document records"
+                .into(),
+        );
+    }
+    let leaderboard_svg = if board.is_empty() {
+        None
+    } else {
+        let svg = bars::leaderboard_svg(&board)?;
+        files.push(write_text(out_dir, "leaderboard.svg", &svg)?);
+        Some(svg)
+    };
+    board.extend(candidates);
     let mut df = rows::leaderboard_frame(&board)?;
-    let board_cells = tables::cells(&df, &percent_format)?;
+    let board_cells = tables::with_stderr(
+        &tables::cells(&df, &leaderboard_format)?,
+        rows::STDERR_SUFFIX,
+    );
+    // Four decimals: the per-token loss and its stderr need more than the percentages' two.
     files.extend(tables::write_table(
         out_dir,
         "leaderboard",
         &mut df,
         &board_cells,
-        Some(2),
+        Some(4),
     )?);
+
+    // PAFT against its baselines, paired over the same documents.
+    let sides: Vec<_> = evaluated.iter().zip(&evidence).collect();
+    let verdict_rows = verdicts::verdicts(&sides, pref, &opts.bootstrap);
+    let verdict_cells = if verdict_rows.is_empty() {
+        None
+    } else {
+        let cells = verdicts::verdict_cells(&verdict_rows);
+        files.extend(tables::write_table(
+            out_dir,
+            "verdicts",
+            &mut verdicts::verdict_frame(&verdict_rows)?,
+            &cells,
+            None,
+        )?);
+        Some(cells)
+    };
+    let has = |k: rows::RowKind| evaluated.iter().any(|r| r.kind == k);
+    let conclusion = conclusion::conclusion(
+        &verdict_rows,
+        has(rows::RowKind::Paft),
+        has(rows::RowKind::Sequential),
+        pref,
+    );
     tracing::info!(
         "leaderboard: {} evaluated model(s), {} search candidate(s)",
         specs.len(),
@@ -185,7 +289,7 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
     let mut trajectory_svg = None;
     let mut param_svgs = vec![];
     if !run.entries.is_empty() {
-        let points = search::trajectory(&run.entries);
+        let points = search::trajectory(&run.entries, &run.objective_stderrs);
         files.extend(tables::write_data(
             out_dir,
             "trajectory",
@@ -235,9 +339,15 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
 
     let page = html::render(&html::Page {
         run_name: &run.name,
+        conclusion: &conclusion,
         evaluations: run.entries.len(),
-        best: best(&run.entries, pref),
+        best: best(&run.entries, &run.objective_stderrs, pref),
         leaderboard: &board_cells,
+        leaderboard_svg: leaderboard_svg.as_deref(),
+        uncertainty_notes: &uncertainty_notes,
+        verdicts: verdict_cells.as_ref(),
+        bootstrap: opts.bootstrap,
+        objective_stderrs: !run.objective_stderrs.is_empty(),
         trajectory_svg: trajectory_svg.as_deref(),
         param_svgs: &param_svgs,
         sparsity: sparsity_cells.as_ref(),
@@ -258,7 +368,11 @@ fn write_text(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 }
 
 /// The best candidate on the highest rung (lower rungs score smaller subsets).
-fn best(entries: &[JournalEntry], pref: rows::Pref) -> Option<html::Best> {
+fn best(
+    entries: &[JournalEntry],
+    stderrs: &BTreeMap<usize, f64>,
+    pref: rows::Pref,
+) -> Option<html::Best> {
     let top = entries.iter().map(|e| e.rung).max()?;
     let e = entries
         .iter()
@@ -266,6 +380,7 @@ fn best(entries: &[JournalEntry], pref: rows::Pref) -> Option<html::Best> {
         .max_by(|a, b| a.objective.total_cmp(&b.objective))?;
     Some(html::Best {
         objective: e.objective,
+        objective_stderr: stderrs.get(&e.index).copied(),
         rung: e.rung,
         docs_per_task: e.docs_per_task,
         label: rows::candidate_label(e, pref),

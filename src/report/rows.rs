@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use polars::prelude::{Column, DataFrame};
 use serde_json::Value;
 
+use super::stats::{self, Estimate};
+use super::tax::TaxEstimates;
 use crate::eval::task::Benchmark;
 use crate::search::JournalEntry;
 
@@ -140,13 +142,44 @@ pub struct LeaderboardRow {
     pub label: String,
     pub docs: Docs,
     pub scores: BTreeMap<Benchmark, f64>,
+    /// Standard errors (percent) of the benchmarks whose per-document records were read.
+    pub stderrs: BTreeMap<Benchmark, f64>,
+    /// Alignment-tax numbers, where the row has them.
+    pub(crate) tax: TaxEstimates,
 }
 
 impl LeaderboardRow {
+    /// A row with numbers only (no uncertainty, no alignment tax).
+    pub fn plain(label: String, docs: Docs, scores: BTreeMap<Benchmark, f64>) -> Self {
+        Self {
+            label,
+            docs,
+            scores,
+            stderrs: BTreeMap::new(),
+            tax: TaxEstimates::default(),
+        }
+    }
+
     /// The leaderboard average: the plain mean of the six; None unless all six are present.
     pub fn average(&self) -> Option<f64> {
         (self.scores.len() == Benchmark::ALL.len())
             .then(|| self.scores.values().sum::<f64>() / self.scores.len() as f64)
+    }
+
+    /// The average's stderr, sqrt(Σ se_b²) / 6; None unless all six have one.
+    pub fn average_stderr(&self) -> Option<f64> {
+        let parts: Vec<Estimate> = Benchmark::ALL
+            .iter()
+            .map(|b| {
+                Some(Estimate {
+                    value: *self.scores.get(b)?,
+                    stderr: *self.stderrs.get(b)?,
+                })
+            })
+            .collect::<Option<_>>()?;
+        stats::average(&parts)
+            .map(|e| e.stderr)
+            .filter(|se| se.is_finite())
     }
 }
 
@@ -155,6 +188,9 @@ impl LeaderboardRow {
 pub struct ResultsFile {
     pub scores: BTreeMap<Benchmark, f64>,
     pub docs: Docs,
+    /// `n-samples.<task>.effective`: documents scored per task (leaderboard tasks only; empty
+    /// when the file has no `n-samples`).
+    pub effective: BTreeMap<String, u64>,
 }
 
 /// Headline numbers (percent) of the leaderboard tasks present in a results.json written by
@@ -212,8 +248,21 @@ impl ResultsFile {
         Ok(Self {
             scores,
             docs: docs_from_n_samples(json.get("n-samples")),
+            effective: effective_counts(json.get("n-samples")),
         })
     }
+}
+
+/// `n-samples.<task>.effective` of the leaderboard tasks (MMLU by subject).
+fn effective_counts(n_samples: Option<&Value>) -> BTreeMap<String, u64> {
+    let Some(tasks) = n_samples.and_then(Value::as_object) else {
+        return BTreeMap::new();
+    };
+    tasks
+        .iter()
+        .filter(|(task, _)| super::samples::benchmark_of_task(task).is_some())
+        .filter_map(|(task, n)| Some((task.clone(), n.get("effective")?.as_u64()?)))
+        .collect()
 }
 
 /// `n-samples.<task>.{original, effective}` summed per benchmark (MMLU over its subjects).
@@ -249,9 +298,35 @@ fn docs_from_n_samples(n_samples: Option<&Value>) -> Docs {
     }
 }
 
-/// The full-evaluation rows in table order: base, SFT, DPO/ORPO, sequential, PAFT, then added
-/// rows in the order given. Two specs of one kind are an error.
+/// A full evaluation: what it is, where it was read from and what its results.json holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluatedRow {
+    pub kind: RowKind,
+    pub spec: RowSpec,
+    pub file: ResultsFile,
+}
+
+impl EvaluatedRow {
+    /// The directory of its results.json, where its samples and alignment-tax files lie.
+    pub fn dir(&self) -> &Path {
+        match self.spec.results.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        }
+    }
+}
+
+/// The full-evaluation rows in table order (see `evaluated_rows`) as plain leaderboard lines.
 pub fn evaluation_rows(specs: &[RowSpec], pref: Pref) -> Result<Vec<LeaderboardRow>> {
+    Ok(evaluated_rows(specs)?
+        .into_iter()
+        .map(|r| LeaderboardRow::plain(r.kind.label(pref), r.file.docs, r.file.scores))
+        .collect())
+}
+
+/// The full evaluations in table order: base, SFT, DPO/ORPO, sequential, PAFT, then added rows in
+/// the order given. Two specs of one kind are an error.
+pub fn evaluated_rows(specs: &[RowSpec]) -> Result<Vec<EvaluatedRow>> {
     let mut kinds: Vec<(RowKind, &RowSpec)> = vec![];
     for spec in specs {
         let kind = RowKind::from_name(&spec.name);
@@ -269,11 +344,10 @@ pub fn evaluation_rows(specs: &[RowSpec], pref: Pref) -> Result<Vec<LeaderboardR
     kinds
         .into_iter()
         .map(|(kind, spec)| {
-            let file = ResultsFile::read(&spec.results)?;
-            Ok(LeaderboardRow {
-                label: kind.label(pref),
-                docs: file.docs,
-                scores: file.scores,
+            Ok(EvaluatedRow {
+                file: ResultsFile::read(&spec.results)?,
+                kind,
+                spec: spec.clone(),
             })
         })
         .collect()
@@ -305,13 +379,15 @@ pub fn top_candidates(entries: &[JournalEntry], k: usize, pref: Pref) -> Vec<Lea
         .into_iter()
         .filter(|e| seen.insert(e.key.as_str()))
         .take(k)
-        .map(|e| LeaderboardRow {
-            label: candidate_label(e, pref),
-            docs: Docs::of_journal(e.docs_per_task),
-            scores: Benchmark::ALL
-                .into_iter()
-                .filter_map(|b| e.scores.get(b.task_name()).map(|v| (b, *v)))
-                .collect(),
+        .map(|e| {
+            LeaderboardRow::plain(
+                candidate_label(e, pref),
+                Docs::of_journal(e.docs_per_task),
+                Benchmark::ALL
+                    .into_iter()
+                    .filter_map(|b| e.scores.get(b.task_name()).map(|v| (b, *v)))
+                    .collect(),
+            )
         })
         .collect()
 }
@@ -379,9 +455,53 @@ fn short_number(v: f64) -> String {
 /// Column of the row subset size.
 pub const DOCS_COLUMN: &str = "docs/task";
 
-/// `Model, docs/task, ARC, HellaSwag, MMLU, TruthfulQA, Winogrande, GSM8K, Average`, percent at
-/// full precision (the Markdown, CSV and HTML show two decimals, as the leaderboard does).
+/// Suffix of a column's standard-error column in CSV and Parquet (`ARC_stderr`).
+pub const STDERR_SUFFIX: &str = "_stderr";
+/// Alignment-tax columns; the arrow says which direction is better.
+pub const SFT_LOSS_COLUMN: &str = "Held-out SFT loss ↓";
+pub const PREF_ACCURACY_COLUMN: &str = "Pref. accuracy ↑";
+pub const REWARD_MARGIN_COLUMN: &str = "Reward margin ↑";
+
+/// `Model, docs/task, ARC, HellaSwag, MMLU, TruthfulQA, Winogrande, GSM8K, Average`, then the
+/// alignment-tax columns when a row has them, then one `<column>_stderr` per number column (after
+/// the numbers, so readers of the older layout find every number where it was). Percent at full
+/// precision (the Markdown and HTML show two decimals, as the leaderboard does); a missing
+/// stderr is null, never 0.
 pub fn leaderboard_frame(rows: &[LeaderboardRow]) -> Result<DataFrame> {
+    type Getter = Box<dyn Fn(&LeaderboardRow) -> Option<Estimate>>;
+    let mut numbers: Vec<(String, Getter)> = vec![];
+    for b in Benchmark::ALL {
+        numbers.push((
+            b.column().into(),
+            Box::new(move |r: &LeaderboardRow| {
+                Some(Estimate {
+                    value: *r.scores.get(&b)?,
+                    stderr: r.stderrs.get(&b).copied().unwrap_or(f64::NAN),
+                })
+            }),
+        ));
+    }
+    numbers.push((
+        "Average".into(),
+        Box::new(|r: &LeaderboardRow| {
+            Some(Estimate {
+                value: r.average()?,
+                stderr: r.average_stderr().unwrap_or(f64::NAN),
+            })
+        }),
+    ));
+    type TaxGetter = fn(&TaxEstimates) -> Option<Estimate>;
+    let tax: [(&str, TaxGetter); 3] = [
+        (SFT_LOSS_COLUMN, |t| t.sft_loss),
+        (PREF_ACCURACY_COLUMN, |t| t.pref_accuracy),
+        (REWARD_MARGIN_COLUMN, |t| t.reward_margin),
+    ];
+    for (name, get) in tax {
+        if rows.iter().any(|r| get(&r.tax).is_some()) {
+            numbers.push((name.into(), Box::new(move |r: &LeaderboardRow| get(&r.tax))));
+        }
+    }
+
     let mut columns = vec![
         Column::new(
             "Model".into(),
@@ -392,18 +512,22 @@ pub fn leaderboard_frame(rows: &[LeaderboardRow]) -> Result<DataFrame> {
             rows.iter().map(|r| r.docs.to_string()).collect::<Vec<_>>(),
         ),
     ];
-    for b in Benchmark::ALL {
+    for (name, get) in &numbers {
         columns.push(Column::new(
-            b.column().into(),
+            name.as_str().into(),
             rows.iter()
-                .map(|r| r.scores.get(&b).copied())
+                .map(|r| get(r).map(|e| e.value))
                 .collect::<Vec<_>>(),
         ));
     }
-    columns.push(Column::new(
-        "Average".into(),
-        rows.iter().map(LeaderboardRow::average).collect::<Vec<_>>(),
-    ));
+    for (name, get) in &numbers {
+        columns.push(Column::new(
+            format!("{name}{STDERR_SUFFIX}").into(),
+            rows.iter()
+                .map(|r| get(r).map(|e| e.stderr).filter(|se| se.is_finite()))
+                .collect::<Vec<_>>(),
+        ));
+    }
     Ok(DataFrame::new(rows.len(), columns)?)
 }
 
@@ -603,30 +727,51 @@ mod tests {
 
     #[test]
     fn the_frame_has_the_leaderboard_columns() {
-        let row = LeaderboardRow {
-            label: "Base".into(),
-            docs: Docs::Full,
-            scores: Benchmark::ALL.into_iter().map(|b| (b, 30.0)).collect(),
-        };
-        let df = leaderboard_frame(&[row]).unwrap();
+        let scores: BTreeMap<Benchmark, f64> =
+            Benchmark::ALL.into_iter().map(|b| (b, 30.0)).collect();
+        let plain = LeaderboardRow::plain("Base".into(), Docs::Full, scores.clone());
+        let mut with_se = LeaderboardRow::plain("PAFT".into(), Docs::Full, scores);
+        with_se.stderrs = Benchmark::ALL
+            .into_iter()
+            .map(|b| (b, if b == Benchmark::Arc { 0.3 } else { 0.4 }))
+            .collect();
+        with_se.tax.sft_loss = Some(Estimate {
+            value: 1.25,
+            stderr: 0.01,
+        });
+        let df = leaderboard_frame(&[plain, with_se]).unwrap();
         let names: Vec<String> = df.columns().iter().map(|c| c.name().to_string()).collect();
-        assert_eq!(
-            names,
-            [
-                "Model",
-                "docs/task",
-                "ARC",
-                "HellaSwag",
-                "MMLU",
-                "TruthfulQA",
-                "Winogrande",
-                "GSM8K",
-                "Average"
-            ]
-        );
-        assert_eq!(
-            df.column("Average").unwrap().f64().unwrap().get(0),
-            Some(30.0)
-        );
+        let mut want = vec!["Model", "docs/task"];
+        let numbers = [
+            "ARC",
+            "HellaSwag",
+            "MMLU",
+            "TruthfulQA",
+            "Winogrande",
+            "GSM8K",
+            "Average",
+            SFT_LOSS_COLUMN,
+        ];
+        want.extend(numbers);
+        let stderr_names: Vec<String> = numbers.iter().map(|n| format!("{n}_stderr")).collect();
+        want.extend(stderr_names.iter().map(String::as_str));
+        assert_eq!(names, want);
+        let f = |col: &str| df.column(col).unwrap().f64().unwrap().clone();
+        assert_eq!(f("Average").get(0), Some(30.0));
+        // No records: null, not 0.
+        assert_eq!(f("ARC_stderr").get(0), None);
+        assert_eq!(f("Average_stderr").get(0), None);
+        assert_eq!(f(&format!("{SFT_LOSS_COLUMN}_stderr")).get(0), None);
+        assert_eq!(f("ARC_stderr").get(1), Some(0.3));
+        let avg_se = (0.09f64 + 5.0 * 0.16).sqrt() / 6.0;
+        assert!((f("Average_stderr").get(1).unwrap() - avg_se).abs() < 1e-12);
+        // Without any alignment-tax file the columns stay out.
+        let df = leaderboard_frame(&[LeaderboardRow::plain(
+            "x".into(),
+            Docs::Full,
+            BTreeMap::new(),
+        )])
+        .unwrap();
+        assert_eq!(df.width(), 2 + 7 + 7);
     }
 }

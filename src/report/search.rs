@@ -1,10 +1,13 @@
 //! What the journal says about the search: the trajectory (objective and best-so-far per rung,
-//! in evaluation order) and the objective against each parameter the search varied.
+//! in evaluation order, and which candidates are within noise of the rung's best) and the
+//! objective against each parameter the search varied.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use polars::prelude::{Column, DataFrame};
+use serde_json::Value;
 
 use crate::search::JournalEntry;
 
@@ -17,14 +20,63 @@ pub struct TrajectoryPoint {
     pub objective: f64,
     /// Best objective so far on the same rung: objectives on different subsets don't compare.
     pub best_so_far: f64,
+    /// The journal's `objective_stderr`, when the search wrote one.
+    pub objective_stderr: Option<f64>,
+    /// Whether the objective is within 1.96·sqrt(se_best² + se²) of its rung's best (so the
+    /// two are not distinguishable); None without both stderrs.
+    pub near_best: Option<bool>,
 }
 
-/// The journal in evaluation order, with each rung's running best.
-pub fn trajectory(entries: &[JournalEntry]) -> Vec<TrajectoryPoint> {
+/// A rung's best evaluation (highest objective; the earliest on ties).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RungBest {
+    pub index: usize,
+    pub objective: f64,
+    pub stderr: Option<f64>,
+}
+
+/// `objective_stderr` by evaluation index. The field is optional (journals written before it
+/// have none, and `JournalEntry` does not carry it), so the lines are read again as plain JSON;
+/// a line `Journal::read` skipped, or a value that is not a non-negative number, is left out.
+pub fn objective_stderrs(journal: &Path) -> Result<BTreeMap<usize, f64>> {
+    let text = std::fs::read_to_string(journal)
+        .with_context(|| format!("cannot read journal {}", journal.display()))?;
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let Ok(json) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let (Some(index), Some(se)) = (
+            json.get("index").and_then(Value::as_u64),
+            json.get("objective_stderr"),
+        ) else {
+            continue;
+        };
+        match se.as_f64() {
+            Some(v) if v.is_finite() && v >= 0.0 => {
+                out.insert(index as usize, v);
+            }
+            _ if se.is_null() => {}
+            _ => tracing::warn!(
+                "journal {} line {}: objective_stderr {se} is not a non-negative number; ignored",
+                journal.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// The journal in evaluation order, with each rung's running best and, where the journal has
+/// stderrs, whether each candidate is distinguishable from the rung's final best.
+pub fn trajectory(
+    entries: &[JournalEntry],
+    stderrs: &BTreeMap<usize, f64>,
+) -> Vec<TrajectoryPoint> {
     let mut sorted: Vec<&JournalEntry> = entries.iter().collect();
     sorted.sort_by_key(|e| e.index);
     let mut best: BTreeMap<usize, f64> = BTreeMap::new();
-    sorted
+    let mut points: Vec<TrajectoryPoint> = sorted
         .into_iter()
         .map(|e| {
             let b = best.entry(e.rung).or_insert(f64::NEG_INFINITY);
@@ -35,9 +87,41 @@ pub fn trajectory(entries: &[JournalEntry]) -> Vec<TrajectoryPoint> {
                 docs_per_task: e.docs_per_task,
                 objective: e.objective,
                 best_so_far: *b,
+                objective_stderr: stderrs.get(&e.index).copied(),
+                near_best: None,
             }
         })
-        .collect()
+        .collect();
+    let bests = rung_bests(&points);
+    for p in &mut points {
+        let b = &bests[&p.rung];
+        p.near_best = match (b.stderr, p.objective_stderr) {
+            (Some(sb), Some(sc)) => {
+                Some(b.objective - p.objective <= 1.96 * (sb * sb + sc * sc).sqrt())
+            }
+            _ => None,
+        };
+    }
+    points
+}
+
+/// Each rung's best evaluation.
+pub fn rung_bests(points: &[TrajectoryPoint]) -> BTreeMap<usize, RungBest> {
+    let mut out: BTreeMap<usize, RungBest> = BTreeMap::new();
+    for p in points {
+        let better = out.get(&p.rung).is_none_or(|b| p.objective > b.objective);
+        if better {
+            out.insert(
+                p.rung,
+                RungBest {
+                    index: p.index,
+                    objective: p.objective,
+                    stderr: p.objective_stderr,
+                },
+            );
+        }
+    }
+    out
 }
 
 pub fn trajectory_frame(points: &[TrajectoryPoint]) -> Result<DataFrame> {
@@ -64,6 +148,17 @@ pub fn trajectory_frame(points: &[TrajectoryPoint]) -> Result<DataFrame> {
             ),
             col("objective", &|p| p.objective),
             col("best_so_far", &|p| p.best_so_far),
+            Column::new(
+                "objective_stderr".into(),
+                points
+                    .iter()
+                    .map(|p| p.objective_stderr)
+                    .collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "near_best".into(),
+                points.iter().map(|p| p.near_best).collect::<Vec<_>>(),
+            ),
         ],
     )?)
 }
@@ -177,13 +272,61 @@ mod tests {
             entry(3, 0, 55.0, 0.3),
             entry(4, 1, 20.0, 0.3),
         ];
-        let t = trajectory(&entries);
+        let t = trajectory(&entries, &BTreeMap::new());
         let idx: Vec<usize> = t.iter().map(|p| p.index).collect();
         let best: Vec<f64> = t.iter().map(|p| p.best_so_far).collect();
         assert_eq!(idx, [0, 1, 2, 3, 4]);
         assert_eq!(best, [50.0, 50.0, 30.0, 55.0, 30.0]);
+        assert!(t.iter().all(|p| p.near_best.is_none()));
         let df = trajectory_frame(&t).unwrap();
         assert_eq!(df.height(), 5);
+    }
+
+    #[test]
+    fn candidates_within_noise_of_the_rung_best_are_marked() {
+        let entries = [
+            entry(0, 0, 50.0, 0.1),
+            entry(1, 0, 55.0, 0.2),
+            entry(2, 0, 53.0, 0.3),
+            entry(3, 1, 30.0, 0.1),
+            entry(4, 0, 40.0, 0.4),
+        ];
+        // Best of rung 0 is 55 ± 1; 53 ± 1 is 2 below, within 1.96·√2 ≈ 2.77; 50 ± 1 is not.
+        // Entry 4 has no stderr (an older line): unknown.
+        let se = BTreeMap::from([(0, 1.0), (1, 1.0), (2, 1.0), (3, 0.5)]);
+        let t = trajectory(&entries, &se);
+        let near: Vec<Option<bool>> = t.iter().map(|p| p.near_best).collect();
+        assert_eq!(
+            near,
+            [Some(false), Some(true), Some(true), Some(true), None]
+        );
+        let bests = rung_bests(&t);
+        assert_eq!(bests[&0].index, 1);
+        assert_eq!(bests[&0].stderr, Some(1.0));
+        let df = trajectory_frame(&t).unwrap();
+        assert_eq!(
+            df.column("near_best").unwrap().bool().unwrap().get(0),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn objective_stderrs_are_optional_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        std::fs::write(
+            &path,
+            "{\"index\": 0, \"objective\": 1.0}\n\
+             {\"index\": 1, \"objective_stderr\": 0.7}\n\
+             {\"index\": 2, \"objective_stderr\": null}\n\
+             {\"index\": 3, \"objective_stderr\": \"big\"}\n\
+             {\"index\": 4, \"objective_stderr\": 0.2",
+        )
+        .unwrap();
+        assert_eq!(
+            objective_stderrs(&path).unwrap(),
+            BTreeMap::from([(1, 0.7)])
+        );
     }
 
     #[test]

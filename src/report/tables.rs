@@ -66,6 +66,48 @@ pub fn cells(df: &DataFrame, format: &dyn Fn(&str) -> FloatFormat) -> Result<Cel
     })
 }
 
+/// What a `value ± stderr` cell shows where the stderr is missing (the page says why).
+pub const NO_STDERR: &str = "n/a";
+
+/// Display cells where every column `X` that has an `X<suffix>` column shows `value ± stderr`
+/// (`value ± n/a` when only the stderr is missing, empty when the value is), and the stderr
+/// columns themselves are dropped.
+pub fn with_stderr(c: &Cells, suffix: &str) -> Cells {
+    let pos = |name: &str| c.header.iter().position(|h| h == name);
+    let mut keep = vec![];
+    for (j, h) in c.header.iter().enumerate() {
+        let is_stderr = h
+            .strip_suffix(suffix)
+            .is_some_and(|base| pos(base).is_some());
+        if !is_stderr {
+            keep.push((j, pos(&format!("{h}{suffix}"))));
+        }
+    }
+    Cells {
+        header: keep.iter().map(|&(j, _)| c.header[j].clone()).collect(),
+        rows: c
+            .rows
+            .iter()
+            .map(|row| {
+                keep.iter()
+                    .map(|&(j, se)| match se {
+                        Some(k) if !row[j].is_empty() => {
+                            let se = if row[k].is_empty() {
+                                NO_STDERR
+                            } else {
+                                &row[k]
+                            };
+                            format!("{} ± {se}", row[j])
+                        }
+                        _ => row[j].clone(),
+                    })
+                    .collect()
+            })
+            .collect(),
+        numeric: keep.iter().map(|&(j, _)| c.numeric[j]).collect(),
+    }
+}
+
 /// A GitHub-flavoured Markdown table (numbers right-aligned, columns padded for plain reading).
 pub fn markdown(c: &Cells) -> String {
     let esc = |s: &str| s.replace('|', "\\|");
@@ -202,6 +244,31 @@ mod tests {
         assert!(lines[0].starts_with("| Model "), "{md}");
         assert!(lines[1].contains("---:"), "{md}");
         assert!(lines[2].contains("a\\|b"), "{md}");
+    }
+
+    #[test]
+    fn stderr_columns_become_plus_minus_cells() {
+        let c = Cells {
+            header: vec![
+                "Model".into(),
+                "ARC".into(),
+                "L1".into(),
+                "ARC_stderr".into(),
+            ],
+            rows: vec![
+                vec!["a".into(), "41.21".into(), "1".into(), "1.44".into()],
+                vec!["b".into(), "40.00".into(), "2".into(), "".into()],
+                vec!["c".into(), "".into(), "3".into(), "".into()],
+            ],
+            numeric: vec![false, true, true, true],
+        };
+        let m = with_stderr(&c, "_stderr");
+        assert_eq!(m.header, ["Model", "ARC", "L1"]);
+        assert_eq!(m.rows[0], ["a", "41.21 ± 1.44", "1"]);
+        // Missing stderr is said, never shown as 0; a missing value stays empty.
+        assert_eq!(m.rows[1], ["b", "40.00 ± n/a", "2"]);
+        assert_eq!(m.rows[2], ["c", "", "3"]);
+        assert_eq!(m.numeric, [false, true, true]);
     }
 
     #[test]

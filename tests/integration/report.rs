@@ -22,11 +22,11 @@ const TASKS: [&str; 6] = [
     "gsm8k",
 ];
 
-/// Headline fractions per row, in `TASKS` order.
-fn fractions(row: &str) -> [f64; 6] {
+/// Per-row skill per benchmark, in `TASKS` order: the share of documents a row gets right.
+fn skill(row: &str) -> [f64; 6] {
     match row {
         "base" => [0.4121, 0.5530, 0.3012, 0.3904, 0.5525, 0.0136],
-        "sft" => [0.4402, 0.5611, 0.3125, 0.3880, 0.5604, 0.0551],
+        "sft" | "mine" => [0.4402, 0.5611, 0.3125, 0.3880, 0.5604, 0.0551],
         "dpo" => [0.4531, 0.5702, 0.3098, 0.4312, 0.5588, 0.0402],
         "sequential" => [0.4488, 0.5690, 0.3071, 0.4209, 0.5570, 0.0467],
         "paft" => [0.4612, 0.5741, 0.3140, 0.4275, 0.5612, 0.0581],
@@ -34,12 +34,109 @@ fn fractions(row: &str) -> [f64; 6] {
     }
 }
 
-/// A results.json shaped as `SuiteResult::to_json` writes it: per-task entries (MMLU's
-/// subjects, whose unweighted mean the `mmlu` group entry holds), groups, the leaderboard object.
-fn results_json(f: [f64; 6]) -> Value {
-    let (anatomy, astronomy) = (f[2] - 0.02, f[2] + 0.02);
+/// The lm-eval tasks a row is scored on (MMLU as two subjects of different sizes): name,
+/// documents, headline metric key.
+const TASK_FILES: [(&str, usize, &str); 7] = [
+    ("arc_challenge", 40, "acc_norm,none"),
+    ("hellaswag", 40, "acc_norm,none"),
+    ("mmlu_anatomy", 20, "acc,none"),
+    ("mmlu_astronomy", 30, "acc,none"),
+    ("truthfulqa_mc2", 40, "acc,none"),
+    ("winogrande", 40, "acc,none"),
+    ("gsm8k", 40, "exact_match,strict-match"),
+];
+
+/// Index into `TASKS` of an lm-eval task.
+fn bench_of(task: &str) -> usize {
+    TASKS
+        .iter()
+        .position(|t| *t == task || (*t == "mmlu" && task.starts_with("mmlu_")))
+        .unwrap()
+}
+
+/// A document's difficulty in [0, 1), the same for every row (the rows are scored on the same
+/// documents, as the pipeline scores them): an FNV-1a hash of task and document id.
+fn difficulty(task: &str, doc: usize) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in task.bytes().chain((doc as u64).to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// `row`'s per-document headline values on `task`: right on documents easier than its skill
+/// (so a more skilled row is right on a superset of documents); TruthfulQA's mc2 is a
+/// probability, fractional.
+fn doc_values(row: &str, task: &str) -> Vec<f64> {
+    let (_, n, _) = TASK_FILES.iter().find(|t| t.0 == task).unwrap();
+    let p = skill(row)[bench_of(task)];
+    (0..*n)
+        .map(|i| {
+            let d = difficulty(task, i);
+            if task == "truthfulqa_mc2" {
+                (0.5 + p - d).clamp(0.0, 1.0)
+            } else if d < p {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// Sample standard deviation / sqrt(n).
+fn stderr(v: &[f64]) -> f64 {
+    let m = mean(v);
+    let n = v.len() as f64;
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) / n).sqrt()
+}
+
+/// Headline fractions and their stderrs per benchmark (`TASKS` order), computed here from the
+/// documents: MMLU is the mean of its two subjects, stderr sqrt(se_a² + se_b²) / 2.
+fn headline(row: &str) -> [(f64, f64); 6] {
+    let mut out = [(0.0, 0.0); 6];
+    for (b, t) in TASKS.iter().enumerate() {
+        out[b] = if *t == "mmlu" {
+            let a = doc_values(row, "mmlu_anatomy");
+            let s = doc_values(row, "mmlu_astronomy");
+            (
+                (mean(&a) + mean(&s)) / 2.0,
+                (stderr(&a).powi(2) + stderr(&s).powi(2)).sqrt() / 2.0,
+            )
+        } else {
+            let v = doc_values(row, t);
+            (mean(&v), stderr(&v))
+        };
+    }
+    out
+}
+
+/// A results.json shaped as `SuiteResult::to_json` writes it, from the row's documents: per-task
+/// entries (MMLU's subjects, whose unweighted mean the `mmlu` group entry holds), groups, the
+/// leaderboard object, `n-samples`.
+fn results_json(row: &str) -> Value {
+    let h = headline(row);
+    let mut results = serde_json::Map::new();
+    let mut n_samples = serde_json::Map::new();
+    for (task, n, key) in TASK_FILES {
+        let v = doc_values(row, task);
+        let (metric, filter) = key.split_once(',').unwrap();
+        results.insert(
+            task.into(),
+            json!({"alias": task, key: mean(&v), format!("{metric}_stderr,{filter}"): stderr(&v)}),
+        );
+        n_samples.insert(task.into(), json!({"original": n, "effective": n}));
+    }
+    let mmlu = json!({"alias": "mmlu", "acc,none": h[2].0, "acc_stderr,none": h[2].1,
+                      "aggregation": "unweighted mean over subjects (Open LLM Leaderboard)"});
+    results.insert("mmlu".into(), mmlu.clone());
     let mut board = serde_json::Map::new();
-    for (col, v) in [
+    for (col, (v, _)) in [
         "ARC",
         "HellaSwag",
         "MMLU",
@@ -48,48 +145,87 @@ fn results_json(f: [f64; 6]) -> Value {
         "GSM8K",
     ]
     .iter()
-    .zip(f)
+    .zip(h)
     {
         board.insert(col.to_string(), json!(100.0 * v));
     }
-    let avg = f.iter().sum::<f64>() / 6.0;
+    let avg = h.iter().map(|x| x.0).sum::<f64>() / 6.0;
     board.insert("Average".into(), json!(100.0 * avg));
     json!({
-        "results": {
-            "arc_challenge": {"alias": "arc_challenge", "acc,none": f[0] - 0.03, "acc_stderr,none": 0.014,
-                              "acc_norm,none": f[0], "acc_norm_stderr,none": 0.014},
-            "hellaswag": {"alias": "hellaswag", "acc,none": f[1] - 0.1, "acc_stderr,none": 0.005,
-                          "acc_norm,none": f[1], "acc_norm_stderr,none": 0.005},
-            "mmlu_anatomy": {"alias": "mmlu_anatomy", "acc,none": anatomy, "acc_stderr,none": 0.04},
-            "mmlu_astronomy": {"alias": "mmlu_astronomy", "acc,none": astronomy, "acc_stderr,none": 0.04},
-            "truthfulqa_mc2": {"alias": "truthfulqa_mc2", "acc,none": f[3], "acc_stderr,none": 0.015},
-            "winogrande": {"alias": "winogrande", "acc,none": f[4], "acc_stderr,none": 0.014},
-            "gsm8k": {"alias": "gsm8k", "exact_match,strict-match": f[5], "exact_match_stderr,strict-match": 0.006,
-                      "exact_match,flexible-extract": f[5] + 0.01, "exact_match_stderr,flexible-extract": 0.006},
-            "mmlu": {"alias": "mmlu", "acc,none": f[2], "acc_stderr,none": 0.028, "acc_micro,none": f[2] + 0.001,
-                     "aggregation": "unweighted mean over subjects (Open LLM Leaderboard)"},
-        },
-        "groups": {
-            "mmlu": {"alias": "mmlu", "acc,none": f[2], "acc_stderr,none": 0.028, "acc_micro,none": f[2] + 0.001,
-                     "aggregation": "unweighted mean over subjects (Open LLM Leaderboard)"},
-            "leaderboard": {"alias": "leaderboard", "average,none": avg},
-        },
+        "results": results,
+        "groups": {"mmlu": mmlu, "leaderboard": {"alias": "leaderboard", "average,none": avg}},
         "leaderboard": board,
-        "n-shot": {"arc_challenge": 25, "hellaswag": 10, "mmlu_anatomy": 5, "mmlu_astronomy": 5,
-                   "truthfulqa_mc2": 0, "winogrande": 5, "gsm8k": 5},
-        "n-samples": {
-            "arc_challenge": {"original": 1172, "effective": 1172},
-            "hellaswag": {"original": 10042, "effective": 10042},
-            "mmlu_anatomy": {"original": 135, "effective": 135},
-            "mmlu_astronomy": {"original": 152, "effective": 152},
-            "truthfulqa_mc2": {"original": 817, "effective": 817},
-            "winogrande": {"original": 1267, "effective": 1267},
-            "gsm8k": {"original": 1319, "effective": 1319},
-        },
+        "n-samples": n_samples,
         "config": {"model": "test"},
         "timing": {"total_seconds": 1.0, "tasks": {}},
         "paft_version": "0.1.0",
     })
+}
+
+/// `samples_<task>.jsonl` as `write_samples` writes them (the fields the report reads, and a
+/// few it must ignore).
+fn write_samples(dir: &Path, row: &str) {
+    for (task, _, key) in TASK_FILES {
+        let mut text = String::new();
+        for (i, v) in doc_values(row, task).iter().enumerate() {
+            let line = json!({"doc_id": i, "fewshot_ids": [], "arguments": [], "resps": [],
+                              "target": 0, "metrics": {key: v, "other,none": 0.5}});
+            text += &format!("{line}\n");
+        }
+        std::fs::write(dir.join(format!("samples_{task}.jsonl")), text).unwrap();
+    }
+}
+
+/// Held-out SFT loss per token and mean reward margin of a row's alignment_tax.json.
+fn tax_of(row: &str) -> (f64, f64) {
+    match row {
+        "sft" => (1.10, 0.05),
+        "sequential" => (1.25, 0.60),
+        "paft" => (1.18, 0.55),
+        _ => unreachable!(),
+    }
+}
+
+/// alignment_tax.json: 30 held-out rows and 30 preference pairs, the same ids in every row.
+fn alignment_tax(row: &str) -> Value {
+    let (loss, margin) = tax_of(row);
+    let rows: Vec<Value> = (0..30)
+        .map(|i| {
+            let tokens = 20 + i % 7;
+            // Per-row noise around a shared per-document difficulty, as real models differ.
+            let noise = 0.3 * (difficulty("sft", i) - 0.5) + 0.1 * (difficulty(row, i) - 0.5);
+            let nll = tokens as f64 * (loss + noise);
+            json!({"id": format!("held-{i}"), "nll_sum": nll, "tokens": tokens})
+        })
+        .collect();
+    let pairs: Vec<Value> = (0..30)
+        .map(|i| {
+            let m = margin + 2.0 * (difficulty("pref", i) - 0.5) + 0.5 * (difficulty(row, 100 + i) - 0.5);
+            json!({"id": format!("pair-{i}"), "chosen_reward": m / 2.0, "rejected_reward": -m / 2.0})
+        })
+        .collect();
+    json!({"sft": {"rows": rows}, "preference": {"beta": 0.1, "pairs": pairs}})
+}
+
+/// A full-evaluation row directory: results.json, and unless `records` is false its samples and
+/// (for rows with an alignment tax) alignment_tax.json.
+fn write_row(dir: &Path, row: &str, records: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&results_json(row)).unwrap(),
+    )
+    .unwrap();
+    if records {
+        write_samples(dir, row);
+    }
+    if matches!(row, "sft" | "sequential" | "paft") {
+        std::fs::write(
+            dir.join("alignment_tax.json"),
+            alignment_tax(row).to_string(),
+        )
+        .unwrap();
+    }
 }
 
 /// Search evaluations: 6 on the screening rung (20 docs/task), the best 2 again on rung 1.
@@ -152,22 +288,28 @@ fn delta_report(model: &str, zeros: usize) -> DeltaReport {
     }
 }
 
-/// A run directory with a journal, five evaluations and both deltas.
+/// A run directory with a journal (every line but the second carries `objective_stderr`, as
+/// a journal that spans the field's introduction), five evaluations (DPO's without samples) and both deltas.
 fn make_run(root: &Path) -> PathBuf {
     let run = root.join("run-smollm");
     std::fs::create_dir_all(&run).unwrap();
-    let mut journal = Journal::open(&run.join("journal.jsonl")).unwrap();
-    for e in journal_entries() {
-        journal.append(e).unwrap();
+    let mut journal = String::new();
+    // One line without a standard error, as journals from before the field have.
+    let entries: Vec<JournalEntry> = journal_entries()
+        .into_iter()
+        .map(|mut e| {
+            e.objective_stderr = (e.index != 1).then_some(1.1);
+            e
+        })
+        .collect();
+    for e in &entries {
+        journal += &format!("{}\n", serde_json::to_string(e).unwrap());
     }
+    std::fs::write(run.join("journal.jsonl"), journal).unwrap();
+    // The journal reads back as the search wrote it.
+    assert_eq!(Journal::read(&run.join("journal.jsonl")).unwrap(), entries);
     for row in ["base", "sft", "dpo", "sequential", "paft"] {
-        let dir = run.join("evals").join(row);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("results.json"),
-            serde_json::to_string_pretty(&results_json(fractions(row))).unwrap(),
-        )
-        .unwrap();
+        write_row(&run.join("evals").join(row), row, row != "dpo");
     }
     std::fs::create_dir_all(run.join("deltas")).unwrap();
     for (name, zeros) in [("sft", 10), ("dpo", 30)] {
@@ -180,15 +322,17 @@ fn make_run(root: &Path) -> PathBuf {
     run
 }
 
-/// Runs `paft report RUN --out OUT`; returns the index.html path it printed.
-fn report(run: &Path, out: &Path) -> PathBuf {
-    let res = run_paft(&[
+/// Runs `paft report RUN --out OUT [extra…]`; returns the index.html path it printed.
+fn report(run: &Path, out: &Path, extra: &[&str]) -> PathBuf {
+    let mut args = vec![
         "--quiet",
         "report",
         run.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]);
+    ];
+    args.extend(extra);
+    let res = run_paft(&args);
     assert!(
         res.status.success(),
         "paft report failed: {}",
@@ -218,12 +362,20 @@ fn tables_read_back_equal_the_inputs() {
     let tmp = tempfile::tempdir().unwrap();
     let run = make_run(tmp.path());
     let out = tmp.path().join("report");
-    report(&run, &out);
+    // An added row (as `paft eval --log-samples --output DIR` leaves it) gets its ± alike.
+    let mine = tmp.path().join("mine");
+    write_row(&mine, "mine", true);
+    let add = format!("mine={}", mine.join("results.json").display());
+    report(&run, &out, &["--add", &add]);
 
     for f in [
         "leaderboard.md",
         "leaderboard.csv",
         "leaderboard.parquet",
+        "leaderboard.svg",
+        "verdicts.md",
+        "verdicts.csv",
+        "verdicts.parquet",
         "trajectory.csv",
         "trajectory.parquet",
         "trajectory.svg",
@@ -256,6 +408,7 @@ fn tables_read_back_equal_the_inputs() {
             "DPO",
             "SFT→DPO (sequential)",
             "PAFT (best merge)",
+            "mine",
             // Rung 1 first, by objective; then rung 0, each candidate once.
             "ties w_sft=0.62 d_sft=0.5 w_dpo=0.41 d_dpo=0.5",
             "ties w_sft=0.5 d_sft=0.3 w_dpo=0.5 d_dpo=0.5",
@@ -266,37 +419,154 @@ fn tables_read_back_equal_the_inputs() {
     );
     let docs = strings(&lb, "docs/task");
     assert_eq!(
-        docs[..7],
-        ["full", "full", "full", "full", "full", "80", "80"]
+        docs[..8],
+        ["full", "full", "full", "full", "full", "full", "80", "80"]
     );
-    assert_eq!(docs[7], "20");
-    let get = |col: &str, row: usize| lb.column(col).unwrap().f64().unwrap().get(row).unwrap();
+    assert_eq!(docs[8], "20");
+    let opt = |col: &str, row: usize| lb.column(col).unwrap().f64().unwrap().get(row);
+    let get = |col: &str, row: usize| opt(col, row).unwrap();
     let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
-    assert!(close(get("ARC", 0), 100.0 * fractions("base")[0]));
-    assert!(close(get("MMLU", 4), 100.0 * fractions("paft")[2]));
-    assert!(close(get("GSM8K", 2), 100.0 * fractions("dpo")[5]));
-    let paft_avg = 100.0 * fractions("paft").iter().sum::<f64>() / 6.0;
+    assert!(close(get("ARC", 0), 100.0 * headline("base")[0].0));
+    assert!(close(get("MMLU", 4), 100.0 * headline("paft")[2].0));
+    assert!(close(get("GSM8K", 2), 100.0 * headline("dpo")[5].0));
+    let avg = |row: &str| 100.0 * headline(row).iter().map(|h| h.0).sum::<f64>() / 6.0;
+    let paft_avg = avg("paft");
     assert!(close(get("Average", 4), paft_avg));
     // A candidate's scores are the journal's (already percent): rung-1 entry 7.
-    assert!(close(get("ARC", 5), 46.8 - 2.5));
-    assert!(close(get("Average", 5), 46.8));
+    assert!(close(get("ARC", 6), 46.8 - 2.5));
+    assert!(close(get("Average", 6), 46.8));
 
-    // Markdown and CSV show the leaderboard's two decimals.
+    // Standard errors computed here from the documents: per task sample std / sqrt(n), MMLU
+    // sqrt(Σ se²) / 2 over its two subjects, the average sqrt(Σ se²) / 6.
+    let h = headline("paft");
+    assert!(close(get("ARC_stderr", 4), 100.0 * h[0].1));
+    assert!(close(get("MMLU_stderr", 4), 100.0 * h[2].1));
+    let avg_se = 100.0 * h.iter().map(|x| x.1 * x.1).sum::<f64>().sqrt() / 6.0;
+    assert!(close(get("Average_stderr", 4), avg_se));
+    assert!(close(get("GSM8K_stderr", 5), 100.0 * headline("mine")[5].1));
+    // DPO has no samples and the candidates no records: missing, not 0.
+    assert_eq!(opt("ARC_stderr", 2), None);
+    assert_eq!(opt("Average_stderr", 2), None);
+    assert_eq!(opt("ARC_stderr", 6), None);
+    // Alignment tax: Σ nll / Σ tokens, strict wins, mean margins; rows without a file empty.
+    let loss = get("Held-out SFT loss ↓", 4);
+    assert!((loss - tax_of("paft").0).abs() < 0.1, "{loss}");
+    assert!(get("Held-out SFT loss ↓_stderr", 4) > 0.0);
+    assert_eq!(opt("Held-out SFT loss ↓", 0), None);
+    assert!((get("Reward margin ↑", 3) - tax_of("sequential").1).abs() < 0.2);
+    let acc = get("Pref. accuracy ↑", 1);
+    assert!((0.0..=100.0).contains(&acc), "{acc}");
+
+    // Markdown shows `value ± stderr` with the leaderboard's two decimals; CSV the numbers.
     let md = std::fs::read_to_string(out.join("leaderboard.md")).unwrap();
     assert!(md.contains("| PAFT (best merge)"), "{md}");
-    assert!(md.contains(&format!("{:.2}", paft_avg)), "{md}");
+    assert!(
+        md.contains(&format!("{:.2} ± {:.2}", paft_avg, avg_se)),
+        "{md}"
+    );
+    let dpo_line = md.lines().find(|l| l.starts_with("| DPO ")).unwrap();
+    assert!(dpo_line.contains(" ± n/a"), "{dpo_line}");
+    assert!(!md.contains("_stderr"), "{md}");
     let csv = std::fs::read_to_string(out.join("leaderboard.csv")).unwrap();
-    assert_eq!(
-        csv.lines().next().unwrap(),
-        "Model,docs/task,ARC,HellaSwag,MMLU,TruthfulQA,Winogrande,GSM8K,Average"
+    let header = csv.lines().next().unwrap();
+    assert!(
+        header
+            .starts_with("Model,docs/task,ARC,HellaSwag,MMLU,TruthfulQA,Winogrande,GSM8K,Average,"),
+        "{header}"
     );
     assert!(
-        csv.contains("Base,full,41.21,55.30,30.12,39.04,55.25,1.36,"),
+        header.contains(",ARC_stderr,") && header.contains("Average_stderr"),
+        "{header}"
+    );
+    let base: Vec<String> = headline("base")
+        .iter()
+        .map(|x| format!("{:.4}", 100.0 * x.0))
+        .collect();
+    assert!(
+        csv.contains(&format!("Base,full,{},", base.join(","))),
         "{csv}"
     );
 
+    // The verdict table: the pairs whose rows exist, each benchmark, the average, the tax.
+    let v = read_parquet(&out.join("verdicts.parquet"));
+    let comparisons = strings(&v, "Comparison");
+    let mut order = comparisons.clone();
+    order.dedup();
+    assert_eq!(
+        order,
+        [
+            "PAFT − sequential",
+            "PAFT − SFT",
+            "PAFT − DPO",
+            "sequential − base"
+        ]
+    );
+    let metrics = strings(&v, "Metric");
+    let vf = |col: &str, i: usize| v.column(col).unwrap().f64().unwrap().get(i);
+    let at = |cmp: &str, metric: &str| {
+        (0..v.height())
+            .find(|&i| comparisons[i] == cmp && metrics[i] == metric)
+            .unwrap_or_else(|| panic!("no {cmp} / {metric}"))
+    };
+    let i = at("PAFT − sequential", "Average");
+    assert!(close(
+        vf("Difference", i).unwrap(),
+        paft_avg - avg("sequential")
+    ));
+    // PAFT is right on a superset of sequential's documents (its skill is higher on each task),
+    // so no resample can favour sequential: every interval starts at 0 or above.
+    for (j, c) in comparisons.iter().enumerate() {
+        if c == "PAFT − sequential"
+            && !metrics[j].contains("loss")
+            && !metrics[j].contains("margin")
+            && !metrics[j].contains("accuracy")
+        {
+            let (d, lo, hi) = (
+                vf("Difference", j).unwrap(),
+                vf("CI 2.5%", j).unwrap(),
+                vf("CI 97.5%", j).unwrap(),
+            );
+            assert!(
+                lo >= 0.0 && lo <= d && d <= hi,
+                "{}: {lo} {d} {hi}",
+                metrics[j]
+            );
+        }
+    }
+    let i = at("PAFT − sequential", "Held-out SFT loss ↓");
+    let d = vf("Difference", i).unwrap();
+    assert!(
+        (d - (tax_of("paft").0 - tax_of("sequential").0)).abs() < 0.1,
+        "{d}"
+    );
+    let notes = v.column("Note").unwrap().str().unwrap().clone();
+    let i = at("PAFT − DPO", "ARC");
+    assert_eq!(vf("Difference", i), None);
+    let note = notes.get(i).unwrap();
+    assert!(note.contains("DPO has no per-document records"), "{note}");
+    assert_eq!(strings(&v, "Verdict")[i], "no interval");
+    let vmd = std::fs::read_to_string(out.join("verdicts.md")).unwrap();
+    assert!(
+        vmd.contains("| PAFT − sequential") && vmd.contains("95% interval"),
+        "{vmd}"
+    );
+
+    // The same seed gives the same table; another seed other intervals.
+    let again = tmp.path().join("again");
+    report(&run, &again, &["--add", &add]);
+    assert!(read_parquet(&again.join("verdicts.parquet")).equals_missing(&v));
+    let other = tmp.path().join("other-seed");
+    report(&run, &other, &["--add", &add, "--seed", "7"]);
+    assert!(!read_parquet(&other.join("verdicts.parquet")).equals_missing(&v));
+
     let traj = read_parquet(&out.join("trajectory.parquet"));
     assert_eq!(traj.height(), 8);
+    // objective_stderr 1.1: within 1.96·√2·1.1 ≈ 3.05 of the rung's best (48.9 on rung 0, 46.8
+    // on rung 1) is not distinguishable from it; the line without a stderr is unknown.
+    let near_ca = traj.column("near_best").unwrap().bool().unwrap().clone();
+    let near: Vec<Option<bool>> = (0..near_ca.len()).map(|i| near_ca.get(i)).collect();
+    let (t, f) = (Some(true), Some(false));
+    assert_eq!(near, [t, None, f, t, t, f, t, t]);
     let best: Vec<f64> = traj
         .column("best_so_far")
         .unwrap()
@@ -379,13 +649,22 @@ fn headless(browser: &Path, profile: &Path, args: &[String]) -> Output {
     out
 }
 
+/// The text from `start` up to the next `end` after it.
+fn section<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+    let from = text
+        .find(start)
+        .unwrap_or_else(|| panic!("{start} not in the page"));
+    let rest = &text[from + start.len()..];
+    &rest[..rest.find(end).unwrap_or(rest.len())]
+}
+
 #[test]
 fn the_page_renders_in_headless_chromium() {
     let browser = chromium();
     let tmp = tempfile::tempdir().unwrap();
     let run = make_run(tmp.path());
     let out = tmp.path().join("report");
-    let index = report(&run, &out);
+    let index = report(&run, &out, &[]);
     let html = std::fs::read_to_string(&index).unwrap();
     assert!(!html.contains("<script") && !html.contains("src=\"http"));
 
@@ -404,8 +683,63 @@ fn the_page_renders_in_headless_chromium() {
     assert!(dom_text.contains("PAFT (best merge)"), "{dom_text}");
     assert!(dom_text.contains("GSM8K") && dom_text.contains("SFT→DPO (sequential)"));
     assert!(
-        dom_text.matches("<svg").count() >= 2,
-        "expected the trajectory and parameter plots inline"
+        dom_text.matches("<svg").count() >= 3,
+        "expected the leaderboard, trajectory and parameter plots inline"
+    );
+
+    // The sentence at the top says what the run can conclude, from the verdicts.
+    let conclusion = section(&dom_text, "id=\"conclusion\"", "</p>");
+    assert!(
+        conclusion.contains(
+            "On 20 to 40 report documents per task, PAFT − sequential on the average is +"
+        ),
+        "{conclusion}"
+    );
+    assert!(
+        [
+            "not distinguishable; this run cannot say",
+            "PAFT better; PAFT beats"
+        ]
+        .iter()
+        .any(|v| conclusion.contains(v)),
+        "{conclusion}"
+    );
+    // ± on the leaderboard, computed here from the documents; n/a (and why) for DPO.
+    let board = section(&dom_text, "<h2>Leaderboard</h2>", "<h2");
+    let h = headline("paft");
+    let cell = format!("{:.2} ± {:.2}", 100.0 * h[0].0, 100.0 * h[0].1);
+    assert!(board.contains(&cell), "{cell} not in {board}");
+    assert!(
+        board.contains("± n/a") && board.contains("DPO: no samples_"),
+        "{board}"
+    );
+    // The leaderboard plot's whiskers: one per bar of the four rows with records (six
+    // benchmarks and the average), plus the legend's sample.
+    assert_eq!(
+        board.matches("stroke=\"#111111\"").count(),
+        4 * 7 + 1,
+        "{board}"
+    );
+    // The verdict table.
+    let verdicts = section(&dom_text, "id=\"verdicts\"", "<h2");
+    for want in [
+        "<table",
+        "95% interval",
+        "PAFT − sequential",
+        "PAFT − SFT",
+        "sequential − base",
+        "Held-out SFT loss ↓",
+        "DPO has no per-document records",
+        "seed 1234",
+    ] {
+        assert!(verdicts.contains(want), "{want} not in {verdicts}");
+    }
+    // The trajectory marks candidates within noise of the best.
+    let trajectory = section(&dom_text, "<h2>Search trajectory</h2>", "<h2");
+    assert!(
+        trajectory.contains("not distinguishable from the best")
+            && trajectory.contains("rung best ± 1.96·stderr"),
+        "{trajectory}"
     );
 
     let png = out.join("screenshot.png");
@@ -457,6 +791,40 @@ fn bad_input_is_one_clear_error_naming_the_file() {
     let res = run_paft(&["report", run.to_str().unwrap(), "--out", out_s]);
     let err = expect_clean_failure(&res);
     assert!(err.contains(&bad.display().to_string()), "{err}");
+    write_row(&run.join("evals").join("sft"), "sft", true);
+
+    // A torn samples line and a malformed alignment-tax file name their file (and line).
+    let samples = run
+        .join("evals")
+        .join("paft")
+        .join("samples_winogrande.jsonl");
+    let good = std::fs::read_to_string(&samples).unwrap();
+    std::fs::write(&samples, format!("{good}{{\"doc_id\": 7, \"metr")).unwrap();
+    let res = run_paft(&["report", run.to_str().unwrap(), "--out", out_s]);
+    let err = expect_clean_failure(&res);
+    assert!(
+        err.contains(&samples.display().to_string()) && err.contains("line 41"),
+        "{err}"
+    );
+    std::fs::write(&samples, good).unwrap();
+    let tax = run
+        .join("evals")
+        .join("sequential")
+        .join("alignment_tax.json");
+    std::fs::write(&tax, "{\"sft\": {\"rows\": [{\"id\": \"a\"}]}}").unwrap();
+    let res = run_paft(&["report", run.to_str().unwrap(), "--out", out_s]);
+    let err = expect_clean_failure(&res);
+    assert!(err.contains(&tax.display().to_string()), "{err}");
+    std::fs::remove_file(&tax).unwrap();
+    let res = run_paft(&[
+        "report",
+        run.to_str().unwrap(),
+        "--out",
+        out_s,
+        "--resamples",
+        "10",
+    ]);
+    assert!(expect_clean_failure(&res).contains("at least 1000"));
 
     let res = run_paft(&[
         "report",

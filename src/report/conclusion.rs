@@ -1,0 +1,145 @@
+//! The sentence at the top of the page: what this run can and cannot conclude about the question
+//! it was run for (does PAFT beat sequential SFT→DPO/ORPO on the leaderboard average?), from the
+//! verdict table and the document counts behind it.
+
+use super::rows::Pref;
+use super::verdicts::{interval_text, signed, Metric, Verdict, VerdictRow};
+
+/// One sentence; `has_paft` / `has_sequential`: whether those rows were evaluated at all.
+pub(crate) fn conclusion(
+    verdicts: &[VerdictRow],
+    has_paft: bool,
+    has_sequential: bool,
+    pref: Pref,
+) -> String {
+    let baseline = format!("sequential SFT→{}", pref.label());
+    let cannot = format!("this run cannot say whether PAFT beats {baseline}");
+    let missing: Vec<&str> = [("paft", has_paft), ("sequential", has_sequential)]
+        .iter()
+        .filter(|(_, has)| !has)
+        .map(|(name, _)| *name)
+        .collect();
+    if !missing.is_empty() {
+        let dirs: Vec<String> = missing.iter().map(|m| format!("evals/{m}")).collect();
+        return format!(
+            "This run has no {} evaluation ({}), so {cannot}.",
+            missing.join(" or "),
+            dirs.join(", ")
+        );
+    }
+    let of_pair: Vec<&VerdictRow> = verdicts
+        .iter()
+        .filter(|v| v.a == "PAFT" && v.b == "sequential")
+        .collect();
+    let Some(avg) = of_pair.iter().find(|v| v.metric == Metric::Average) else {
+        let count = |want: Verdict| {
+            of_pair
+                .iter()
+                .filter(|v| matches!(v.metric, Metric::Benchmark(_)) && v.verdict() == want)
+                .count()
+        };
+        return format!(
+            "PAFT and sequential were not both scored on all six benchmarks (PAFT better on {}, \
+             worse on {}, not distinguishable on {}, no interval on {} of those they share), so \
+             {cannot} on the leaderboard average.",
+            count(Verdict::Better),
+            count(Verdict::Worse),
+            count(Verdict::NotDistinguishable),
+            count(Verdict::NoInterval)
+        );
+    };
+    let m = match &avg.outcome {
+        Ok(m) => m,
+        Err(why) => {
+            return format!(
+                "PAFT − sequential has no interval on the average ({why}), so {cannot}."
+            )
+        }
+    };
+    let docs = match m.per_task {
+        (lo, hi) if lo == hi => format!("{lo}"),
+        (lo, hi) => format!("{lo} to {hi}"),
+    };
+    let tail = match avg.verdict() {
+        Verdict::Better => format!(
+            "PAFT beats {baseline} on these documents (the interval covers the choice of \
+             documents, not of training seeds)"
+        ),
+        Verdict::Worse => format!(
+            "{baseline} beats PAFT on these documents (the interval covers the choice of \
+             documents, not of training seeds)"
+        ),
+        Verdict::NotDistinguishable | Verdict::NoInterval => cannot,
+    };
+    format!(
+        "On {docs} report documents per task, PAFT − sequential on the average is {} {} \
+         points: {}; {tail}.",
+        signed(m.interval.difference, 2),
+        interval_text(&m.interval, 2),
+        avg.verdict_text()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::bootstrap::Interval;
+    use crate::report::verdicts::Measured;
+
+    fn avg(low: f64, high: f64, per_task: (usize, usize)) -> VerdictRow {
+        VerdictRow {
+            a: "PAFT".into(),
+            b: "sequential".into(),
+            metric: Metric::Average,
+            outcome: Ok(Measured {
+                interval: Interval {
+                    difference: (low + high) / 2.0,
+                    low,
+                    high,
+                },
+                items: 120,
+                per_task,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_sentence_follows_the_average_verdict() {
+        let s = conclusion(&[avg(-1.2, 2.0, (20, 20))], true, true, Pref::Dpo);
+        assert_eq!(
+            s,
+            "On 20 report documents per task, PAFT − sequential on the average is +0.40 \
+             [−1.20, +2.00] points: not distinguishable; this run cannot say whether PAFT beats \
+             sequential SFT→DPO."
+        );
+        let s = conclusion(&[avg(0.5, 2.5, (2, 135))], true, true, Pref::Orpo);
+        assert!(
+            s.starts_with("On 2 to 135 report documents per task"),
+            "{s}"
+        );
+        assert!(
+            s.contains("PAFT better; PAFT beats sequential SFT→ORPO"),
+            "{s}"
+        );
+        let s = conclusion(&[avg(-2.5, -0.5, (20, 20))], true, true, Pref::Dpo);
+        assert!(
+            s.contains("PAFT worse; sequential SFT→DPO beats PAFT"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn missing_rows_and_intervals_say_why_nothing_can_be_concluded() {
+        let s = conclusion(&[], false, true, Pref::Dpo);
+        assert!(
+            s.contains("no paft evaluation (evals/paft)") && s.contains("cannot say"),
+            "{s}"
+        );
+        let mut v = avg(0.0, 1.0, (1, 1));
+        v.outcome = Err("document ids differ on task `gsm8k`".into());
+        let s = conclusion(&[v], true, true, Pref::Dpo);
+        assert!(s.contains("`gsm8k`") && s.contains("cannot say"), "{s}");
+        let s = conclusion(&[], true, true, Pref::Dpo);
+        assert!(s.contains("not both scored on all six"), "{s}");
+    }
+}
