@@ -23,8 +23,9 @@ impl TasksDirArg {
     }
 }
 
-fn finish(index: PathBuf) -> Result<()> {
-    println!("report: {}", index.display());
+fn finish(report: crate::report::ReportPaths) -> Result<()> {
+    println!("{}", report.conclusion);
+    println!("report: {}", report.index_html.display());
     Ok(())
 }
 

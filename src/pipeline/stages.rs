@@ -208,8 +208,8 @@ fn materialize(reference: &str, out: &Path) -> Result<()> {
     merged.save(out, None, crate::model::weights::DEFAULT_SHARD_BYTES)
 }
 
-/// `paft run`: every stage, skipping those already done. Returns the report's index.html.
-pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
+/// `paft run`: every stage, skipping those already done. Returns what the report wrote.
+pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::report::ReportPaths> {
     let out = exp.out();
     let marks = StageMarks::new(&out)?;
     let started = Instant::now();
@@ -337,7 +337,8 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
     }
 
     let report_dir = exp.report_dir();
-    let index = crate::report::write_report(&out, &report_dir, &Default::default())?.index_html;
+    let report = crate::report::write_report(&out, &report_dir, &Default::default())?;
+    let index = report.index_html.clone();
     tracing::info!(
         "experiment {} done in {:.0}s",
         exp.name,
@@ -346,5 +347,5 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<PathBuf> {
     if !index.exists() {
         bail!("the report was not written to {}", index.display());
     }
-    Ok(index)
+    Ok(report)
 }

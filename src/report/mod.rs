@@ -66,6 +66,8 @@ pub struct ReportPaths {
     pub index_html: PathBuf,
     /// Every file written, index.html last.
     pub files: Vec<PathBuf>,
+    /// The page's opening sentence: what the run can and cannot conclude.
+    pub conclusion: String,
 }
 
 /// `reports/<run directory's name>`.
@@ -358,6 +360,7 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         out_dir: out_dir.to_path_buf(),
         index_html,
         files,
+        conclusion: conclusion.to_string(),
     })
 }
 
