@@ -41,6 +41,11 @@ pub fn write_results(
 /// filtered predictions and metrics. Each file is written atomically.
 fn write_samples(dir: &Path, suite: &PreparedSuite, result: &SuiteResult) -> Result<()> {
     for (t, r) in suite.tasks.iter().zip(&result.tasks) {
+        // A task the selection gave no document (an MMLU subject a small sample missed) gets
+        // no file, as it gets no score.
+        if r.records.is_empty() {
+            continue;
+        }
         let mut buf = vec![];
         for rec in &r.records {
             let inst = t.task.instance(rec.doc_id, &rec.shots);
