@@ -288,13 +288,19 @@ fn macro_mean(parts: &[(f64, f64)]) -> Option<Headline> {
     let stderr = if parts.len() == 1 {
         parts[0].1
     } else {
-        parts
-            .iter()
-            .map(|p| p.1.powi(2))
-            .filter(|v| v.is_finite())
-            .sum::<f64>()
-            .sqrt()
-            / k
+        {
+            let known: Vec<f64> = parts
+                .iter()
+                .map(|p| p.1.powi(2))
+                .filter(|v| v.is_finite())
+                .collect();
+            // No subject with two documents: the spread is unknown, not zero.
+            if known.is_empty() {
+                f64::NAN
+            } else {
+                known.iter().sum::<f64>().sqrt() / k
+            }
+        }
     };
     Some(Headline { value, stderr })
 }

@@ -52,13 +52,19 @@ pub(crate) fn macro_mean(parts: &[Estimate]) -> Option<Estimate> {
     let stderr = if parts.len() == 1 {
         parts[0].stderr
     } else {
-        parts
-            .iter()
-            .map(|p| p.stderr.powi(2))
-            .filter(|v| v.is_finite())
-            .sum::<f64>()
-            .sqrt()
-            / k
+        {
+            let known: Vec<f64> = parts
+                .iter()
+                .map(|p| p.stderr.powi(2))
+                .filter(|v| v.is_finite())
+                .collect();
+            // No subject with two documents: the spread is unknown, not zero.
+            if known.is_empty() {
+                f64::NAN
+            } else {
+                known.iter().sum::<f64>().sqrt() / k
+            }
+        }
     };
     Some(Estimate { value, stderr })
 }
@@ -134,6 +140,9 @@ mod tests {
         let one = mean_stderr(&[1.0]).unwrap();
         let m = macro_mean(&[a, one]).unwrap();
         assert!(close(m.value, 0.875) && close(m.stderr, 0.125), "{m:?}");
+        // Only one-document subjects: the stderr is unknown, never a fake 0.
+        let m = macro_mean(&[one, one]).unwrap();
+        assert!(m.stderr.is_nan(), "{m:?}");
         assert!(macro_mean(&[one]).unwrap().stderr.is_nan());
         assert!(macro_mean(&[]).is_none());
     }
