@@ -278,29 +278,30 @@ impl SuiteResult {
 }
 
 /// The unweighted mean of per-task (mean, stderr) pairs, with the standard error of that mean
-/// (the leaderboard's MMLU aggregation; a single task passes through).
-fn macro_mean(parts: &[(f64, f64)]) -> Option<Headline> {
+/// sqrt(Σ se²)/k (the leaderboard's MMLU aggregation; a single task passes through). A part with
+/// an undefined stderr (one document) adds nothing; if no part has one, the stderr is unknown,
+/// not zero. `paft report` aggregates with this same function.
+pub(crate) fn macro_mean(parts: &[(f64, f64)]) -> Option<Headline> {
     if parts.is_empty() {
         return None;
     }
     let k = parts.len() as f64;
     let value = parts.iter().map(|p| p.0).sum::<f64>() / k;
-    let stderr = if parts.len() == 1 {
-        parts[0].1
+    if parts.len() == 1 {
+        return Some(Headline {
+            value,
+            stderr: parts[0].1,
+        });
+    }
+    let known: Vec<f64> = parts
+        .iter()
+        .map(|p| p.1.powi(2))
+        .filter(|v| v.is_finite())
+        .collect();
+    let stderr = if known.is_empty() {
+        f64::NAN
     } else {
-        {
-            let known: Vec<f64> = parts
-                .iter()
-                .map(|p| p.1.powi(2))
-                .filter(|v| v.is_finite())
-                .collect();
-            // No subject with two documents: the spread is unknown, not zero.
-            if known.is_empty() {
-                f64::NAN
-            } else {
-                known.iter().sum::<f64>().sqrt() / k
-            }
-        }
+        known.iter().sum::<f64>().sqrt() / k
     };
     Some(Headline { value, stderr })
 }

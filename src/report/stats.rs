@@ -40,33 +40,15 @@ pub(crate) fn mean_stderr(values: &[f64]) -> Option<Estimate> {
 }
 
 /// MMLU as the leaderboard aggregates it: the unweighted mean over subjects, with standard error
-/// sqrt(Σ se_s²) / k. Mirrors `SuiteResult::headline`, so the report's ± matches what `paft eval`
+/// sqrt(Σ se_s²) / k: the evaluator's own aggregation, so the report's ± matches what `paft eval`
 /// writes: one part keeps its own stderr; with several, an undefined subject stderr (a subject
 /// scored on one document) adds nothing to the sum.
 pub(crate) fn macro_mean(parts: &[Estimate]) -> Option<Estimate> {
-    if parts.is_empty() {
-        return None;
-    }
-    let k = parts.len() as f64;
-    let value = parts.iter().map(|p| p.value).sum::<f64>() / k;
-    let stderr = if parts.len() == 1 {
-        parts[0].stderr
-    } else {
-        {
-            let known: Vec<f64> = parts
-                .iter()
-                .map(|p| p.stderr.powi(2))
-                .filter(|v| v.is_finite())
-                .collect();
-            // No subject with two documents: the spread is unknown, not zero.
-            if known.is_empty() {
-                f64::NAN
-            } else {
-                known.iter().sum::<f64>().sqrt() / k
-            }
-        }
-    };
-    Some(Estimate { value, stderr })
+    let pairs: Vec<(f64, f64)> = parts.iter().map(|p| (p.value, p.stderr)).collect();
+    crate::eval::results::macro_mean(&pairs).map(|h| Estimate {
+        value: h.value,
+        stderr: h.stderr,
+    })
 }
 
 /// The leaderboard average of independent benchmarks: plain mean, stderr sqrt(Σ se_b²) / k.
