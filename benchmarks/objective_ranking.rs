@@ -108,6 +108,7 @@ fn main() -> Result<()> {
         eval,
         0,
         space.objective.clone(),
+        None,
         candle_core::Device::Cpu,
         0,
     )?;
@@ -122,8 +123,9 @@ fn main() -> Result<()> {
     let objective = |metric| Objective {
         weights: space.objective.weights.clone(),
         metric,
+        tax: BTreeMap::new(),
     };
-    let value = |r: &SuiteResult, m| objective(m).value(r).0;
+    let value = |r: &SuiteResult, m| objective(m).value(r, None).0;
     let mut rows = vec![];
     for i in 0..grid {
         for j in 0..grid {

@@ -85,6 +85,7 @@ fn main() -> Result<()> {
         eval,
         0,
         space.objective.clone(),
+        space.alignment_tax.as_ref(),
         candle_core::Device::Cpu,
         0,
     )?;

@@ -17,4 +17,5 @@ pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod search;
+pub mod stats;
 pub mod train;

@@ -89,15 +89,20 @@ fn all_held_out_rows(path: &Path) -> Result<(Vec<HeldOutRow>, usize)> {
     Ok((held, total))
 }
 
-/// The first `n` held-out rows of `path` that `usable` accepts, in file order, with their ids.
-/// `usable` returns `Ok(None)` for a row it cannot use (after saying why), and the next held-out
-/// row takes its place, so the set keeps `n` rows; an error from it stops.
+/// The first `n` held-out rows of `path` that `keep` selects and `usable` accepts, in file
+/// order, with their ids. `keep` picks a share of the held-out rows (e.g. a search or report
+/// pool; `|_| true` for all). `usable` returns `Ok(None)` for a row it cannot use (after saying
+/// why), and the next held-out row takes its place, so the set keeps `n` rows; an error from it
+/// stops.
 pub fn first_usable_held_out_rows<T>(
     path: &Path,
     n: usize,
+    keep: impl Fn(&HeldOutRow) -> bool,
     mut usable: impl FnMut(&HeldOutRow) -> Result<Option<T>>,
 ) -> Result<Vec<(String, T)>> {
-    let (held, total) = all_held_out_rows(path)?;
+    let (all_held, total) = all_held_out_rows(path)?;
+    let held_total = all_held.len();
+    let held: Vec<HeldOutRow> = all_held.into_iter().filter(|r| keep(r)).collect();
     let mut out = Vec::with_capacity(n);
     let mut unusable = 0;
     for row in &held {
@@ -115,12 +120,17 @@ pub fn first_usable_held_out_rows<T>(
         } else {
             String::new()
         };
+        let share = if held.len() < held_total {
+            format!(", {} of them in this pool", held.len())
+        } else {
+            String::new()
+        };
         bail!(
-            "{}: {n} held-out rows requested, but the file has only {} held-out rows (of {total} \
-             rows; a row is held out when the FNV-1a hash of its line is divisible by \
-             {HELD_OUT_EVERY}){why}",
+            "{}: {n} held-out rows requested, but only {} can be used: the file has {held_total} \
+             held-out rows of {total}{share} (a row is held out when the FNV-1a hash of its line \
+             is divisible by {HELD_OUT_EVERY}){why}",
             path.display(),
-            held.len()
+            out.len()
         );
     }
     Ok(out)
@@ -129,7 +139,7 @@ pub fn first_usable_held_out_rows<T>(
 /// The first `n` held-out rows of `path` in file order; an error if it has fewer.
 pub fn first_held_out_rows(path: &Path, n: usize) -> Result<Vec<HeldOutRow>> {
     Ok(
-        first_usable_held_out_rows(path, n, |r| Ok(Some(r.clone())))?
+        first_usable_held_out_rows(path, n, |_| true, |r| Ok(Some(r.clone())))?
             .into_iter()
             .map(|(_, r)| r)
             .collect(),
@@ -211,8 +221,8 @@ mod tests {
         let err = format!("{:#}", first_held_out_rows(&p, held.len() + 1).unwrap_err());
         assert!(
             err.contains("rows.jsonl")
-                && err.contains(&format!("only {} held-out rows", held.len()))
-                && err.contains("of 50 rows"),
+                && err.contains(&format!("only {} can be used", held.len()))
+                && err.contains(&format!("{} held-out rows of 50", held.len())),
             "{err}"
         );
     }
@@ -222,21 +232,28 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (p, held) = numbered_file(tmp.path(), 300);
         assert!(held.len() >= 4);
-        let got = first_usable_held_out_rows(&p, 3, |r| Ok((r.line != held[1]).then_some(r.line)))
-            .unwrap();
+        let got = first_usable_held_out_rows(
+            &p,
+            3,
+            |_| true,
+            |r| Ok((r.line != held[1]).then_some(r.line)),
+        )
+        .unwrap();
         assert_eq!(
             got.iter().map(|g| g.1).collect::<Vec<_>>(),
             vec![held[0], held[2], held[3]]
         );
         let n = held.len();
-        let err = first_usable_held_out_rows(&p, n, |r| Ok((r.line != held[1]).then_some(())))
-            .unwrap_err();
+        let err =
+            first_usable_held_out_rows(&p, n, |_| true, |r| Ok((r.line != held[1]).then_some(())))
+                .unwrap_err();
         assert!(
             format!("{err:#}").contains("1 of them cannot be used"),
             "{err:#}"
         );
         // An error from the caller stops: it is not a skip.
-        let err = first_usable_held_out_rows::<()>(&p, 1, |_| bail!("schema error")).unwrap_err();
+        let err = first_usable_held_out_rows::<()>(&p, 1, |_| true, |_| bail!("schema error"))
+            .unwrap_err();
         assert!(format!("{err:#}").contains("schema error"));
     }
 

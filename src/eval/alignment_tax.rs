@@ -12,6 +12,7 @@
 //! with the base model once; [`AlignmentTaxSets::measure`] then scores any model of the
 //! comparison (base, SFT, DPO/ORPO, sequential, PAFT, …) on exactly the same tokens.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -19,10 +20,12 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::data::examples::{parse_preference, parse_sft, resolve_dataset};
-use crate::data::heldout::first_usable_held_out_rows;
+use crate::data::heldout::{first_usable_held_out_rows, HeldOutRow};
 use crate::data::{PreferencePair, Tokenization, TokenizedSequence, Truncation};
+use crate::eval::pools::{Pool, PoolSplit};
 use crate::io::write_file_atomic;
 use crate::model::{LlamaModel, Mode, Pretrained};
+use crate::stats::{mean_stderr, ratio_stderr, Estimate};
 use crate::train::objective::target_logps;
 
 /// The file [`AlignmentTax::write`] writes into a row's directory.
@@ -108,6 +111,22 @@ pub struct PairScore {
     pub rejected_reward: f64,
 }
 
+impl PairScore {
+    /// 1 when the chosen answer's reward is strictly greater, else 0 (a tie is not a win, as
+    /// TRL's reward accuracy).
+    pub fn correct(&self) -> f64 {
+        if self.chosen_reward > self.rejected_reward {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
+    pub fn margin(&self) -> f64 {
+        self.chosen_reward - self.rejected_reward
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreferenceScores {
@@ -115,40 +134,107 @@ pub struct PreferenceScores {
     pub pairs: Vec<PairScore>,
 }
 
+impl SftScores {
+    /// `(nll_sum, tokens)` per row, for the ratio estimator and the bootstrap.
+    pub fn items(&self) -> Vec<(f64, f64)> {
+        self.rows
+            .iter()
+            .map(|r| (r.nll_sum, r.tokens as f64))
+            .collect()
+    }
+}
+
 /// One model's numbers; serialized as `alignment_tax.json`:
 /// `{"sft": {"rows": [{"id", "nll_sum", "tokens"}…]}, "preference": {"beta", "pairs": [{"id",
-/// "chosen_reward", "rejected_reward"}…]}}`.
+/// "chosen_reward", "rejected_reward"}…]}}`. paft writes both parts; a file made elsewhere may
+/// have either alone, and its row then shows only that part's columns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlignmentTax {
-    pub sft: SftScores,
-    pub preference: PreferenceScores,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sft: Option<SftScores>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preference: Option<PreferenceScores>,
+}
+
+/// The three alignment-tax numbers of a row, with standard errors; absent where its part is.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TaxEstimates {
+    /// Held-out SFT loss, nats per completion token: Σ nll_sum / Σ tokens (delta-method stderr).
+    pub sft_loss: Option<Estimate>,
+    /// Held-out preference accuracy, percent (sample stderr).
+    pub pref_accuracy: Option<Estimate>,
+    /// Mean implicit-reward margin chosen − rejected (sample stderr).
+    pub reward_margin: Option<Estimate>,
+}
+
+impl TaxEstimates {
+    pub fn get(&self, metric: TaxMetric) -> Option<Estimate> {
+        match metric {
+            TaxMetric::SftLoss => self.sft_loss,
+            TaxMetric::PrefAccuracy => self.pref_accuracy,
+            TaxMetric::RewardMargin => self.reward_margin,
+        }
+    }
+}
+
+/// An alignment-tax number by name, as `[objective]` terms and the leaderboard's columns name
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TaxMetric {
+    SftLoss,
+    PrefAccuracy,
+    RewardMargin,
+}
+
+impl TaxMetric {
+    pub const ALL: [TaxMetric; 3] = [Self::SftLoss, Self::PrefAccuracy, Self::RewardMargin];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SftLoss => "sft_loss",
+            Self::PrefAccuracy => "pref_accuracy",
+            Self::RewardMargin => "reward_margin",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// Whether a larger value is better (a loss is not).
+    pub fn higher_is_better(self) -> bool {
+        !matches!(self, Self::SftLoss)
+    }
 }
 
 impl AlignmentTax {
-    /// Held-out SFT loss: Σ nll_sum / Σ tokens.
-    pub fn sft_loss(&self) -> f64 {
-        let nll: f64 = self.sft.rows.iter().map(|r| r.nll_sum).sum();
-        let tokens: u64 = self.sft.rows.iter().map(|r| r.tokens).sum();
-        nll / tokens as f64
+    pub fn estimates(&self) -> TaxEstimates {
+        let pairs = self.preference.as_ref().map(|p| &p.pairs);
+        let of = |f: fn(&PairScore) -> f64| {
+            pairs.and_then(|p| mean_stderr(&p.iter().map(f).collect::<Vec<_>>()))
+        };
+        TaxEstimates {
+            sft_loss: self.sft.as_ref().and_then(|s| ratio_stderr(&s.items())),
+            pref_accuracy: of(PairScore::correct).map(|e| e.scaled(100.0)),
+            reward_margin: of(PairScore::margin),
+        }
     }
 
-    /// Share of pairs whose chosen reward is strictly above the rejected one.
-    pub fn preference_accuracy(&self) -> f64 {
-        let p = &self.preference.pairs;
-        p.iter()
-            .filter(|s| s.chosen_reward > s.rejected_reward)
-            .count() as f64
-            / p.len() as f64
-    }
-
-    /// Mean of chosen − rejected reward.
-    pub fn preference_margin(&self) -> f64 {
-        let p = &self.preference.pairs;
-        p.iter()
-            .map(|s| s.chosen_reward - s.rejected_reward)
-            .sum::<f64>()
-            / p.len() as f64
+    /// One line for logs: the three numbers.
+    pub fn summary(&self) -> String {
+        let e = self.estimates();
+        let show = |m: TaxMetric| {
+            e.get(m).map_or("n/a".to_string(), |v| {
+                format!("{:.4} ± {:.4}", v.value, v.stderr)
+            })
+        };
+        format!(
+            "held-out SFT loss {}, preference accuracy {} %, reward margin {}",
+            show(TaxMetric::SftLoss),
+            show(TaxMetric::PrefAccuracy),
+            show(TaxMetric::RewardMargin)
+        )
     }
 
     /// Writes `dir/alignment_tax.json` atomically (creating `dir`); returns its path.
@@ -159,20 +245,62 @@ impl AlignmentTax {
         Ok(path)
     }
 
-    /// Reads `dir/alignment_tax.json` back.
-    pub fn read(dir: &Path) -> Result<Self> {
+    /// `dir/alignment_tax.json`, or None when the row has none.
+    pub fn read_dir(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(FILE_NAME);
+        if !path.is_file() {
+            return Ok(None);
+        }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let tax: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not an alignment-tax file", path.display()))?;
+        let tax = Self::parse(&text)
+            .with_context(|| format!("malformed alignment-tax file {}", path.display()))?;
+        Ok(Some(tax))
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        let tax: Self = serde_json::from_str(text).context("not the expected JSON shape")?;
         ensure!(
-            !tax.sft.rows.is_empty() && !tax.preference.pairs.is_empty(),
-            "{}: no rows or no pairs",
-            path.display()
+            tax.sft.is_some() || tax.preference.is_some(),
+            "neither `sft` nor `preference`"
         );
+        if let Some(sft) = &tax.sft {
+            unique_ids(sft.rows.iter().map(|r| r.id.as_str()), "sft.rows")?;
+            if let Some(r) = sft.rows.iter().find(|r| !r.nll_sum.is_finite()) {
+                bail!("sft.rows id `{}`: nll_sum is not finite", r.id);
+            }
+            if sft.rows.iter().map(|r| r.tokens).sum::<u64>() == 0 {
+                bail!("sft.rows count no tokens: the loss per token is undefined");
+            }
+        }
+        if let Some(p) = &tax.preference {
+            unique_ids(p.pairs.iter().map(|r| r.id.as_str()), "preference.pairs")?;
+            if !(p.beta.is_finite() && p.beta > 0.0) {
+                bail!("preference.beta = {} is not a positive number", p.beta);
+            }
+            if let Some(r) = p
+                .pairs
+                .iter()
+                .find(|r| !(r.chosen_reward.is_finite() && r.rejected_reward.is_finite()))
+            {
+                bail!("preference.pairs id `{}`: a reward is not finite", r.id);
+            }
+            if p.pairs.is_empty() {
+                bail!("preference.pairs is empty");
+            }
+        }
         Ok(tax)
     }
+}
+
+fn unique_ids<'a>(ids: impl Iterator<Item = &'a str>, what: &str) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for id in ids {
+        if !seen.insert(id) {
+            bail!("{what}: id `{id}` appears twice");
+        }
+    }
+    Ok(())
 }
 
 /// A held-out pair, tokenized, with the base model's summed completion log-probs.
@@ -193,6 +321,19 @@ pub struct AlignmentTaxSets {
     dtype: DType,
 }
 
+/// Whether a held-out row of `path` belongs to `pool` (every row for [`Pool::All`]).
+fn in_pool(path: &Path, pool: Pool, split: &PoolSplit) -> impl Fn(&HeldOutRow) -> bool {
+    let key = format!(
+        "held_out:{}",
+        path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into()
+        )
+    );
+    let split = *split;
+    move |row| pool == Pool::All || split.pool_of(&key, row.line) == Some(pool)
+}
+
 /// `Ok(None)` (with a warning) for a row tokenization rejects, as training's `skip_bad_rows`
 /// does: real preference sets have a few empty answers, and the next held-out row replaces it.
 fn usable<T>(r: Result<T>) -> Option<T> {
@@ -206,9 +347,19 @@ fn usable<T>(r: Result<T>) -> Option<T> {
 }
 
 impl AlignmentTaxSets {
-    /// Tokenizes the first `sft_rows` / `pref_rows` usable held-out rows as training does and
-    /// scores the pairs with `base` (in inference mode; measure every model in the same dtype).
-    pub fn prepare(base: &Pretrained, spec: &AlignmentTaxSpec) -> Result<Self> {
+    /// Tokenizes the first `sft_rows` / `pref_rows` usable held-out rows of `pool` as training
+    /// does and scores the pairs with `base` (in inference mode; measure every model in the same
+    /// dtype).
+    ///
+    /// The held-out rows are split into pools as the tasks' documents are (`split`, keyed by the
+    /// file name and line number): a search that uses these numbers in its objective picks its
+    /// best on the search pool's rows, and the comparison's rows report the report pool's.
+    pub fn prepare(
+        base: &Pretrained,
+        spec: &AlignmentTaxSpec,
+        pool: Pool,
+        split: &PoolSplit,
+    ) -> Result<Self> {
         spec.validate()?;
         let tok = Tokenization {
             tokenizer: &base.tokenizer,
@@ -216,19 +367,29 @@ impl AlignmentTaxSets {
             truncation: spec.truncation,
         };
         let sft_path = resolve_dataset(&spec.sft_dataset).context("alignment_tax.sft_dataset")?;
-        let sft = first_usable_held_out_rows(&sft_path, spec.sft_rows, |row| {
-            let ex = parse_sft(&sft_path, &[(row.line, row.value.clone())])?;
-            let what = format!("{}: row {}", sft_path.display(), row.line);
-            Ok(usable(tok.sft(&ex[0], &what)))
-        })
+        let sft = first_usable_held_out_rows(
+            &sft_path,
+            spec.sft_rows,
+            in_pool(&sft_path, pool, split),
+            |row| {
+                let ex = parse_sft(&sft_path, &[(row.line, row.value.clone())])?;
+                let what = format!("{}: row {}", sft_path.display(), row.line);
+                Ok(usable(tok.sft(&ex[0], &what)))
+            },
+        )
         .context("alignment_tax: held-out SFT rows")?;
         let pref_path =
             resolve_dataset(&spec.pref_dataset).context("alignment_tax.pref_dataset")?;
-        let pairs = first_usable_held_out_rows(&pref_path, spec.pref_rows, |row| {
-            let ex = parse_preference(&pref_path, &[(row.line, row.value.clone())])?;
-            let what = format!("{}: row {}", pref_path.display(), row.line);
-            Ok(usable(tok.preference(&ex[0], &what)))
-        })
+        let pairs = first_usable_held_out_rows(
+            &pref_path,
+            spec.pref_rows,
+            in_pool(&pref_path, pool, split),
+            |row| {
+                let ex = parse_preference(&pref_path, &[(row.line, row.value.clone())])?;
+                let what = format!("{}: row {}", pref_path.display(), row.line);
+                Ok(usable(tok.preference(&ex[0], &what)))
+            },
+        )
         .context("alignment_tax: held-out preference pairs")?;
         let net = base.model(Mode::Inference, None)?;
         let mut sets = Self {
@@ -254,13 +415,22 @@ impl AlignmentTaxSets {
             p.base = lp;
         }
         tracing::info!(
-            "alignment tax: {} held-out SFT rows of {}, {} held-out pairs of {}",
+            "alignment tax: {} held-out SFT rows of {}, {} held-out pairs of {} ({} pool)",
             sets.sft.len(),
             sft_path.display(),
             sets.pairs.len(),
-            pref_path.display()
+            pref_path.display(),
+            pool.name()
         );
         Ok(sets)
+    }
+
+    /// The ids of the held-out SFT rows and pairs, in order.
+    pub fn row_ids(&self) -> (Vec<&str>, Vec<&str>) {
+        (
+            self.sft.iter().map(|(id, _)| id.as_str()).collect(),
+            self.pairs.iter().map(|p| p.id.as_str()).collect(),
+        )
     }
 
     /// The held-out numbers of `model` (inference mode, the dtype the sets were prepared in).
@@ -318,18 +488,13 @@ impl AlignmentTaxSets {
             })
             .collect();
         let tax = AlignmentTax {
-            sft: SftScores { rows },
-            preference: PreferenceScores {
+            sft: Some(SftScores { rows }),
+            preference: Some(PreferenceScores {
                 beta: self.beta,
                 pairs,
-            },
+            }),
         };
-        tracing::info!(
-            "alignment tax: held-out SFT loss {:.4}, preference accuracy {:.3}, margin {:.4}",
-            tax.sft_loss(),
-            tax.preference_accuracy(),
-            tax.preference_margin()
-        );
+        tracing::debug!("alignment tax: {}", tax.summary());
         Ok(tax)
     }
 
@@ -402,7 +567,7 @@ mod tests {
 
     fn tax() -> AlignmentTax {
         AlignmentTax {
-            sft: SftScores {
+            sft: Some(SftScores {
                 rows: vec![
                     SftRowScore {
                         id: "sft.jsonl:2".into(),
@@ -415,8 +580,8 @@ mod tests {
                         tokens: 6,
                     },
                 ],
-            },
-            preference: PreferenceScores {
+            }),
+            preference: Some(PreferenceScores {
                 beta: 0.1,
                 pairs: vec![
                     PairScore {
@@ -435,7 +600,7 @@ mod tests {
                         rejected_reward: 0.5,
                     },
                 ],
-            },
+            }),
         }
     }
 
@@ -468,10 +633,10 @@ mod tests {
 
     #[test]
     fn summaries_follow_their_definitions() {
-        let t = tax();
-        assert_eq!(t.sft_loss(), 1.0); // (3 + 5) / (2 + 6)
-        assert_eq!(t.preference_accuracy(), 1.0 / 3.0); // a tie is not a win
-        assert_eq!(t.preference_margin(), (0.75 + 0.0 - 1.5) / 3.0);
+        let e = tax().estimates();
+        assert_eq!(e.sft_loss.unwrap().value, 1.0); // (3 + 5) / (2 + 6)
+        assert!((e.pref_accuracy.unwrap().value - 100.0 / 3.0).abs() < 1e-12); // a tie is not a win
+        assert_eq!(e.reward_margin.unwrap().value, (0.75 + 0.0 - 1.5) / 3.0);
     }
 
     #[test]
@@ -493,12 +658,72 @@ mod tests {
         let dir = tmp.path().join("evals").join("paft");
         let path = tax().write(&dir).unwrap();
         assert_eq!(path, dir.join("alignment_tax.json"));
-        assert_eq!(AlignmentTax::read(&dir).unwrap(), tax());
+        assert_eq!(AlignmentTax::read_dir(&dir).unwrap(), Some(tax()));
 
         std::fs::write(&path, r#"{"sft": {"rows": []}}"#).unwrap();
-        let err = format!("{:#}", AlignmentTax::read(&dir).unwrap_err());
+        let err = format!("{:#}", AlignmentTax::read_dir(&dir).unwrap_err());
         assert!(err.contains("alignment_tax.json"), "{err}");
-        let err = format!("{:#}", AlignmentTax::read(tmp.path()).unwrap_err());
-        assert!(err.contains("cannot read"), "{err}");
+        assert_eq!(AlignmentTax::read_dir(tmp.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn the_metrics_follow_their_definitions() {
+        let tax = AlignmentTax::parse(
+            r#"{"sft": {"rows": [{"id": "a", "nll_sum": 10.0, "tokens": 4},
+                                 {"id": "b", "nll_sum": 2.0, "tokens": 4}]},
+                "preference": {"beta": 0.1, "pairs": [
+                    {"id": "p", "chosen_reward": 0.5, "rejected_reward": 0.1},
+                    {"id": "q", "chosen_reward": 0.2, "rejected_reward": 0.2},
+                    {"id": "r", "chosen_reward": -0.1, "rejected_reward": 0.3},
+                    {"id": "s", "chosen_reward": 1.0, "rejected_reward": 0.0}]}}"#,
+        )
+        .unwrap();
+        let e = tax.estimates();
+        // 12 nats over 8 tokens, not the mean of the per-row losses (2.5 and 0.5 → 1.5).
+        assert_eq!(e.sft_loss.unwrap().value, 1.5);
+        let loss = e.sft_loss.unwrap();
+        // Delta method: residuals 10 − 6 = 4, 2 − 6 = −4; sqrt(32 / 2) / 4 = 1.
+        assert!((loss.stderr - 1.0).abs() < 1e-12, "{loss:?}");
+        // The tie (q) is not a win: 2 of 4.
+        assert_eq!(e.pref_accuracy.unwrap().value, 50.0);
+        assert!((e.reward_margin.unwrap().value - (0.4 + 0.0 - 0.4 + 1.0) / 4.0).abs() < 1e-12);
+        let only_sft =
+            AlignmentTax::parse(r#"{"sft": {"rows": [{"id": "a", "nll_sum": 1.0, "tokens": 2}]}}"#)
+                .unwrap()
+                .estimates();
+        assert!(only_sft.pref_accuracy.is_none() && only_sft.reward_margin.is_none());
+        assert!(only_sft.sft_loss.unwrap().stderr.is_nan());
+    }
+
+    #[test]
+    fn bad_files_are_errors_naming_the_file() {
+        let cases = [
+            (
+                r#"{"sft": {"rows": [{"id": "a", "nll_sum": 1.0}]}}"#,
+                "tokens",
+            ),
+            (
+                r#"{"sft": {"rows": [{"id": "a", "nll_sum": 1.0, "tokens": 1}, {"id": "a", "nll_sum": 1.0, "tokens": 1}]}}"#,
+                "twice",
+            ),
+            (
+                r#"{"sft": {"rows": [{"id": "a", "nll_sum": 1.0, "tokens": 0}]}}"#,
+                "no tokens",
+            ),
+            (r#"{"preference": {"beta": 0, "pairs": []}}"#, "beta"),
+            (r#"{"preference": {"beta": 0.1, "pairs": []}}"#, "empty"),
+            ("[1, 2]", "shape"),
+        ];
+        for (text, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join(FILE_NAME), text).unwrap();
+            let err = format!("{:#}", AlignmentTax::read_dir(dir.path()).unwrap_err());
+            assert!(
+                err.contains(want) && err.contains(FILE_NAME),
+                "{want}: {err}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(AlignmentTax::read_dir(dir.path()).unwrap(), None);
     }
 }

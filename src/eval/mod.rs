@@ -27,7 +27,7 @@ pub mod tokenize;
 
 pub use evaluator::Evaluator;
 pub use pools::{Pool, PoolSplit};
-pub use results::{Headline, SuiteResult, TaskResult};
+pub use results::{SuiteResult, TaskResult};
 pub use store::TaskStore;
 pub use subset::Selection;
 pub use suite::{DocSet, EvalConfig, EvalModel, PreparedSuite};

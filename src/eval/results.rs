@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Map, Value};
 
 use super::task::{Benchmark, DocScore, MetricKey, Response, Task};
+use crate::stats::{macro_mean, mean_stderr, Estimate};
 
 /// One evaluated document.
 #[derive(Debug, Clone)]
@@ -38,19 +39,6 @@ pub struct TaskResult {
     pub seconds: f64,
 }
 
-fn mean_stderr(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    if values.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let mean = values.iter().sum::<f64>() / n;
-    if values.len() < 2 {
-        return (mean, f64::NAN);
-    }
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, (var / n).sqrt())
-}
-
 impl TaskResult {
     pub fn new(
         task: &dyn Task,
@@ -73,8 +61,15 @@ impl TaskResult {
                             .map(|(_, v)| *v)
                     })
                     .collect();
-                let (mean, stderr) = mean_stderr(&values);
-                MetricSummary { key, mean, stderr }
+                let e = mean_stderr(&values).unwrap_or(Estimate {
+                    value: f64::NAN,
+                    stderr: f64::NAN,
+                });
+                MetricSummary {
+                    key,
+                    mean: e.value,
+                    stderr: e.stderr,
+                }
             })
             .collect();
         Self {
@@ -95,13 +90,13 @@ impl TaskResult {
 
     /// Mean and standard error of the documents' smooth scores ([`DocScore::probability`]);
     /// `None` when the task has none.
-    pub fn probability(&self) -> Option<(f64, f64)> {
+    pub fn probability(&self) -> Option<Estimate> {
         let values: Vec<f64> = self
             .records
             .iter()
             .map(|r| r.score.probability)
             .collect::<Option<Vec<f64>>>()?;
-        (!values.is_empty()).then(|| mean_stderr(&values))
+        mean_stderr(&values)
     }
 }
 
@@ -109,13 +104,6 @@ impl TaskResult {
 pub struct SuiteResult {
     pub tasks: Vec<TaskResult>,
     pub seconds: f64,
-}
-
-/// A benchmark's headline number (a fraction, 0–1) and its standard error.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Headline {
-    pub value: f64,
-    pub stderr: f64,
 }
 
 impl SuiteResult {
@@ -131,19 +119,22 @@ impl SuiteResult {
 
     /// The leaderboard's number for `b`: the task's headline metric, or for MMLU the unweighted
     /// mean over subjects (the leaderboard's macro average; standard error of that mean).
-    pub fn headline(&self, b: Benchmark) -> Option<Headline> {
-        let parts: Vec<(f64, f64)> = self
+    pub fn headline(&self, b: Benchmark) -> Option<Estimate> {
+        let parts: Vec<Estimate> = self
             .of(b)
             .filter_map(|t| t.metrics.iter().find(|m| m.key == b.headline()))
-            .map(|m| (m.mean, m.stderr))
+            .map(|m| Estimate {
+                value: m.mean,
+                stderr: m.stderr,
+            })
             .collect();
         macro_mean(&parts)
     }
 
     /// The smooth counterpart of [`Self::headline`] (mean gold-answer probability), aggregated
     /// the same way; for GSM8K, which has none, the headline itself.
-    pub fn probability(&self, b: Benchmark) -> Option<Headline> {
-        let parts: Vec<(f64, f64)> = self
+    pub fn probability(&self, b: Benchmark) -> Option<Estimate> {
+        let parts: Vec<Estimate> = self
             .of(b)
             .map(|t| t.probability())
             .collect::<Option<Vec<_>>>()?;
@@ -275,35 +266,6 @@ impl SuiteResult {
             .collect();
         format!("{}\n|{}|\n{}\n", fmt(&header), rule.join("|"), fmt(&row))
     }
-}
-
-/// The unweighted mean of per-task (mean, stderr) pairs, with the standard error of that mean
-/// sqrt(Σ se²)/k (the leaderboard's MMLU aggregation; a single task passes through). A part with
-/// an undefined stderr (one document) adds nothing; if no part has one, the stderr is unknown,
-/// not zero. `paft report` aggregates with this same function.
-pub(crate) fn macro_mean(parts: &[(f64, f64)]) -> Option<Headline> {
-    if parts.is_empty() {
-        return None;
-    }
-    let k = parts.len() as f64;
-    let value = parts.iter().map(|p| p.0).sum::<f64>() / k;
-    if parts.len() == 1 {
-        return Some(Headline {
-            value,
-            stderr: parts[0].1,
-        });
-    }
-    let known: Vec<f64> = parts
-        .iter()
-        .map(|p| p.1.powi(2))
-        .filter(|v| v.is_finite())
-        .collect();
-    let stderr = if known.is_empty() {
-        f64::NAN
-    } else {
-        known.iter().sum::<f64>().sqrt() / k
-    };
-    Some(Headline { value, stderr })
 }
 
 fn finite(v: f64) -> Value {

@@ -251,8 +251,13 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
 
     let space_text = std::fs::read_to_string(&exp.search.space)
         .with_context(|| format!("cannot read search space {}", exp.search.space.display()))?;
-    let space = SearchSpace::from_toml(&space_text, "search")
+    let mut space = SearchSpace::from_toml(&space_text, "search")
         .with_context(|| format!("invalid search space {}", exp.search.space.display()))?;
+    // Alignment-tax terms in the space's objective measure the experiment's held-out rows
+    // unless the space names its own.
+    if space.alignment_tax.is_none() {
+        space.alignment_tax = exp.alignment_tax.clone();
+    }
     let inputs = MergeInputs {
         base: base_ref.clone(),
         sft: sft_ref.clone(),
@@ -299,7 +304,9 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
         let tax_sets = exp
             .alignment_tax
             .as_ref()
-            .map(|spec| AlignmentTaxSets::prepare(evaluator.base(), spec))
+            .map(|spec| {
+                AlignmentTaxSets::prepare(evaluator.base(), spec, Pool::Report, &space.pools)
+            })
             .transpose()
             .context("[alignment_tax]")?;
         for (name, r) in pending {
@@ -324,12 +331,7 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
                         .measure(&net)
                         .with_context(|| format!("alignment tax of {r}"))?;
                     tax.write(&dir)?;
-                    println!(
-                        "{name}: held-out SFT loss {:.4}, preference accuracy {:.3}, margin {:.4}",
-                        tax.sft_loss(),
-                        tax.preference_accuracy(),
-                        tax.preference_margin()
-                    );
+                    println!("{name}: {}", tax.summary());
                 }
                 Ok(())
             })?;

@@ -10,7 +10,7 @@ use anyhow::Result;
 use super::rows::EvaluatedRow;
 use super::samples::{self, TaskFile};
 use super::stats::{self, Estimate};
-use super::tax::{AlignmentTax, TaxEstimates};
+use crate::eval::alignment_tax::{AlignmentTax, TaxEstimates};
 use crate::eval::task::Benchmark;
 
 /// A benchmark's records as the leaderboard aggregates them: one stratum per task (MMLU: one per

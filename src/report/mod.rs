@@ -24,7 +24,6 @@ pub mod search;
 pub mod sparsity;
 mod stats;
 pub mod tables;
-mod tax;
 mod verdicts;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::bootstrap::{PairedItem, PairedMetric};
 use super::evidence::BenchmarkRecords;
-use super::tax::{Preference, SftHeldOut};
+use crate::eval::alignment_tax::{PreferenceScores, SftScores};
 
 /// The names of the two rows, for messages.
 #[derive(Debug, Clone, Copy)]
@@ -57,11 +57,7 @@ pub(crate) fn benchmark(
 }
 
 /// Held-out SFT loss: per row `(nll_sum, tokens)`, the statistic Σ nll / Σ tokens.
-pub(crate) fn sft_loss(
-    a: &SftHeldOut,
-    b: &SftHeldOut,
-    names: Names,
-) -> Result<PairedMetric, String> {
+pub(crate) fn sft_loss(a: &SftScores, b: &SftScores, names: Names) -> Result<PairedMetric, String> {
     let items = match_ids(
         a.rows
             .iter()
@@ -82,11 +78,11 @@ pub(crate) fn sft_loss(
 /// Preference accuracy (percent) and mean reward margin over the same pairs. The margin is only
 /// compared at equal β: rewards are β-scaled log ratios, so different β means different units.
 pub(crate) fn preference(
-    a: &Preference,
-    b: &Preference,
+    a: &PreferenceScores,
+    b: &PreferenceScores,
     names: Names,
 ) -> Result<(PairedMetric, Result<PairedMetric, String>), String> {
-    fn pairs(p: &Preference) -> Vec<(&str, (f64, f64))> {
+    fn pairs(p: &PreferenceScores) -> Vec<(&str, (f64, f64))> {
         p.pairs
             .iter()
             .map(|q| (q.id.as_str(), (q.correct(), q.margin())))
@@ -146,7 +142,7 @@ fn match_ids<K: Ord + Copy, V: Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::tax::{PrefPair, SftRow};
+    use crate::eval::alignment_tax::{PairScore, SftRowScore};
 
     const NAMES: Names = Names {
         a: "PAFT",
@@ -192,10 +188,10 @@ mod tests {
 
     #[test]
     fn alignment_tax_items_pair_by_id_in_any_order() {
-        let sft = |rows: &[(&str, f64)]| SftHeldOut {
+        let sft = |rows: &[(&str, f64)]| SftScores {
             rows: rows
                 .iter()
-                .map(|(id, nll)| SftRow {
+                .map(|(id, nll)| SftRowScore {
                     id: id.to_string(),
                     nll_sum: *nll,
                     tokens: 2,
@@ -212,9 +208,9 @@ mod tests {
         let err = sft_loss(&sft(&[("x", 1.0)]), &sft(&[("z", 1.0)]), NAMES).unwrap_err();
         assert!(err.contains("held-out SFT rows differ"), "{err}");
 
-        let pref = |beta: f64| Preference {
+        let pref = |beta: f64| PreferenceScores {
             beta,
-            pairs: vec![PrefPair {
+            pairs: vec![PairScore {
                 id: "p".into(),
                 chosen_reward: 1.0,
                 rejected_reward: 0.5,

@@ -10,7 +10,7 @@ use polars::prelude::{Column, DataFrame};
 use serde_json::Value;
 
 use super::stats::{self, Estimate};
-use super::tax::TaxEstimates;
+use crate::eval::alignment_tax::TaxEstimates;
 use crate::eval::task::Benchmark;
 use crate::search::JournalEntry;
 
@@ -695,6 +695,7 @@ mod tests {
             objective,
             objective_stderr: None,
             pool: None,
+            tax: Default::default(),
             seconds: 1.0,
         }
     }

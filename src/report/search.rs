@@ -258,6 +258,7 @@ mod tests {
             objective,
             objective_stderr: None,
             pool: None,
+            tax: Default::default(),
             seconds: 0.5,
         }
     }

@@ -2,54 +2,7 @@
 //! a task's mean over documents (lm-eval's `mean_stderr`), MMLU's unweighted mean over subjects,
 //! the leaderboard average over six benchmarks, and a ratio of sums (a per-token loss).
 
-/// A number and its standard error, in the same unit. `stderr` is NaN where it is undefined
-/// (fewer than two documents), never a stand-in 0.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Estimate {
-    pub value: f64,
-    pub stderr: f64,
-}
-
-impl Estimate {
-    pub(crate) fn scaled(self, factor: f64) -> Self {
-        Self {
-            value: self.value * factor,
-            stderr: self.stderr * factor,
-        }
-    }
-}
-
-/// Mean and sample standard deviation / sqrt(n) (n − 1 in the variance, as lm-eval). None for no
-/// values; NaN stderr for one.
-pub(crate) fn mean_stderr(values: &[f64]) -> Option<Estimate> {
-    if values.is_empty() {
-        return None;
-    }
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let stderr = if values.len() < 2 {
-        f64::NAN
-    } else {
-        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-        (var / n).sqrt()
-    };
-    Some(Estimate {
-        value: mean,
-        stderr,
-    })
-}
-
-/// MMLU as the leaderboard aggregates it: the unweighted mean over subjects, with standard error
-/// sqrt(Σ se_s²) / k: the evaluator's own aggregation, so the report's ± matches what `paft eval`
-/// writes: one part keeps its own stderr; with several, an undefined subject stderr (a subject
-/// scored on one document) adds nothing to the sum.
-pub(crate) fn macro_mean(parts: &[Estimate]) -> Option<Estimate> {
-    let pairs: Vec<(f64, f64)> = parts.iter().map(|p| (p.value, p.stderr)).collect();
-    crate::eval::results::macro_mean(&pairs).map(|h| Estimate {
-        value: h.value,
-        stderr: h.stderr,
-    })
-}
+pub(crate) use crate::stats::{macro_mean, mean_stderr, Estimate};
 
 /// The leaderboard average of independent benchmarks: plain mean, stderr sqrt(Σ se_b²) / k.
 /// Unlike MMLU's subjects, a benchmark without a stderr leaves the average's stderr undefined:
@@ -65,68 +18,12 @@ pub(crate) fn average(parts: &[Estimate]) -> Option<Estimate> {
     })
 }
 
-/// A ratio of sums R = Σx / Σw (e.g. summed NLL over summed tokens) with its delta-method
-/// standard error: sqrt(Σ (x_i − R·w_i)² / (n (n − 1))) / w̄. None when there is nothing to divide
-/// by.
-pub(crate) fn ratio_stderr(items: &[(f64, f64)]) -> Option<Estimate> {
-    let sum_x: f64 = items.iter().map(|(x, _)| x).sum();
-    let sum_w: f64 = items.iter().map(|(_, w)| w).sum();
-    if items.is_empty() || sum_w <= 0.0 {
-        return None;
-    }
-    let r = sum_x / sum_w;
-    let n = items.len() as f64;
-    let stderr = if items.len() < 2 {
-        f64::NAN
-    } else {
-        let ss: f64 = items.iter().map(|(x, w)| (x - r * w).powi(2)).sum();
-        (ss / (n * (n - 1.0))).sqrt() / (sum_w / n)
-    };
-    Some(Estimate { value: r, stderr })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12
-    }
-
-    #[test]
-    fn mean_stderr_is_sample_std_over_sqrt_n() {
-        // 1,0,1,1: mean 0.75, sample variance 0.25, stderr sqrt(0.25/4) = 0.25.
-        let e = mean_stderr(&[1.0, 0.0, 1.0, 1.0]).unwrap();
-        assert!(close(e.value, 0.75) && close(e.stderr, 0.25), "{e:?}");
-        assert!(mean_stderr(&[1.0]).unwrap().stderr.is_nan());
-        assert!(mean_stderr(&[]).is_none());
-        // All equal: a true zero, not a missing value.
-        assert_eq!(mean_stderr(&[1.0, 1.0]).unwrap().stderr, 0.0);
-    }
-
-    #[test]
-    fn mmlu_is_the_unweighted_mean_over_subjects() {
-        // Subject sizes differ (4 and 2 documents): the macro mean weighs the subjects equally,
-        // not the documents.
-        let a = mean_stderr(&[1.0, 0.0, 1.0, 1.0]).unwrap(); // 0.75 ± 0.25
-        let b = mean_stderr(&[0.0, 0.0]).unwrap(); // 0 ± 0
-        let m = macro_mean(&[a, b]).unwrap();
-        assert!(close(m.value, 0.375), "{m:?}");
-        assert!(
-            close(m.stderr, (0.25f64.powi(2) + 0.0).sqrt() / 2.0),
-            "{m:?}"
-        );
-        // The micro mean would be 3/6 = 0.5: the test fails if documents are pooled.
-        assert!(!close(m.value, 0.5));
-        // A one-document subject adds no variance; a lone part keeps its own stderr.
-        let one = mean_stderr(&[1.0]).unwrap();
-        let m = macro_mean(&[a, one]).unwrap();
-        assert!(close(m.value, 0.875) && close(m.stderr, 0.125), "{m:?}");
-        // Only one-document subjects: the stderr is unknown, never a fake 0.
-        let m = macro_mean(&[one, one]).unwrap();
-        assert!(m.stderr.is_nan(), "{m:?}");
-        assert!(macro_mean(&[one]).unwrap().stderr.is_nan());
-        assert!(macro_mean(&[]).is_none());
     }
 
     #[test]
@@ -143,22 +40,5 @@ mod tests {
         let mut missing = parts.clone();
         missing[5].stderr = f64::NAN;
         assert!(average(&missing).unwrap().stderr.is_nan());
-    }
-
-    #[test]
-    fn a_ratio_of_sums_has_a_delta_method_stderr() {
-        // Equal per-token loss on every row: R exact, no spread.
-        let e = ratio_stderr(&[(2.0, 1.0), (4.0, 2.0), (6.0, 3.0)]).unwrap();
-        assert!(close(e.value, 2.0) && close(e.stderr, 0.0), "{e:?}");
-        // Equal weights reduce to the plain mean and its stderr.
-        let items = [(1.0, 1.0), (0.0, 1.0), (1.0, 1.0), (1.0, 1.0)];
-        let r = ratio_stderr(&items).unwrap();
-        let m = mean_stderr(&[1.0, 0.0, 1.0, 1.0]).unwrap();
-        assert!(
-            close(r.value, m.value) && close(r.stderr, m.stderr),
-            "{r:?}"
-        );
-        assert!(ratio_stderr(&[]).is_none());
-        assert!(ratio_stderr(&[(1.0, 0.0)]).is_none());
     }
 }

@@ -416,9 +416,9 @@ pub(crate) fn verdict_cells(rows: &[VerdictRow]) -> Cells {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::alignment_tax::{AlignmentTax, SftRowScore, SftScores};
     use crate::report::evidence::BenchmarkRecords;
     use crate::report::rows::{Docs, ResultsFile, RowSpec};
-    use crate::report::tax::{AlignmentTax, SftHeldOut, SftRow};
 
     /// A row scored 50% on every benchmark over `n` documents per task, plus `bonus` documents
     /// right out of the ones everyone misses.
@@ -531,9 +531,9 @@ mod tests {
     fn a_lower_loss_is_better() {
         let tax = |nll: f64| {
             Some(AlignmentTax {
-                sft: Some(SftHeldOut {
+                sft: Some(SftScores {
                     rows: (0..40)
-                        .map(|i| SftRow {
+                        .map(|i| SftRowScore {
                             id: format!("r{i}"),
                             nll_sum: nll + (i % 3) as f64,
                             tokens: 10,

@@ -40,6 +40,10 @@ pub struct JournalEntry {
     /// protocol, whose subsets were drawn from the whole task).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// Alignment-tax numbers on the search pool's held-out rows (`sft_loss`, `pref_accuracy`,
+    /// `reward_margin`), when the objective has such terms.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tax: BTreeMap<String, f64>,
     /// Wall time of merge + evaluation.
     pub seconds: f64,
 }
@@ -167,6 +171,7 @@ mod tests {
             objective: 30.0 + index as f64,
             objective_stderr: None,
             pool: None,
+            tax: Default::default(),
             seconds: 1.5,
         }
     }

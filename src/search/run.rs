@@ -90,6 +90,7 @@ impl Searcher<'_> {
             objective: scored.objective,
             objective_stderr: Some(scored.objective_stderr).filter(|v| v.is_finite()),
             pool: Some(crate::eval::Pool::Search.name().to_string()),
+            tax: scored.tax,
             seconds: scored.seconds,
         };
         tracing::info!(
@@ -177,6 +178,7 @@ pub fn run_search(
         eval,
         space.budget.subset_seed,
         space.objective.clone(),
+        space.alignment_tax.as_ref(),
         opts.device.clone(),
         space.seed,
     )?;
@@ -273,7 +275,10 @@ fn write_search_documents(
             .collect();
         rungs.insert(rung.to_string(), serde_json::Value::Object(tasks));
     }
-    let doc = serde_json::json!({"pool": "search", "split": space.pools, "rungs": rungs});
+    let mut doc = serde_json::json!({"pool": "search", "split": space.pools, "rungs": rungs});
+    if let Some((sft, pairs)) = scorer.tax_row_ids() {
+        doc["alignment_tax"] = serde_json::json!({"sft": sft, "preference": pairs});
+    }
     write_file_atomic(
         &RunFiles::search_documents(out),
         &serde_json::to_vec_pretty(&doc)?,

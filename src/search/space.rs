@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::scorer::{Objective, ObjectiveMetric};
 use super::solver::SolverKind;
+use crate::eval::alignment_tax::{AlignmentTaxSpec, TaxMetric};
 use crate::eval::{Benchmark, PoolSplit};
 use crate::merge::config::{ModelEntry, Params};
 use crate::merge::{MergeConfig, MergeMethod, ModelRef, ParamValue};
@@ -99,6 +100,9 @@ pub struct SearchSpace {
     pub objective: Objective,
     /// The search / report split of every task: the search scores only its search pool.
     pub pools: PoolSplit,
+    /// Held-out training rows for the objective's alignment-tax terms (`[alignment_tax]`; `paft
+    /// run` uses the experiment's when the space has none).
+    pub alignment_tax: Option<AlignmentTaxSpec>,
     pub solver: SolverKind,
     pub seed: u64,
     pub grid_points: usize,
@@ -122,6 +126,8 @@ struct RawSpace {
     subset: RawSubset,
     #[serde(default)]
     pools: PoolSplit,
+    #[serde(default)]
+    alignment_tax: Option<AlignmentTaxSpec>,
 }
 
 #[derive(Deserialize)]
@@ -173,8 +179,9 @@ struct RawSubset {
 }
 
 /// `[objective]`: `metric = "probability" | "accuracy"` (default probability: smooth in the
-/// merge weights, so neighbouring candidates do not tie) and a weight per benchmark (default:
-/// all six equally).
+/// merge weights, so neighbouring candidates do not tie), a weight per benchmark (default: all
+/// six equally) and optional alignment-tax terms (`sft_loss`, `pref_accuracy`, `reward_margin`,
+/// measured on held-out training rows; see [`Objective`]).
 fn parse_objective(raw: &BTreeMap<String, toml::Value>) -> Result<Objective> {
     let metric = match raw.get("metric") {
         None => ObjectiveMetric::Probability,
@@ -185,16 +192,8 @@ fn parse_objective(raw: &BTreeMap<String, toml::Value>) -> Result<Objective> {
         }
     };
     let mut weights = BTreeMap::new();
+    let mut tax = BTreeMap::new();
     for (k, v) in raw.iter().filter(|(k, _)| k.as_str() != "metric") {
-        let b = Benchmark::ALL
-            .into_iter()
-            .find(|b| b.task_name() == k)
-            .with_context(|| {
-                format!(
-                    "objective: unknown term `{k}` (known: metric, {})",
-                    Benchmark::ALL.map(|b| b.task_name()).join(", ")
-                )
-            })?;
         let w = match v {
             toml::Value::Float(f) => *f,
             toml::Value::Integer(i) => *i as f64,
@@ -203,15 +202,29 @@ fn parse_objective(raw: &BTreeMap<String, toml::Value>) -> Result<Objective> {
         if !w.is_finite() || w < 0.0 {
             bail!("objective weight of `{k}` must be a finite number ≥ 0, got {w}");
         }
-        weights.insert(b, w);
+        if let Some(b) = Benchmark::ALL.into_iter().find(|b| b.task_name() == k) {
+            weights.insert(b, w);
+        } else if let Some(m) = TaxMetric::parse(k) {
+            tax.insert(m, w);
+        } else {
+            bail!(
+                "objective: unknown term `{k}` (known: metric, {}, {})",
+                Benchmark::ALL.map(|b| b.task_name()).join(", "),
+                TaxMetric::ALL.map(|m| m.name()).join(", ")
+            );
+        }
     }
     if weights.is_empty() {
         weights = Benchmark::ALL.iter().map(|&b| (b, 1.0)).collect();
     }
-    if weights.values().sum::<f64>() <= 0.0 {
+    if weights.values().sum::<f64>() <= 0.0 && tax.values().sum::<f64>() <= 0.0 {
         bail!("objective: the weights sum to zero");
     }
-    Ok(Objective { weights, metric })
+    Ok(Objective {
+        weights,
+        metric,
+        tax,
+    })
 }
 
 fn default_tasks() -> String {
@@ -345,6 +358,9 @@ impl SearchSpace {
             }
         }
         let objective = parse_objective(&raw.objective)?;
+        if let Some(spec) = &raw.alignment_tax {
+            spec.validate().context("[alignment_tax]")?;
+        }
         raw.pools.validate().context("[pools]")?;
         let s = raw.subset;
         crate::eval::parse_task_list(&s.tasks).context("[subset] tasks")?;
@@ -370,6 +386,7 @@ impl SearchSpace {
             initial: raw.initial,
             objective,
             pools: raw.pools,
+            alignment_tax: raw.alignment_tax,
             solver,
             seed: raw.search.seed,
             grid_points: raw.search.grid_points.max(1),
@@ -675,5 +692,39 @@ mod tests {
         .unwrap();
         assert_eq!(acc.objective.metric, ObjectiveMetric::Accuracy);
         assert_eq!(acc.objective.weights.len(), 1);
+        assert!(acc.objective.tax.is_empty() && acc.alignment_tax.is_none());
+    }
+
+    #[test]
+    fn alignment_tax_terms_and_their_rows_are_read() {
+        let s = SearchSpace::from_toml(
+            &format!(
+                "{SPACE}\n[objective]\nsft_loss = 10\nreward_margin = 2.5\n\n[alignment_tax]\n\
+                 sft_dataset = \"sft.jsonl\"\npref_dataset = \"pref.jsonl\"\nsft_rows = 50\n\
+                 pref_rows = 40\nmax_length = 256\ntruncation = \"keep_end\"\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            s.objective.tax,
+            BTreeMap::from([(TaxMetric::SftLoss, 10.0), (TaxMetric::RewardMargin, 2.5)])
+        );
+        // Benchmarks keep their default weights beside the tax terms.
+        assert_eq!(s.objective.weights.len(), 6);
+        assert_eq!(s.alignment_tax.unwrap().pref_rows, 40);
+        let err = |extra: &str| {
+            format!(
+                "{:#}",
+                SearchSpace::from_toml(&format!("{SPACE}\n{extra}"), "t").unwrap_err()
+            )
+        };
+        let m = err("[objective]\nsft_loss = -1");
+        assert!(m.contains("sft_loss") && m.contains("≥ 0"), "{m}");
+        let m = err(
+            "[alignment_tax]\nsft_dataset = \"a\"\npref_dataset = \"b\"\nsft_rows = 0\n\
+                     pref_rows = 1\nmax_length = 8\ntruncation = \"error\"",
+        );
+        assert!(m.contains("sft_rows"), "{m}");
     }
 }

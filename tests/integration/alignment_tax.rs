@@ -8,6 +8,7 @@ use candle_core::{DType, Device};
 use paft::data::examples::{parse_preference, parse_sft};
 use paft::data::{first_held_out_rows, HeldOutRow, Tokenization, TokenizedSequence, Truncation};
 use paft::eval::alignment_tax::{AlignmentTax, AlignmentTaxSets, AlignmentTaxSpec};
+use paft::eval::{Pool, PoolSplit};
 use paft::model::tiny::TinySpec;
 use paft::model::{LlamaModel, Mode, Pretrained, TokenBatch};
 
@@ -92,7 +93,7 @@ fn check_by_hand(
         train_set("preference/hh_harmless.jsonl"),
     );
     let (mut nll, mut tokens) = (0.0, 0);
-    for r in &tax.sft.rows {
+    for r in &tax.sft.as_ref().unwrap().rows {
         let row = row_by_id(&sft, 10, &r.id);
         let ex = parse_sft(&sft, &[(row.line, row.value)]).unwrap();
         let (lp, n) = completion_logp_by_hand(model, &tok.sft(&ex[0], &r.id).unwrap());
@@ -101,14 +102,15 @@ fn check_by_hand(
         nll -= lp;
         tokens += n;
     }
+    let e = tax.estimates();
     close(
-        tax.sft_loss(),
+        e.sft_loss.unwrap().value,
         nll / tokens as f64,
         tol,
         "held-out SFT loss",
     );
     let (mut wins, mut margin) = (0, 0.0);
-    for p in &tax.preference.pairs {
+    for p in &tax.preference.as_ref().unwrap().pairs {
         let row = row_by_id(&pref, 10, &p.id);
         let ex = parse_preference(&pref, &[(row.line, row.value)]).unwrap();
         let pair = tok.preference(&ex[0], &p.id).unwrap();
@@ -126,9 +128,9 @@ fn check_by_hand(
         wins += usize::from(c > r);
         margin += c - r;
     }
-    let n = tax.preference.pairs.len() as f64;
-    assert_eq!(tax.preference_accuracy(), wins as f64 / n);
-    close(tax.preference_margin(), margin / n, tol, "margin");
+    let n = tax.preference.as_ref().unwrap().pairs.len() as f64;
+    assert_eq!(e.pref_accuracy.unwrap().value, 100.0 * wins as f64 / n);
+    close(e.reward_margin.unwrap().value, margin / n, tol, "margin");
 }
 
 #[test]
@@ -147,20 +149,29 @@ fn alignment_tax_equals_a_recomputation_by_hand() {
     for dtype in [DType::F64, DType::F32] {
         let base = Pretrained::load(base_dir.path(), Some(dtype), &Device::Cpu).unwrap();
         let other = Pretrained::load(other_dir.path(), Some(dtype), &Device::Cpu).unwrap();
-        let sets = AlignmentTaxSets::prepare(&base, &spec).unwrap();
+        let sets =
+            AlignmentTaxSets::prepare(&base, &spec, Pool::All, &PoolSplit::default()).unwrap();
         let base_net = base.model(Mode::Inference, None).unwrap();
         let other_net = other.model(Mode::Inference, None).unwrap();
 
         // The base model against itself: every reward exactly 0, so no pair is won.
         let at_base = sets.measure(&base_net).unwrap();
-        for p in &at_base.preference.pairs {
+        for p in &at_base.preference.as_ref().unwrap().pairs {
             assert_eq!((p.chosen_reward, p.rejected_reward), (0.0, 0.0), "{}", p.id);
         }
-        assert_eq!(at_base.preference_accuracy(), 0.0);
-        assert_eq!(at_base.preference_margin(), 0.0);
+        let e = at_base.estimates();
+        assert_eq!(e.pref_accuracy.unwrap().value, 0.0);
+        assert_eq!(e.reward_margin.unwrap().value, 0.0);
 
         let tax = sets.measure(&other_net).unwrap();
-        let ids: Vec<&str> = tax.sft.rows.iter().map(|r| r.id.as_str()).collect();
+        let ids: Vec<&str> = tax
+            .sft
+            .as_ref()
+            .unwrap()
+            .rows
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
         assert_eq!(
             ids,
             [
@@ -171,13 +182,26 @@ fn alignment_tax_equals_a_recomputation_by_hand() {
                 "mixed_qa.jsonl:45"
             ]
         );
-        let ids: Vec<&str> = tax.preference.pairs.iter().map(|p| p.id.as_str()).collect();
+        let ids: Vec<&str> = tax
+            .preference
+            .as_ref()
+            .unwrap()
+            .pairs
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect();
         assert_eq!(
             ids,
             ["4", "20", "42", "79", "83", "111", "113"].map(|l| format!("hh_harmless.jsonl:{l}")),
             "the empty-answer row 87 is replaced by the next held-out row"
         );
-        assert!(tax.preference.pairs.iter().any(|p| p.chosen_reward != 0.0));
+        assert!(tax
+            .preference
+            .as_ref()
+            .unwrap()
+            .pairs
+            .iter()
+            .any(|p| p.chosen_reward != 0.0));
 
         let tok = Tokenization {
             tokenizer: &base.tokenizer,
@@ -198,12 +222,7 @@ fn alignment_tax_equals_a_recomputation_by_hand() {
             };
             (load(other_dir.path()), load(base_dir.path()))
         };
-        eprintln!(
-            "{dtype:?}: held-out SFT loss {:.6}, accuracy {:.3}, margin {:.6}",
-            tax.sft_loss(),
-            tax.preference_accuracy(),
-            tax.preference_margin()
-        );
+        eprintln!("{dtype:?}: {}", tax.summary());
         check_by_hand(&tax, &model64, &base64, &tok, tol);
     }
 }
@@ -220,7 +239,7 @@ fn measuring_a_model_unlike_the_base_is_an_error() {
         1,
     );
     let base = Pretrained::load(base_dir.path(), Some(DType::F32), &Device::Cpu).unwrap();
-    let sets = AlignmentTaxSets::prepare(&base, &spec).unwrap();
+    let sets = AlignmentTaxSets::prepare(&base, &spec, Pool::All, &PoolSplit::default()).unwrap();
     let err = sets
         .measure(&base.model(Mode::Differentiable, None).unwrap())
         .unwrap_err();
@@ -251,7 +270,9 @@ fn bad_alignment_tax_input_gives_clear_errors() {
     let sft = head("sft/mixed_qa.jsonl", 30);
     let pref = head("preference/hh_harmless.jsonl", 90);
     let err_of = |s: &AlignmentTaxSpec| {
-        let e = AlignmentTaxSets::prepare(&base, s).err().expect("an error");
+        let e = AlignmentTaxSets::prepare(&base, s, Pool::All, &PoolSplit::default())
+            .err()
+            .expect("an error");
         format!("{e:#}")
     };
 
@@ -259,17 +280,24 @@ fn bad_alignment_tax_input_gives_clear_errors() {
     assert!(
         err.contains("mixed_qa.jsonl")
             && err.contains("4 held-out rows requested")
-            && err.contains("only 3 held-out rows"),
+            && err.contains("only 3 can be used")
+            && err.contains("3 held-out rows of 30"),
         "{err}"
     );
     let err = err_of(&spec(&sft, &pref, 3, 6));
     assert!(
         err.contains("hh_harmless.jsonl")
-            && err.contains("only 6 held-out rows")
+            && err.contains("only 5 can be used")
             && err.contains("1 of them cannot be used"),
         "{err}"
     );
-    assert!(AlignmentTaxSets::prepare(&base, &spec(&sft, &pref, 3, 5)).is_ok());
+    assert!(AlignmentTaxSets::prepare(
+        &base,
+        &spec(&sft, &pref, 3, 5),
+        Pool::All,
+        &PoolSplit::default()
+    )
+    .is_ok());
 
     let err = err_of(&spec(&tmp.path().join("nope.jsonl"), &pref, 1, 1));
     assert!(
@@ -314,4 +342,42 @@ fn bad_alignment_tax_input_gives_clear_errors() {
     .unwrap();
     let err = table.try_into::<AlignmentTaxSpec>().unwrap_err();
     assert!(err.to_string().contains("unknown field `rows`"), "{err}");
+}
+
+#[test]
+fn the_search_and_report_pools_hold_disjoint_held_out_rows() {
+    let Some(base_dir) = crate::common::tiny_model(&TinySpec::llama(45)) else {
+        return;
+    };
+    let base = Pretrained::load(base_dir.path(), Some(DType::F32), &Device::Cpu).unwrap();
+    let spec = spec(
+        &train_set("sft/mixed_qa.jsonl"),
+        &train_set("preference/hh_harmless.jsonl"),
+        8,
+        8,
+    );
+    let split = PoolSplit::default();
+    let ids = |pool| {
+        let sets = AlignmentTaxSets::prepare(&base, &spec, pool, &split).unwrap();
+        let tax = sets
+            .measure(&base.model(Mode::Inference, None).unwrap())
+            .unwrap();
+        let mut ids: Vec<String> = tax.sft.unwrap().rows.into_iter().map(|r| r.id).collect();
+        ids.extend(tax.preference.unwrap().pairs.into_iter().map(|p| p.id));
+        ids
+    };
+    let (search, report, all) = (ids(Pool::Search), ids(Pool::Report), ids(Pool::All));
+    assert_eq!((search.len(), report.len()), (16, 16));
+    assert!(
+        search.iter().all(|id| !report.contains(id)),
+        "{search:?} vs {report:?}"
+    );
+    // Each pool is a share of the held-out rows: every id is a held-out row of its file.
+    let held: Vec<String> = ["sft/mixed_qa.jsonl", "preference/hh_harmless.jsonl"]
+        .iter()
+        .flat_map(|rel| first_held_out_rows(&train_set(rel), 60).unwrap())
+        .map(|r| r.id)
+        .collect();
+    assert!(search.iter().chain(&report).all(|id| held.contains(id)));
+    assert_ne!(search, all);
 }

@@ -29,6 +29,9 @@ fn experiment(base: &Path, work: &Path) -> String {
         tasks = "arc_challenge,winogrande"
         docs = 3
         finalists = 0
+        [objective]                # held-out rows from the experiment's [alignment_tax]
+        sft_loss = 1.0
+        reward_margin = 0.5
         "#,
     )
     .unwrap();
@@ -108,14 +111,55 @@ fn the_pipeline_runs_every_stage_once() {
         );
     }
     held_out_protocol(&run_dir);
+    let mut report_tax_ids: Vec<String> = vec![];
     for row in ["base", "sft", "dpo", "sequential", "paft"] {
-        let tax = paft::eval::alignment_tax::AlignmentTax::read(&run_dir.join("evals").join(row))
-            .unwrap_or_else(|e| panic!("{row}: {e:#}"));
-        assert!(tax.sft_loss().is_finite(), "{row}");
+        let tax =
+            paft::eval::alignment_tax::AlignmentTax::read_dir(&run_dir.join("evals").join(row))
+                .unwrap_or_else(|e| panic!("{row}: {e:#}"))
+                .unwrap_or_else(|| panic!("{row}: no alignment_tax.json"));
+        let e = tax.estimates();
+        assert!(e.sft_loss.unwrap().value.is_finite(), "{row}");
         // The base is its own reference: every reward is exactly 0.
         if row == "base" {
-            assert_eq!(tax.preference_margin(), 0.0);
+            assert_eq!(e.reward_margin.unwrap().value, 0.0);
         }
+        let ids: Vec<String> = (tax.sft.unwrap().rows.into_iter().map(|r| r.id))
+            .chain(tax.preference.unwrap().pairs.into_iter().map(|p| p.id))
+            .collect();
+        if report_tax_ids.is_empty() {
+            report_tax_ids = ids;
+        } else {
+            assert_eq!(
+                ids, report_tax_ids,
+                "{row}: the same held-out rows for every row"
+            );
+        }
+    }
+    // The search's objective had tax terms: measured on the search pool's held-out rows, none
+    // of which a report row's tax uses, and recorded per candidate.
+    let docs: Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("search-documents.json")).unwrap(),
+    )
+    .unwrap();
+    let searched: Vec<&str> = ["sft", "preference"]
+        .iter()
+        .flat_map(|k| docs["alignment_tax"][k].as_array().unwrap())
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(searched.len(), 8, "{docs}");
+    assert!(
+        searched
+            .iter()
+            .all(|id| !report_tax_ids.iter().any(|r| r == id)),
+        "{searched:?} vs {report_tax_ids:?}"
+    );
+    for line in std::fs::read_to_string(run_dir.join("journal.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let e: Value = serde_json::from_str(line).unwrap();
+        assert!(e["tax"]["sft_loss"].is_number(), "{line}");
+        assert!(e["tax"]["reward_margin"].is_number(), "{line}");
     }
     for dir in [
         "sft/adapter",

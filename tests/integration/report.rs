@@ -261,6 +261,7 @@ fn journal_entries() -> Vec<JournalEntry> {
             objective,
             objective_stderr: None,
             pool: None,
+            tax: Default::default(),
             seconds: 12.5,
         }
     };

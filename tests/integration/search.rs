@@ -206,4 +206,17 @@ fn bad_search_spaces_are_clear_errors() {
         assert!(err.contains(expect), "{err}");
         assert!(err.contains("bad.toml"), "{err}");
     }
+    // Objective terms: an unknown metric, and a tax term without held-out rows to measure it.
+    for (objective, expect) in [
+        ("heldout_acc = 1.0", "unknown term `heldout_acc`"),
+        ("sft_loss = 1.0", "needs held-out training rows"),
+    ] {
+        let space = work.path().join("objective.toml");
+        std::fs::write(&space, format!("{SPACE}\n[objective]\n{objective}\n")).unwrap();
+        let out = search_cmd(&m, &space, &work.path().join("out-objective"))
+            .output()
+            .unwrap();
+        let err = expect_clean_failure(&out);
+        assert!(err.contains(expect), "{err}");
+    }
 }
