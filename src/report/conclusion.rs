@@ -3,7 +3,7 @@
 //! verdict table and the document counts behind it.
 
 use super::rows::Pref;
-use super::verdicts::{interval_text, signed, Metric, Verdict, VerdictRow};
+use super::verdicts::{interval_text, signed, Metric, Verdict, VerdictRow, MIN_ITEMS_FOR_VERDICT};
 
 /// One sentence; `has_paft` / `has_sequential`: whether those rows were evaluated at all.
 pub(crate) fn conclusion(
@@ -40,11 +40,12 @@ pub(crate) fn conclusion(
         };
         return format!(
             "PAFT and sequential were not both scored on all six benchmarks (PAFT better on {}, \
-             worse on {}, not distinguishable on {}, no interval on {} of those they share), so \
-             {cannot} on the leaderboard average.",
+             worse on {}, not distinguishable on {}, too few documents on {}, no interval on {} \
+             of those they share), so {cannot} on the leaderboard average.",
             count(Verdict::Better),
             count(Verdict::Worse),
             count(Verdict::NotDistinguishable),
+            count(Verdict::TooFew),
             count(Verdict::NoInterval)
         );
     };
@@ -68,6 +69,10 @@ pub(crate) fn conclusion(
         Verdict::Worse => format!(
             "{baseline} beats PAFT on these documents (the interval covers the choice of \
              documents, not of training seeds)"
+        ),
+        Verdict::TooFew => format!(
+            "the run's budget is too small to conclude: {cannot} (a verdict needs at least \
+             {MIN_ITEMS_FOR_VERDICT} documents per benchmark; raise [eval] docs)"
         ),
         Verdict::NotDistinguishable | Verdict::NoInterval => cannot,
     };
@@ -99,6 +104,7 @@ mod tests {
                 },
                 items: 120,
                 per_task,
+                min_items: 40,
             }),
         }
     }
@@ -126,6 +132,23 @@ mod tests {
             s.contains("PAFT worse; sequential SFT→DPO beats PAFT"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn too_few_documents_never_give_a_verdict() {
+        // The demo's case: 4 documents per task, one discordant Winogrande document, an interval
+        // that stops just short of 0.
+        let mut v = avg(-12.53, -0.001, (1, 4));
+        if let Ok(m) = &mut v.outcome {
+            m.min_items = 4;
+        }
+        assert_eq!(v.verdict(), Verdict::TooFew);
+        let s = conclusion(&[v], true, true, Pref::Dpo);
+        assert!(
+            s.contains("too few documents") && s.contains("budget is too small to conclude"),
+            "{s}"
+        );
+        assert!(!s.contains("beats PAFT"), "{s}");
     }
 
     #[test]

@@ -167,10 +167,14 @@ pub fn render(p: &Page) -> String {
                  within each subject, so the mean over subjects keeps its structure), both rows \
                  scored on the same drawn documents, seed {}; the 2.5th and 97.5th percentiles \
                  of the resampled differences. A verdict names a winner only when the interval \
-                 excludes 0; <b>not distinguishable</b> is the honest outcome of a small \
+                 excludes 0 and rests on at least {} documents of every benchmark (fewer: \
+                 <b>too few documents</b>, as the percentile bootstrap under-covers on small \
+                 samples); <b>not distinguishable</b> is the honest outcome of a small \
                  document budget, not evidence that the two are equal. The interval covers the \
                  choice of documents, not of training seeds.</p>\n",
-                p.bootstrap.resamples, p.bootstrap.seed
+                p.bootstrap.resamples,
+                p.bootstrap.seed,
+                super::verdicts::MIN_ITEMS_FOR_VERDICT
             );
         }
         None => {

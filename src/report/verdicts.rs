@@ -71,7 +71,16 @@ pub(crate) struct Measured {
     pub items: usize,
     /// Fewest and most documents in one task (MMLU: one subject).
     pub per_task: (usize, usize),
+    /// Items of the smallest benchmark (the metric's own items, except for the average, which
+    /// is only as trustworthy as its thinnest part).
+    pub min_items: usize,
 }
+
+/// Below this many items (documents of a benchmark, held-out rows, pairs) no "better" or
+/// "worse" is drawn: the percentile bootstrap under-covers on small samples (with 4 documents
+/// one discordant document gives an interval that stops just short of 0), so a verdict there
+/// would be noise presented as a finding.
+pub(crate) const MIN_ITEMS_FOR_VERDICT: usize = 30;
 
 /// One line of the table.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,6 +99,8 @@ pub(crate) enum Verdict {
     Better,
     Worse,
     NotDistinguishable,
+    /// An interval exists but rests on fewer than [`MIN_ITEMS_FOR_VERDICT`] items.
+    TooFew,
     NoInterval,
 }
 
@@ -102,6 +113,7 @@ impl VerdictRow {
         match &self.outcome {
             Err(_) => Verdict::NoInterval,
             Ok(m) if !m.interval.excludes_zero() => Verdict::NotDistinguishable,
+            Ok(m) if m.min_items < MIN_ITEMS_FOR_VERDICT => Verdict::TooFew,
             Ok(m) => {
                 if (m.interval.low > 0.0) != self.metric.lower_is_better() {
                     Verdict::Better
@@ -117,6 +129,7 @@ impl VerdictRow {
             Verdict::Better => format!("{} better", self.a),
             Verdict::Worse => format!("{} worse", self.a),
             Verdict::NotDistinguishable => "not distinguishable".into(),
+            Verdict::TooFew => format!("too few documents (< {MIN_ITEMS_FOR_VERDICT})"),
             Verdict::NoInterval => "no interval".into(),
         }
     }
@@ -225,6 +238,7 @@ fn compare<'a>(
                         interval,
                         items: m.items(),
                         per_task: per_task(&m),
+                        min_items: m.items(),
                     },
                     draws,
                 ))
@@ -286,6 +300,7 @@ fn average(benches: &BTreeMap<Benchmark, &Outcome>) -> std::result::Result<Measu
             parts.iter().map(|(m, _)| m.per_task.0).min().unwrap_or(0),
             parts.iter().map(|(m, _)| m.per_task.1).max().unwrap_or(0),
         ),
+        min_items: parts.iter().map(|(m, _)| m.min_items).min().unwrap_or(0),
     })
 }
 
