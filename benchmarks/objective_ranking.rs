@@ -86,6 +86,8 @@ fn main() -> Result<()> {
             "pref.weight" = {{ low = 0.0, high = {high} }}
             "sft.density" = 0.5
             "pref.density" = 0.5
+            [choices]
+            normalize = ["false"]   # weights scale the deltas; with normalize only their ratio counts
             [subset]
             tasks = "{tasks}"
             docs = {screen}
@@ -138,7 +140,7 @@ fn main() -> Result<()> {
             let c = paft::search::MergeCandidate::new(
                 paft::merge::MergeMethod::Ties,
                 params,
-                BTreeMap::new(),
+                BTreeMap::from([("normalize".to_string(), "false".to_string())]),
             );
             if let Some(row) = done.get(&c.key()) {
                 rows.push(row.clone());

@@ -24,7 +24,8 @@
 #                                  # the LoRA adapters of RUN (default runs/smollm2-paft, made by
 #                                  # `paft parallel --config configs/experiment-smollm2.toml`).
 #   benchmarks/run.sh objective    # screening objectives: a GRID×GRID (default 4) TIES grid over the two weights in [0, HIGH]
-#                                  # (default 2), each candidate scored on SCREEN (default 10) search-pool documents per task
+#                                  # (default 2; normalize off, so the weights scale the deltas rather than only their ratio
+#                                  # mattering), each candidate scored on SCREEN (default 10) search-pool documents per task
 #                                  # (accuracy and probability objectives from the same evaluation) and on REPORT (default 60)
 #                                  # report-pool documents (accuracy): Spearman of each screening objective with the report
 #                                  # accuracy. TASKS default arc_challenge,hellaswag,truthfulqa_mc2,winogrande. Deltas: LoRA SFT

@@ -104,14 +104,32 @@ pub fn document_prefix_len(doc: &TokenizedChoices) -> usize {
         .min(doc.shared.len())
 }
 
+/// What the model was run on: tokens prefilled (every position a forward pass computed, padding
+/// excluded) and tokens generated. Per task, [`TokenWork::saved`] is what prefix sharing spared
+/// against running every request's input on its own, as lm-eval does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenWork {
+    pub prefilled: u64,
+    pub generated: u64,
+    pub saved: u64,
+}
+
+impl std::ops::AddAssign for TokenWork {
+    fn add_assign(&mut self, o: Self) {
+        self.prefilled += o.prefilled;
+        self.generated += o.generated;
+        self.saved += o.saved;
+    }
+}
+
 /// Summed log-likelihood and is-greedy of every request of a document, continuing from `base`
-/// (a prefix of every request's tokens, or empty).
+/// (a prefix of every request's tokens, or empty), and the tokens prefilled for it.
 pub fn score_choices(
     model: &LlamaModel,
     base: &Prefilled,
     doc: &TokenizedChoices,
     pad_id: u32,
-) -> Result<Vec<(f64, bool)>> {
+) -> Result<(Vec<(f64, bool)>, u64)> {
     for i in 0..doc.len() {
         if doc.total_len(i) <= doc.continuation_lens[i] {
             bail!("request {i} has no context tokens before its continuation");
@@ -119,6 +137,7 @@ pub fn score_choices(
     }
     let p = document_prefix_len(doc);
     let prefix = prefill(model, base, &doc.shared[..p], pad_id)?;
+    let mut prefilled = p.saturating_sub(base.len) as u64;
 
     // Each request's input is its tokens without the last; the remainder after the prefix runs
     // as one right-padded batch.
@@ -130,6 +149,7 @@ pub fn score_choices(
         if input_len > p {
             remainder_row[i] = Some(rows.len());
             rows.push(tokens[p..input_len].to_vec());
+            prefilled += (input_len - p) as u64;
         }
     }
     let (remainder, t) = if rows.is_empty() {
@@ -197,25 +217,30 @@ pub fn score_choices(
         out.push((ll, is_greedy));
         k += c;
     }
-    Ok(out)
+    Ok((out, prefilled))
 }
 
 /// Greedy generation for a batch of contexts, each stopping at an end-of-sequence token, at
 /// the first of its `until` strings (which is cut off with everything after it) or after
-/// `max_gen_toks` tokens. Finished rows leave the batch.
+/// `max_gen_toks` tokens. Finished rows leave the batch. Also returns the work: the prompts'
+/// tokens prefilled and the tokens generated.
 pub fn generate_until(
     model: &LlamaModel,
     tokenizer: &ModelTokenizer,
     requests: &[&TokenizedGeneration],
     stop_token_ids: &[u32],
     pad_id: u32,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, TokenWork)> {
     let n = requests.len();
     let mut generated: Vec<Vec<u32>> = vec![vec![]; n];
     let mut texts = vec![String::new(); n];
     if n == 0 {
-        return Ok(texts);
+        return Ok((texts, TokenWork::default()));
     }
+    let mut work = TokenWork {
+        prefilled: requests.iter().map(|r| r.context.len() as u64).sum(),
+        ..TokenWork::default()
+    };
     let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.context.clone()).collect();
     let mut cache = model.new_cache();
     let mut last = forward_in_chunks(
@@ -230,6 +255,7 @@ pub fn generate_until(
         let mut keep = vec![];
         for (slot, (&row, &tok)) in active.iter().zip(&next).enumerate() {
             let req = requests[row];
+            work.generated += 1;
             let finished = if stop_token_ids.contains(&tok) {
                 true
             } else {
@@ -265,5 +291,5 @@ pub fn generate_until(
             }
         }
     }
-    Ok(texts)
+    Ok((texts, work))
 }

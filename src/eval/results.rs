@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use super::engine::TokenWork;
 use super::task::{Benchmark, DocScore, MetricKey, Response, Task};
 use crate::stats::{macro_mean, mean_stderr, Estimate};
 
@@ -37,6 +38,8 @@ pub struct TaskResult {
     pub records: Vec<DocRecord>,
     pub metrics: Vec<MetricSummary>,
     pub seconds: f64,
+    /// Tokens the model was run on (set by the suite after scoring).
+    pub tokens: TokenWork,
 }
 
 impl TaskResult {
@@ -81,6 +84,7 @@ impl TaskResult {
             records,
             metrics,
             seconds,
+            tokens: TokenWork::default(),
         }
     }
 
@@ -198,7 +202,10 @@ impl SuiteResult {
             );
             timing.insert(
                 t.name.clone(),
-                json!({"seconds": t.seconds, "requests": t.num_requests}),
+                json!({"seconds": t.seconds, "requests": t.num_requests,
+                       "tokens_prefilled": t.tokens.prefilled,
+                       "tokens_generated": t.tokens.generated,
+                       "tokens_saved": t.tokens.saved}),
             );
         }
         let mut groups = Map::new();

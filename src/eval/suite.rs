@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use super::engine::{self, Prefilled};
+use super::engine::{self, Prefilled, TokenWork};
 use super::fewshot::{shot_plan, DEFAULT_FEWSHOT_SEED};
 use super::pools::{Pool, PoolSplit};
 use super::results::{DocRecord, SuiteResult, TaskResult};
@@ -180,7 +180,7 @@ impl PreparedSuite {
         let mut results = vec![];
         for t in &self.tasks {
             let task_start = Instant::now();
-            let responses = run_task(t, model, self.config.batch_size.max(1), on_doc)
+            let (responses, tokens) = run_task(t, model, self.config.batch_size.max(1), on_doc)
                 .with_context(|| format!("evaluating {}", t.task.name()))?;
             let mut records = vec![];
             for ((&doc, shots), response) in t.doc_ids.iter().zip(&t.shots).zip(responses) {
@@ -192,25 +192,56 @@ impl PreparedSuite {
                     score,
                 });
             }
-            results.push(TaskResult::new(
+            let mut result = TaskResult::new(
                 t.task.as_ref(),
                 t.num_fewshot,
                 t.num_requests(),
                 records,
                 task_start.elapsed().as_secs_f64(),
-            ));
+            );
+            result.tokens = tokens;
+            if !t.doc_ids.is_empty() {
+                tracing::debug!(
+                    "{}: {} documents in {:.1}s; {} tokens prefilled ({} saved by prefix \
+                     sharing), {} generated",
+                    t.task.name(),
+                    t.doc_ids.len(),
+                    result.seconds,
+                    tokens.prefilled,
+                    tokens.saved,
+                    tokens.generated
+                );
+            }
+            results.push(result);
         }
         Ok(SuiteResult::new(results, start.elapsed().as_secs_f64()))
     }
 }
 
+/// Runs every request of `t`; returns the responses and the token work (with what prefix
+/// sharing saved against each request's input run on its own).
 fn run_task(
     t: &PreparedTask,
     m: &EvalModel,
     batch_size: usize,
     on_doc: &(dyn Fn() + Sync),
-) -> Result<Vec<Response>> {
+) -> Result<(Vec<Response>, TokenWork)> {
     let mut out: Vec<Option<Response>> = vec![None; t.requests.len()];
+    let mut work = TokenWork {
+        prefilled: t.shared_prefix.len() as u64,
+        ..TokenWork::default()
+    };
+    // What running each request's input alone would prefill: its tokens but the last.
+    let unshared: u64 = t
+        .requests
+        .iter()
+        .map(|r| match r {
+            TokenizedRequests::Loglikelihood(c) => {
+                (0..c.len()).map(|i| (c.total_len(i) - 1) as u64).sum()
+            }
+            TokenizedRequests::Generate(g) => g.context.len() as u64,
+        })
+        .sum();
     let base = if t.shared_prefix.is_empty() {
         Prefilled::empty(m.model)
     } else {
@@ -225,8 +256,9 @@ fn run_task(
     for (i, r) in t.requests.iter().enumerate() {
         match r {
             TokenizedRequests::Loglikelihood(c) => {
-                let scores = engine::score_choices(m.model, &base, c, m.pad_id)
+                let (scores, prefilled) = engine::score_choices(m.model, &base, c, m.pad_id)
                     .with_context(|| format!("document {}", t.doc_ids[i]))?;
+                work.prefilled += prefilled;
                 out[i] = Some(Response::Loglikelihood(scores));
                 on_doc();
             }
@@ -237,17 +269,20 @@ fn run_task(
     generations.sort_by_key(|(i, g)| (std::cmp::Reverse(g.context.len()), *i));
     for chunk in generations.chunks(batch_size) {
         let reqs: Vec<_> = chunk.iter().map(|(_, g)| *g).collect();
-        let texts =
+        let (texts, generation) =
             engine::generate_until(m.model, m.tokenizer, &reqs, &m.stop_token_ids, m.pad_id)?;
+        work += generation;
         for ((i, _), text) in chunk.iter().zip(texts) {
             out[*i] = Some(Response::Generation(text));
             on_doc();
         }
     }
-    Ok(out
+    work.saved = unshared.saturating_sub(work.prefilled);
+    let responses = out
         .into_iter()
         .map(|r| r.expect("every request answered"))
-        .collect())
+        .collect();
+    Ok((responses, work))
 }
 
 /// The longest prefix shared by every document's prefillable prefix, if long enough to matter.

@@ -61,6 +61,10 @@ pub(crate) fn conclusion(
         (lo, hi) if lo == hi => format!("{lo}"),
         (lo, hi) => format!("{lo} to {hi}"),
     };
+    let too_small = format!(
+        "the run's budget is too small to conclude: {cannot} (a verdict needs at least \
+         {MIN_ITEMS_FOR_VERDICT} documents per benchmark; raise [eval] docs)"
+    );
     let tail = match avg.verdict() {
         Verdict::Better => format!(
             "PAFT beats {baseline} on these documents (the interval covers the choice of \
@@ -70,10 +74,9 @@ pub(crate) fn conclusion(
             "{baseline} beats PAFT on these documents (the interval covers the choice of \
              documents, not of training seeds)"
         ),
-        Verdict::TooFew => format!(
-            "the run's budget is too small to conclude: {cannot} (a verdict needs at least \
-             {MIN_ITEMS_FOR_VERDICT} documents per benchmark; raise [eval] docs)"
-        ),
+        Verdict::TooFew => too_small,
+        // An interval that contains 0 on a handful of documents says nothing either way.
+        Verdict::NotDistinguishable if m.min_items < MIN_ITEMS_FOR_VERDICT => too_small,
         Verdict::NotDistinguishable | Verdict::NoInterval => cannot,
     };
     format!(
@@ -149,6 +152,16 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("beats PAFT"), "{s}");
+        // Containing 0 on 3 documents is no finding either: the sentence says why.
+        let mut v = avg(-0.02, 16.66, (1, 3));
+        if let Ok(m) = &mut v.outcome {
+            m.min_items = 3;
+        }
+        let s = conclusion(&[v], true, true, Pref::Dpo);
+        assert!(
+            s.contains("not distinguishable") && s.contains("budget is too small to conclude"),
+            "{s}"
+        );
     }
 
     #[test]

@@ -19,7 +19,11 @@ use crate::merge::{MergeConfig, MergeMethod, ModelRef, ParamValue};
 pub const MODELS: [&str; 2] = ["sft", "pref"];
 const MODEL_PARAMS: [&str; 4] = ["weight", "density", "gamma", "epsilon"];
 const GLOBAL_PARAMS: [&str; 1] = ["lambda"];
-const CHOICES: [(&str, &[&str]); 1] = [("sign_rule", &["sum", "count"])];
+const CHOICES: [(&str, &[&str]); 2] = [
+    ("sign_rule", &["sum", "count"]),
+    // mergekit's global `normalize` (a bool in its YAML); `["false"]` fixes it off.
+    ("normalize", &["true", "false"]),
+];
 
 /// Methods that merge the two task vectors onto the base.
 const SEARCHABLE: [MergeMethod; 9] = [
@@ -227,6 +231,37 @@ fn parse_objective(raw: &BTreeMap<String, toml::Value>) -> Result<Objective> {
     })
 }
 
+/// With `normalize` on (mergekit's default for linear, TIES and DELLA), the merge divides by the
+/// sum of the weights, so scaling both weights together changes nothing: a space that searches
+/// both weights explores their ratio only, and candidates along a ray tie exactly. Said once, at
+/// load, so a flat trajectory is not mistaken for a flat objective.
+fn warn_if_only_the_ratio_counts(
+    methods: &[MergeMethod],
+    params: &BTreeMap<String, Param>,
+    choices: &BTreeMap<String, Vec<String>>,
+) {
+    let searched_weights = MODELS
+        .iter()
+        .filter(|m| matches!(params.get(&format!("{m}.weight")), Some(Param::Searched(_))))
+        .count();
+    let normalize_off = choices
+        .get("normalize")
+        .is_some_and(|v| v.iter().all(|x| x == "false"));
+    let normalizing: Vec<&str> = methods
+        .iter()
+        .filter(|m| m.default_normalize() && m.global_params().contains(&"normalize"))
+        .map(|m| m.name())
+        .collect();
+    if searched_weights == 2 && !normalize_off && !normalizing.is_empty() {
+        tracing::warn!(
+            "{} normalize the weights by their sum (mergekit's default): searching both weights \
+             explores only their ratio; add `[choices] normalize = [\"false\"]` to search their \
+             magnitude too, or search `lambda`",
+            normalizing.join(", ")
+        );
+    }
+}
+
 fn default_tasks() -> String {
     "leaderboard".into()
 }
@@ -357,6 +392,7 @@ impl SearchSpace {
                 _ => bail!("initial `{name}`: not a searched parameter"),
             }
         }
+        warn_if_only_the_ratio_counts(&methods, &params, &raw.choices);
         let objective = parse_objective(&raw.objective)?;
         if let Some(spec) = &raw.alignment_tax {
             spec.validate().context("[alignment_tax]")?;
@@ -530,11 +566,13 @@ impl MergeCandidate {
             .iter()
             .filter(|(n, _)| !n.contains('.'))
             .map(|(n, v)| (n.clone(), ParamValue::Number(*v)))
-            .chain(
-                self.choices
-                    .iter()
-                    .map(|(n, v)| (n.clone(), ParamValue::Text(v.clone()))),
-            )
+            .chain(self.choices.iter().map(|(n, v)| {
+                let value = match (n.as_str(), v.as_str()) {
+                    ("normalize", b) => ParamValue::Bool(b == "true"),
+                    _ => ParamValue::Text(v.clone()),
+                };
+                (n.clone(), value)
+            }))
             .collect();
         let config = MergeConfig {
             method: self.method,
@@ -693,6 +731,40 @@ mod tests {
         assert_eq!(acc.objective.metric, ObjectiveMetric::Accuracy);
         assert_eq!(acc.objective.weights.len(), 1);
         assert!(acc.objective.tax.is_empty() && acc.alignment_tax.is_none());
+    }
+
+    #[test]
+    fn normalize_is_a_choice_that_reaches_the_merge_as_a_bool() {
+        let params = BTreeMap::from([
+            ("sft.weight".to_string(), 2.0),
+            ("pref.weight".to_string(), 2.0),
+            ("sft.density".to_string(), 0.5),
+            ("pref.density".to_string(), 0.5),
+        ]);
+        let off = MergeCandidate::new(
+            MergeMethod::Ties,
+            params.clone(),
+            BTreeMap::from([("normalize".to_string(), "false".to_string())]),
+        );
+        let config = off.merge_config("b", ["s", "p"]).unwrap();
+        assert!(!config.global_params("x", None, 1).unwrap().normalize);
+        assert!(off
+            .mergekit_yaml("b", ["s", "p"])
+            .contains("normalize: false"));
+        let default = MergeCandidate::new(MergeMethod::Ties, params, BTreeMap::new());
+        let config = default.merge_config("b", ["s", "p"]).unwrap();
+        assert!(config.global_params("x", None, 1).unwrap().normalize);
+        assert_ne!(off.key(), default.key());
+        let space = SearchSpace::from_toml(
+            &format!("{SPACE}\n[choices]\nnormalize = [\"false\", \"true\"]\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(space.choices["normalize"], ["false", "true"]);
+        let err =
+            SearchSpace::from_toml(&format!("{SPACE}\n[choices]\nnormalize = [\"no\"]\n"), "t")
+                .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown value `no`"), "{err:#}");
     }
 
     #[test]

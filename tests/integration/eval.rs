@@ -229,6 +229,7 @@ fn matches_lm_evaluation_harness() {
             let name = task_result.name.as_str();
             let want = &fixtures[name];
             let n = task_result.records.len();
+            token_work_adds_up(prepared, task_result);
             assert!(
                 n > 0 && n <= want.len(),
                 "{name}: {n} documents vs fixture {}",
@@ -338,6 +339,40 @@ fn matches_lm_evaluation_harness() {
         }
     }
     eprintln!("worst per-choice log-likelihood difference: {worst_ll:.2e}");
+}
+
+/// The token accounting of one task: what was prefilled plus what sharing saved is what running
+/// every request's input alone would prefill (lm-eval's way), multiple-choice documents share
+/// their context across choices, and generation shares nothing but generates.
+fn token_work_adds_up(prepared: &paft::eval::suite::PreparedTask, result: &paft::eval::TaskResult) {
+    use paft::eval::tokenize::TokenizedRequests;
+    let name = &result.name;
+    let mut unshared = 0u64;
+    let (mut choices, mut generations) = (0usize, 0u64);
+    for r in &prepared.requests {
+        match r {
+            TokenizedRequests::Loglikelihood(c) => {
+                unshared += (0..c.len())
+                    .map(|i| (c.total_len(i) - 1) as u64)
+                    .sum::<u64>();
+                choices = choices.max(c.len());
+            }
+            TokenizedRequests::Generate(g) => {
+                unshared += g.context.len() as u64;
+                generations += 1;
+            }
+        }
+    }
+    let t = result.tokens;
+    assert!(t.prefilled > 0, "{name}: {t:?}");
+    assert_eq!(t.prefilled + t.saved, unshared, "{name}: {t:?}");
+    if choices > 1 {
+        assert!(t.saved > 0 && t.generated == 0, "{name}: {t:?}");
+    }
+    if generations > 0 {
+        assert_eq!(t.saved, 0, "{name}: {t:?}");
+        assert!(t.generated >= generations, "{name}: {t:?}");
+    }
 }
 
 // ---------------------------------------------------------------- bad input and task fetching
