@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use super::ModelArgs;
+use crate::eval::fewshot::FewshotMode;
 use crate::eval::{
     parse_task_list, DocSet, EvalConfig, Evaluator, Pool, PoolSplit, Selection, TaskOptions,
     TaskStore,
@@ -32,6 +33,11 @@ pub struct EvalArgs {
     /// Shots for every task instead of the leaderboard's (TruthfulQA stays 0-shot).
     #[arg(long)]
     pub num_fewshot: Option<usize>,
+    /// `per_document` (lm-eval's shots, the default) or `shared`: one shot set per task for
+    /// every document, prefilled once (a faster screening fidelity; its scores are not lm-eval's,
+    /// and results.json says so in config.fewshot_mode).
+    #[arg(long, default_value = "per_document", value_parser = FewshotMode::parse)]
+    pub fewshot_mode: FewshotMode,
     /// Seed of the few-shot sampler (lm-eval's fewshot_random_seed).
     #[arg(long, default_value_t = crate::eval::fewshot::DEFAULT_FEWSHOT_SEED)]
     pub fewshot_seed: u64,
@@ -95,6 +101,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     };
     config.num_fewshot = args.num_fewshot;
     config.fewshot_seed = args.fewshot_seed;
+    config.fewshot_mode = args.fewshot_mode;
     config.batch_size = args.batch_size;
     config.task_options = TaskOptions {
         legacy_mc2_true_set: args.legacy_mc2,

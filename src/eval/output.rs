@@ -28,6 +28,8 @@ pub fn write_results(
     if let Value::Object(m) = &mut config {
         m.insert("documents".into(), suite.docs.describe());
         m.insert("split".into(), json!(suite.config.split));
+        // Shared shots are a screening fidelity; say so wherever the scores go.
+        m.insert("fewshot_mode".into(), json!(suite.config.fewshot_mode));
     }
     let json = serde_json::to_vec_pretty(&result.to_json(config))?;
     write_file_atomic(&dir.join("results.json"), &json)?;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 use super::engine::{self, Prefilled, TokenWork};
-use super::fewshot::{shot_plan, DEFAULT_FEWSHOT_SEED};
+use super::fewshot::{shared_shots, shot_plan, FewshotMode, DEFAULT_FEWSHOT_SEED};
 use super::pools::{Pool, PoolSplit};
 use super::results::{DocRecord, SuiteResult, TaskResult};
 use super::store::TaskStore;
@@ -27,6 +27,8 @@ pub struct EvalConfig {
     /// Overrides every task's shot count (TruthfulQA has no few-shot pool and stays 0-shot).
     pub num_fewshot: Option<usize>,
     pub fewshot_seed: u64,
+    /// lm-eval's per-document shots (default) or one shared set per task (screening).
+    pub fewshot_mode: FewshotMode,
     /// Generation batch size (GSM8K).
     pub batch_size: usize,
     pub task_options: TaskOptions,
@@ -39,6 +41,7 @@ impl EvalConfig {
             split: PoolSplit::default(),
             num_fewshot: None,
             fewshot_seed: DEFAULT_FEWSHOT_SEED,
+            fewshot_mode: FewshotMode::PerDocument,
             batch_size: 8,
             task_options: TaskOptions::default(),
         }
@@ -136,8 +139,23 @@ impl PreparedSuite {
                 Benchmark::TruthfulQa => 0,
                 b => config.num_fewshot.unwrap_or(b.default_num_fewshot()),
             };
-            let plan = shot_plan(task.as_ref(), num_fewshot, config.fewshot_seed);
-            let shots: Vec<Vec<usize>> = doc_ids.iter().map(|&d| plan[d].clone()).collect();
+            let shots: Vec<Vec<usize>> = match config.fewshot_mode {
+                FewshotMode::PerDocument => {
+                    let plan = shot_plan(task.as_ref(), num_fewshot, config.fewshot_seed);
+                    doc_ids.iter().map(|&d| plan[d].clone()).collect()
+                }
+                FewshotMode::Shared => {
+                    // Never a scored document: for a pool, none of the pool's documents (the
+                    // same shots at every subset size of a search); else none of these.
+                    let scored = match docs.pool {
+                        Pool::All => doc_ids.clone(),
+                        pool => config.split.documents(task.name(), task.num_docs(), pool),
+                    };
+                    let set =
+                        shared_shots(task.as_ref(), num_fewshot, config.fewshot_seed, &scored);
+                    vec![set; doc_ids.len()]
+                }
+            };
             let requests = doc_ids
                 .par_iter()
                 .zip(&shots)

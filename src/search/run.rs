@@ -172,6 +172,7 @@ pub fn run_search(
     }
     let mut eval = EvalConfig::new(parse_task_list(&space.budget.tasks)?);
     eval.split = space.pools;
+    eval.fewshot_mode = space.budget.fewshot;
     let mut scorer = CandidateScorer::new(
         inputs.clone(),
         TaskStore::new(opts.tasks_dir.clone()),
@@ -275,7 +276,8 @@ fn write_search_documents(
             .collect();
         rungs.insert(rung.to_string(), serde_json::Value::Object(tasks));
     }
-    let mut doc = serde_json::json!({"pool": "search", "split": space.pools, "rungs": rungs});
+    let mut doc = serde_json::json!({"pool": "search", "split": space.pools,
+                                     "fewshot_mode": space.budget.fewshot, "rungs": rungs});
     if let Some((sft, pairs)) = scorer.tax_row_ids() {
         doc["alignment_tax"] = serde_json::json!({"sft": sft, "preference": pairs});
     }

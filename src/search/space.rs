@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::scorer::{Objective, ObjectiveMetric};
 use super::solver::SolverKind;
 use crate::eval::alignment_tax::{AlignmentTaxSpec, TaxMetric};
+use crate::eval::fewshot::FewshotMode;
 use crate::eval::{Benchmark, PoolSplit};
 use crate::merge::config::{ModelEntry, Params};
 use crate::merge::{MergeConfig, MergeMethod, ModelRef, ParamValue};
@@ -89,6 +90,8 @@ pub struct Budget {
     pub finalists: usize,
     /// Seed of the stratified subsets (the same documents for every candidate).
     pub subset_seed: u64,
+    /// Few-shot mode of every evaluation the search makes.
+    pub fewshot: FewshotMode,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +183,9 @@ struct RawSubset {
     promote: f64,
     #[serde(default = "default_finalists")]
     finalists: usize,
+    /// `per_document` (lm-eval's shots) or `shared` (one set per task: faster screening).
+    #[serde(default)]
+    fewshot: FewshotMode,
 }
 
 /// `[objective]`: `metric = "probability" | "accuracy"` (default probability: smooth in the
@@ -434,6 +440,7 @@ impl SearchSpace {
                 promote: s.promote,
                 finalists: s.finalists,
                 subset_seed: s.seed,
+                fewshot: s.fewshot,
             },
         })
     }
@@ -723,6 +730,18 @@ mod tests {
         let s = SearchSpace::from_toml(SPACE, "t").unwrap();
         assert_eq!(s.objective.metric, ObjectiveMetric::Probability);
         assert_eq!(s.pools, PoolSplit::default());
+        assert_eq!(s.budget.fewshot, FewshotMode::PerDocument);
+        let shared = SearchSpace::from_toml(
+            &SPACE.replace("[subset]", "[subset]\nfewshot = \"shared\""),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(shared.budget.fewshot, FewshotMode::Shared);
+        let bad = SearchSpace::from_toml(
+            &SPACE.replace("[subset]", "[subset]\nfewshot = \"few\""),
+            "t",
+        );
+        assert!(format!("{:#}", bad.unwrap_err()).contains("few"));
         let acc = SearchSpace::from_toml(
             &format!("{SPACE}\n[objective]\nmetric = \"accuracy\"\narc_challenge = 2"),
             "t",
