@@ -47,6 +47,13 @@ pub fn whisker_count(rows: &[LeaderboardRow]) -> usize {
         .count()
 }
 
+/// The ends of a bar's ±1.96·se whisker, clipped to the percent scale: on a few documents the
+/// normal interval runs past 0 or 100, where no score can be, and would stretch the axis.
+fn whisker(v: f64, se: Option<f64>) -> Option<(f64, f64)> {
+    let h = Z * se.filter(|s| s.is_finite())?;
+    Some(((v - h).max(0.0), (v + h).min(100.0)))
+}
+
 pub fn leaderboard_svg(rows: &[LeaderboardRow]) -> Result<String> {
     let names = groups();
     let m = rows.len().max(1) as f64;
@@ -55,7 +62,7 @@ pub fn leaderboard_svg(rows: &[LeaderboardRow]) -> Result<String> {
         .iter()
         .flatten()
         .flatten()
-        .map(|(v, se)| v + se.filter(|s| s.is_finite()).map_or(0.0, |s| Z * s));
+        .map(|(v, se)| whisker(*v, *se).map_or(*v, |(_, hi)| hi));
     let y = span_with_headroom(tops.chain([0.0]), rows.len() + 1);
     let y = 0.0..y.end;
     let x = -0.5..(names.len() as f64 - 0.5);
@@ -119,17 +126,17 @@ pub fn leaderboard_svg(rows: &[LeaderboardRow]) -> Result<String> {
             .flat_map(|(i, vals)| {
                 vals.iter().enumerate().filter_map(move |(g, v)| {
                     let (v, se) = (*v)?;
-                    let h = Z * se.filter(|s| s.is_finite())?;
+                    let (lo, hi) = whisker(v, se)?;
                     let c = g as f64 - 0.4 + (i as f64 + 0.5) * width;
                     let cap = 0.25 * width;
                     Some(PathElement::new(
                         vec![
-                            (c - cap, v - h),
-                            (c + cap, v - h),
-                            (c, v - h),
-                            (c, v + h),
-                            (c - cap, v + h),
-                            (c + cap, v + h),
+                            (c - cap, lo),
+                            (c + cap, lo),
+                            (c, lo),
+                            (c, hi),
+                            (c - cap, hi),
+                            (c + cap, hi),
                         ],
                         WHISKER.stroke_width(1),
                     ))
@@ -173,6 +180,17 @@ mod tests {
                 .collect::<BTreeMap<_, _>>();
         }
         r
+    }
+
+    #[test]
+    fn whiskers_stay_on_the_percent_scale() {
+        assert_eq!(
+            whisker(66.67, Some(33.33)),
+            Some((66.67 - Z * 33.33, 100.0))
+        );
+        assert_eq!(whisker(10.0, Some(20.0)), Some((0.0, 10.0 + Z * 20.0)));
+        assert_eq!(whisker(10.0, None), None);
+        assert_eq!(whisker(10.0, Some(f64::NAN)), None);
     }
 
     #[test]
