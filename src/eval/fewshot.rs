@@ -31,13 +31,6 @@ impl FewshotMode {
             other => anyhow::bail!("unknown few-shot mode `{other}` (per_document, shared)"),
         }
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::PerDocument => "per_document",
-            Self::Shared => "shared",
-        }
-    }
 }
 
 /// One shot set for every document of `task`, drawn once with `seed` from the pool lm-eval
@@ -60,9 +53,9 @@ pub fn shared_shots(
             PyRandom::new(seed).sample_indices(pool_len, num_fewshot.min(pool_len))
         }
         FewshotSampler::RandomExcludingSelf => {
-            let scored: std::collections::BTreeSet<usize> = scored.iter().copied().collect();
+            // Not a scored document, nor a duplicate of one (as lm-eval compares documents).
             let candidates: Vec<usize> = (0..task.num_docs())
-                .filter(|d| !scored.contains(d) && !scored.iter().any(|&s| task.same_doc(s, *d)))
+                .filter(|&d| !scored.iter().any(|&s| s == d || task.same_doc(s, d)))
                 .collect();
             let k = num_fewshot.min(candidates.len());
             PyRandom::new(seed)
