@@ -6,6 +6,7 @@
 //! → `search` → `report`. Stages after `model` arrive with their issues.
 
 pub mod cli;
+pub mod cluster;
 pub mod data;
 pub mod eval;
 pub mod io;

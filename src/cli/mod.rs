@@ -127,6 +127,9 @@ pub enum Command {
     /// Leaderboard, search trajectory, parameter and sparsity tables, plots and one HTML page
     /// from a run directory.
     Report(report::ReportArgs),
+    /// One unit of work of a Slurm job (written by the driver; not for direct use).
+    #[command(hide = true)]
+    Job { unit: PathBuf },
     /// Greedy generation with the KV cache, stopping at EOS.
     Generate {
         #[command(flatten)]
@@ -223,6 +226,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.table());
             }
             Ok(())
+        }
+        Command::Job { unit } => {
+            crate::cluster::driver::run_unit(&unit, crate::pipeline::jobs::run_unit)
         }
         Command::Eval(args) => eval::run(&args),
         Command::Search(args) => search::run(&args),

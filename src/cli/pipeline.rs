@@ -48,12 +48,7 @@ pub fn parallel(config: &std::path::Path) -> Result<()> {
 
 pub fn sequential(config: &std::path::Path) -> Result<()> {
     let exp = Experiment::from_file(config)?;
-    let sft_cfg = exp.train_config(pipeline::Stage::Sft)?;
-    let base = crate::model::source::resolve_model(&exp.base, None)?;
-    let mut sft = sft_cfg.clone();
-    sft.model = base.display().to_string();
-    let sft_ref = pipeline::stages::train_sft_only(sft)?;
-    let seq = pipeline::train_sequential(&exp, &sft_ref)?;
-    println!("sft: {sft_ref}\nsequential: {seq}");
+    let (sft, seq) = pipeline::train_sft_then_sequential(&exp)?;
+    println!("sft: {sft}\nsequential: {seq}");
     Ok(())
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use crate::cluster::{Executor, ExecutorKind, SlurmConfig};
 use crate::eval::TaskStore;
 use crate::model;
 use crate::search::{run_search, MergeInputs, SearchOptions, SearchSpace, SolverKind};
@@ -38,13 +39,26 @@ pub struct SearchArgs {
     /// where `paft fetch tasks` writes).
     #[arg(long, env = "PAFT_TASKS_DIR")]
     pub tasks_dir: Option<PathBuf>,
+    /// Where candidates are scored: here, or as Slurm job arrays.
+    #[arg(long, value_enum, default_value = "local")]
+    pub executor: ExecutorKind,
+    /// A TOML file with the `[slurm]` table (partition, time, cpus_per_task, gres, retries,
+    /// parallel, …) for `--executor slurm`.
+    #[arg(long)]
+    pub slurm_config: Option<PathBuf>,
 }
 
 pub fn run(args: &SearchArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.space)
         .map_err(|e| anyhow::anyhow!("cannot read search space {}: {e}", args.space.display()))?;
     let space = SearchSpace::from_file(&args.space)?;
+    let slurm = args
+        .slurm_config
+        .as_deref()
+        .map(SlurmConfig::from_file)
+        .transpose()?;
     let opts = SearchOptions {
+        executor: Executor::new(args.executor, slurm)?,
         out: args.out.clone(),
         solver: args.solver,
         resume: args.resume,

@@ -5,11 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use crate::cluster::{Executor, ExecutorKind, SlurmConfig};
 use crate::train::{Objective, TrainConfig};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
     pub name: String,
@@ -40,9 +41,15 @@ pub struct Experiment {
     /// Held-out SFT loss and preference accuracy/margin for every row of the comparison.
     #[serde(default)]
     pub alignment_tax: Option<crate::eval::alignment_tax::AlignmentTaxSpec>,
+    /// Where the stages and the search's candidates run: `local` (default) or `slurm`.
+    #[serde(default)]
+    pub executor: ExecutorKind,
+    /// sbatch settings for `executor = "slurm"` (see `cluster::config`).
+    #[serde(default)]
+    pub slurm: Option<toml::Table>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SearchStage {
     /// Search space file (`search-spaces/*.toml`).
@@ -51,7 +58,7 @@ pub struct SearchStage {
     pub solver: Option<crate::search::SolverKind>,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EvalStage {
     /// Documents per task for the final comparison (stratified sample, seed below); omit for
@@ -86,7 +93,18 @@ impl Experiment {
         if e.devices.len() > 2 {
             bail!("`devices` takes at most two devices (SFT, preference)");
         }
+        e.executor()?;
         Ok(e)
+    }
+
+    /// The executor the experiment asks for, with its `[slurm]` settings.
+    pub fn executor(&self) -> Result<Executor> {
+        let slurm = self
+            .slurm
+            .as_ref()
+            .map(SlurmConfig::from_table)
+            .transpose()?;
+        Executor::new(self.executor, slurm)
     }
 
     pub fn out(&self) -> PathBuf {
@@ -152,7 +170,8 @@ impl Experiment {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Stage {
     Sft,
     Pref,
@@ -160,7 +179,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    fn section(self) -> &'static str {
+    pub(crate) fn section(self) -> &'static str {
         match self {
             Stage::Sft => "sft",
             Stage::Pref => "pref",
@@ -168,7 +187,7 @@ impl Stage {
         }
     }
 
-    fn dir(self, pref: &str) -> String {
+    pub(crate) fn dir(self, pref: &str) -> String {
         match self {
             Stage::Sft => "sft".into(),
             Stage::Pref => pref.into(),

@@ -5,7 +5,8 @@
 
 pub mod demo;
 pub mod experiment;
+pub mod jobs;
 pub mod stages;
 
 pub use experiment::{Experiment, Stage};
-pub use stages::{run_experiment, train_parallel, train_sequential};
+pub use stages::{run_experiment, train_parallel, train_sft_then_sequential};

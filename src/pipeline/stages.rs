@@ -8,8 +8,10 @@ use candle_core::{DType, Device};
 use serde_json::json;
 
 use super::experiment::{Experiment, Stage};
+use super::jobs;
+use crate::cluster::Executor;
 use crate::eval::alignment_tax::AlignmentTaxSets;
-use crate::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, TaskStore};
+use crate::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, PoolSplit, TaskStore};
 use crate::io::write_file_atomic;
 use crate::merge::inspect::inspect_delta;
 use crate::merge::load_f32;
@@ -106,10 +108,53 @@ fn trained_ref(base_dir: &Path, result: &Path) -> String {
     }
 }
 
+/// Where a run leaves its result: the adapter for LoRA, the full model otherwise.
+fn result_dir(cfg: &TrainConfig) -> PathBuf {
+    cfg.output
+        .join(if cfg.lora_r > 0 { "adapter" } else { "model" })
+}
+
+/// One stage trained to completion in this process (what a Slurm training job runs): SFT and
+/// preference from the base, the sequential preference stage from the SFT result, which must
+/// exist. Returns the model reference.
+pub(crate) fn train_stage(exp: &Experiment, stage: Stage) -> Result<String> {
+    let base_dir = model::source::resolve_model(&exp.base, None)?;
+    let objective = match stage {
+        Stage::Sft => crate::train::Objective::Sft,
+        _ => exp.pref_objective()?,
+    };
+    if stage == Stage::SequentialPref {
+        let sft = exp.train_config(Stage::Sft)?;
+        let sft_out = result_dir(&sft);
+        if !sft_out.exists() {
+            bail!(
+                "the SFT result {} is missing; the sequential stage trains from it",
+                sft_out.display()
+            );
+        }
+        return train_sequential_local(exp, &trained_ref(&base_dir, &sft_out));
+    }
+    let mut cfg = exp.train_config(stage)?;
+    cfg.model = base_dir.display().to_string();
+    let out = train_one(cfg, objective)?;
+    Ok(trained_ref(&base_dir, &out))
+}
+
 /// `paft parallel`: the SFT and the preference run from the same base, concurrently — on two
-/// devices when the experiment names two, else each on half of the CPU threads. Returns the
-/// two model references (SFT, preference).
+/// devices when the experiment names two, else each on half of the CPU threads (or as two
+/// Slurm jobs). Returns the two model references (SFT, preference).
 pub fn train_parallel(exp: &Experiment) -> Result<(String, String)> {
+    if let Executor::Slurm(cfg) = exp.executor()? {
+        let refs = jobs::train_on_slurm(exp, &cfg, &[Stage::Sft, Stage::Pref])?;
+        let base_dir = model::source::resolve_model(&exp.base, None)?;
+        write_manifest(
+            exp,
+            &base_dir,
+            &result_dir(&exp.train_config(Stage::Sft)?),
+            &result_dir(&exp.train_config(Stage::Pref)?),
+        )?;
+        return Ok((refs[&Stage::Sft].clone(), refs[&Stage::Pref].clone()));
+    }
     let base_dir = model::source::resolve_model(&exp.base, None)?;
     let mut sft = exp.train_config(Stage::Sft)?;
     let mut pref = exp.train_config(Stage::Pref)?;
@@ -175,16 +220,24 @@ fn write_manifest(exp: &Experiment, base_dir: &Path, sft: &Path, pref: &Path) ->
     write_file_atomic(&path, &serde_json::to_vec_pretty(&manifest)?)
 }
 
-/// The SFT run alone (the first half of `paft sequential`); returns its model reference.
-pub fn train_sft_only(cfg: TrainConfig) -> Result<String> {
-    let base_dir = PathBuf::from(&cfg.model);
-    let out = train_one(cfg, crate::train::Objective::Sft)?;
-    Ok(trained_ref(&base_dir, &out))
+/// `paft sequential`: SFT, then the preference stage from its result — here, or as two Slurm
+/// jobs, the second waiting for the first. Returns (SFT, sequential) model references.
+pub fn train_sft_then_sequential(exp: &Experiment) -> Result<(String, String)> {
+    if let Executor::Slurm(cfg) = exp.executor()? {
+        let refs = jobs::train_on_slurm(exp, &cfg, &[Stage::Sft, Stage::SequentialPref])?;
+        return Ok((
+            refs[&Stage::Sft].clone(),
+            refs[&Stage::SequentialPref].clone(),
+        ));
+    }
+    let sft_ref = train_stage(exp, Stage::Sft)?;
+    let seq = train_sequential_local(exp, &sft_ref)?;
+    Ok((sft_ref, seq))
 }
 
-/// `paft sequential`: the baseline — the preference stage trained from the SFT result (LoRA
-/// adapters are merged into a full model first), with the SFT model as DPO reference.
-pub fn train_sequential(exp: &Experiment, sft_ref: &str) -> Result<String> {
+/// The sequential baseline's preference stage, in this process: trained from the SFT result
+/// (LoRA adapters are merged into a full model first), with the SFT model as DPO reference.
+pub fn train_sequential_local(exp: &Experiment, sft_ref: &str) -> Result<String> {
     let sft_full = exp.out().join("train").join("sft-merged");
     if !sft_full.exists() {
         materialize(sft_ref, &sft_full)?;
@@ -208,15 +261,29 @@ fn materialize(reference: &str, out: &Path) -> Result<()> {
     merged.save(out, None, crate::model::weights::DEFAULT_SHARD_BYTES)
 }
 
-/// `paft run`: every stage, skipping those already done. Returns what the report wrote.
-pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::report::ReportPaths> {
-    let out = exp.out();
-    let marks = StageMarks::new(&out)?;
-    let started = Instant::now();
-    let base_dir = model::source::resolve_model(&exp.base, None)?;
-    let base_ref = base_dir.display().to_string();
-    let pref = exp.pref_name();
-
+/// The trained models of an experiment (SFT, preference, sequential), training what is not
+/// trained yet: locally, the parallel stage then the sequential one; on Slurm, all three jobs
+/// at once, the sequential one waiting for the SFT job.
+fn trained_models(exp: &Experiment, marks: &StageMarks) -> Result<(String, String, String)> {
+    if let Executor::Slurm(cfg) = exp.executor()? {
+        let t = Instant::now();
+        let all = [Stage::Sft, Stage::Pref, Stage::SequentialPref];
+        let refs = jobs::train_on_slurm(exp, &cfg, &all)?;
+        let base_dir = model::source::resolve_model(&exp.base, None)?;
+        let dir = |stage| Ok::<_, anyhow::Error>(result_dir(&exp.train_config(stage)?));
+        write_manifest(exp, &base_dir, &dir(Stage::Sft)?, &dir(Stage::Pref)?)?;
+        for stage in ["train-parallel", "train-sequential"] {
+            if !marks.done(stage) {
+                marks.finish(stage, t.elapsed().as_secs_f64())?;
+            }
+        }
+        let get = |s: Stage| refs[&s].clone();
+        return Ok((
+            get(Stage::Sft),
+            get(Stage::Pref),
+            get(Stage::SequentialPref),
+        ));
+    }
     let mut refs: Option<(String, String)> = None;
     marks.run("train-parallel", || {
         refs = Some(train_parallel(exp)?);
@@ -228,13 +295,111 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
     };
     let mut seq_ref = None;
     marks.run("train-sequential", || {
-        seq_ref = Some(train_sequential(exp, &sft_ref)?);
+        seq_ref = Some(train_sequential_local(exp, &sft_ref)?);
         Ok(())
     })?;
     let seq_ref = match seq_ref {
         Some(r) => r,
-        None => train_sequential(exp, &sft_ref)?,
+        None => train_sequential_local(exp, &sft_ref)?,
     };
+    Ok((sft_ref, pref_ref, seq_ref))
+}
+
+/// Scores report rows: every row on the report pool, with the same documents and shots, none
+/// of them seen by the search (which scored only the search pool of the same split), plus the
+/// held-out alignment-tax rows. One per process: a local run's rows share it, a Slurm row job
+/// opens its own.
+pub(crate) struct RowEvaluator<'e> {
+    exp: &'e Experiment,
+    evaluator: Evaluator,
+    tasks: String,
+    docs: DocSet,
+    tax_sets: Option<AlignmentTaxSets>,
+}
+
+impl<'e> RowEvaluator<'e> {
+    pub(crate) fn open(exp: &'e Experiment, tasks_dir: &Path, pools: PoolSplit) -> Result<Self> {
+        let tasks = match &exp.eval.tasks {
+            Some(t) => t.clone(),
+            None => search_space(exp)?.0.budget.tasks,
+        };
+        let base_dir = model::source::resolve_model(&exp.base, None)?;
+        let mut config = EvalConfig::new(parse_task_list(&tasks)?);
+        config.split = pools;
+        let docs = DocSet::sampled(Pool::Report, exp.eval.docs, exp.eval.seed);
+        let evaluator = Evaluator::open(
+            &base_dir.display().to_string(),
+            TaskStore::new(tasks_dir.to_path_buf()),
+            config,
+        )?;
+        // The held-out alignment-tax sets, tokenized and scored by the base once.
+        let tax_sets = exp
+            .alignment_tax
+            .as_ref()
+            .map(|spec| AlignmentTaxSets::prepare(evaluator.base(), spec, Pool::Report, &pools))
+            .transpose()
+            .context("[alignment_tax]")?;
+        Ok(Self {
+            exp,
+            evaluator,
+            tasks,
+            docs,
+            tax_sets,
+        })
+    }
+
+    /// Evaluates the model `r` as row `name` into `RUN/evals/<name>/`.
+    pub(crate) fn evaluate(&mut self, name: &str, r: &str) -> Result<()> {
+        let (exp, docs) = (self.exp, self.docs);
+        let config = &self.evaluator.base().config;
+        let weights = load_f32(&ModelRef::parse(r), config)?;
+        let net = LlamaModel::from_weights(config, &weights, None, Mode::Inference)?;
+        let result = self
+            .evaluator
+            .evaluate(&net, docs)
+            .with_context(|| format!("evaluating {r}"))?;
+        let dir = exp.out().join("evals").join(name);
+        let config = json!({"model": r, "tasks": self.tasks, "docs_per_task": exp.eval.docs,
+                            "subset_seed": exp.eval.seed});
+        self.evaluator.write(&dir, docs, &result, config, true)?;
+        print!("{}", result.table(name));
+        if let Some(sets) = &self.tax_sets {
+            let tax = sets
+                .measure(&net)
+                .with_context(|| format!("alignment tax of {r}"))?;
+            tax.write(&dir)?;
+            println!("{name}: {}", tax.summary());
+        }
+        Ok(())
+    }
+}
+
+/// The experiment's search space (with the experiment's alignment-tax rows when it names none)
+/// and its text.
+fn search_space(exp: &Experiment) -> Result<(SearchSpace, String)> {
+    let space_text = std::fs::read_to_string(&exp.search.space)
+        .with_context(|| format!("cannot read search space {}", exp.search.space.display()))?;
+    let mut space = SearchSpace::from_toml(&space_text, "search")
+        .with_context(|| format!("invalid search space {}", exp.search.space.display()))?;
+    // Alignment-tax terms in the space's objective measure the experiment's held-out rows
+    // unless the space names its own.
+    if space.alignment_tax.is_none() {
+        space.alignment_tax = exp.alignment_tax.clone();
+    }
+    Ok((space, space_text))
+}
+
+/// `paft run`: every stage, skipping those already done. Returns what the report wrote.
+pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::report::ReportPaths> {
+    let out = exp.out();
+    let marks = StageMarks::new(&out)?;
+    let started = Instant::now();
+    let executor = exp.executor()?;
+    let base_dir = model::source::resolve_model(&exp.base, None)?;
+    let base_ref = base_dir.display().to_string();
+    let pref = exp.pref_name();
+
+    let (sft_ref, pref_ref, seq_ref) = trained_models(exp, &marks)?;
 
     marks.run("deltas", || {
         let dir = out.join("deltas");
@@ -249,15 +414,7 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
         Ok(())
     })?;
 
-    let space_text = std::fs::read_to_string(&exp.search.space)
-        .with_context(|| format!("cannot read search space {}", exp.search.space.display()))?;
-    let mut space = SearchSpace::from_toml(&space_text, "search")
-        .with_context(|| format!("invalid search space {}", exp.search.space.display()))?;
-    // Alignment-tax terms in the space's objective measure the experiment's held-out rows
-    // unless the space names its own.
-    if space.alignment_tax.is_none() {
-        space.alignment_tax = exp.alignment_tax.clone();
-    }
+    let (space, space_text) = search_space(exp)?;
     let inputs = MergeInputs {
         base: base_ref.clone(),
         sft: sft_ref.clone(),
@@ -270,71 +427,42 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
             resume: true,
             device: Device::Cpu,
             tasks_dir: tasks_dir.to_path_buf(),
+            executor: executor.clone(),
         };
         run_search(&space, &space_text, inputs.clone(), &opts)?;
         Ok(())
     })?;
 
+    let best = crate::search::run::RunFiles::best_model(&out);
     let rows = [
         ("base", base_ref.clone()),
         ("sft", sft_ref.clone()),
         (pref, pref_ref.clone()),
         ("sequential", seq_ref.clone()),
-        (
-            "paft",
-            crate::search::run::RunFiles::best_model(&out)
-                .display()
-                .to_string(),
-        ),
+        ("paft", best.display().to_string()),
     ];
-    let pending: Vec<_> = rows
+    let pending: Vec<(&str, String)> = rows
         .iter()
         .filter(|(name, _)| !marks.done(&format!("eval-{name}")))
+        .map(|(n, r)| (*n, r.clone()))
         .collect();
-    if !pending.is_empty() {
-        let tasks = exp.eval.tasks.clone().unwrap_or(space.budget.tasks.clone());
-        // Every row on the report pool: the same documents and shots for each, none of them
-        // seen by the search (which scored only the search pool of the same split).
-        let mut config = EvalConfig::new(parse_task_list(&tasks)?);
-        config.split = space.pools;
-        let docs = DocSet::sampled(Pool::Report, exp.eval.docs, exp.eval.seed);
-        let mut evaluator =
-            Evaluator::open(&base_ref, TaskStore::new(tasks_dir.to_path_buf()), config)?;
-        // The held-out alignment-tax sets, tokenized and scored by the base once.
-        let tax_sets = exp
-            .alignment_tax
-            .as_ref()
-            .map(|spec| {
-                AlignmentTaxSets::prepare(evaluator.base(), spec, Pool::Report, &space.pools)
-            })
-            .transpose()
-            .context("[alignment_tax]")?;
-        for (name, r) in pending {
-            marks.run(&format!("eval-{name}"), || {
-                let weights = load_f32(&ModelRef::parse(r), &evaluator.base().config)?;
-                let net = LlamaModel::from_weights(
-                    &evaluator.base().config,
-                    &weights,
-                    None,
-                    Mode::Inference,
-                )?;
-                let result = evaluator
-                    .evaluate(&net, docs)
-                    .with_context(|| format!("evaluating {r}"))?;
-                let dir = out.join("evals").join(name);
-                let config = json!({"model": r, "tasks": tasks, "docs_per_task": exp.eval.docs,
-                                    "subset_seed": exp.eval.seed});
-                evaluator.write(&dir, docs, &result, config, true)?;
-                print!("{}", result.table(name));
-                if let Some(sets) = &tax_sets {
-                    let tax = sets
-                        .measure(&net)
-                        .with_context(|| format!("alignment tax of {r}"))?;
-                    tax.write(&dir)?;
-                    println!("{name}: {}", tax.summary());
-                }
-                Ok(())
-            })?;
+    match &executor {
+        _ if pending.is_empty() => {}
+        Executor::Slurm(cfg) => {
+            jobs::evaluate_rows_on_slurm(
+                exp,
+                cfg,
+                tasks_dir,
+                space.pools,
+                &pending,
+                &mut |row, secs| marks.finish(&format!("eval-{row}"), secs),
+            )?;
+        }
+        Executor::Local => {
+            let mut rows = RowEvaluator::open(exp, tasks_dir, space.pools)?;
+            for (name, r) in &pending {
+                marks.run(&format!("eval-{name}"), || rows.evaluate(name, r))?;
+            }
         }
     }
 

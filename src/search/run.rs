@@ -13,9 +13,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use super::journal::{Journal, JournalEntry};
-use super::scorer::{CandidateScorer, MergeInputs};
-use super::solver::{minimize, Problem, SolverKind, SolverSettings};
+use super::scorer::{CandidateScorer, MergeInputs, Scored};
+use super::solver::{minimize_batched, Candidate, Problem, SolverKind, SolverSettings};
 use super::space::{MergeCandidate, SearchSpace};
+use crate::cluster::{Executor, JobKind, Outcome, SlurmDriver, Unit};
 use crate::eval::{parse_task_list, EvalConfig, TaskStore};
 use crate::io::write_file_atomic;
 use crate::merge::MergeMethod;
@@ -28,6 +29,8 @@ pub struct SearchOptions {
     pub resume: bool,
     pub device: Device,
     pub tasks_dir: PathBuf,
+    /// Local: candidates are scored in this process; Slurm: each batch is a job array.
+    pub executor: Executor,
 }
 
 /// Where a search run keeps its files.
@@ -60,50 +63,235 @@ pub struct SearchSummary {
     pub evaluations: usize,
     /// Evaluations run by this invocation (the rest came from the journal).
     pub new_evaluations: usize,
+    /// Candidates whose evaluation failed (Slurm jobs out of retries), with job id and log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<FailedCandidate>,
+}
+
+/// A candidate the search could not score; the search went on without it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FailedCandidate {
+    pub key: String,
+    pub rung: usize,
+    pub job: String,
+    pub log: PathBuf,
+    pub state: String,
+    pub error: Option<String>,
+}
+
+/// One evaluation the search asks for.
+struct Request {
+    candidate: MergeCandidate,
+    rung: usize,
+    docs: Option<usize>,
+}
+
+/// What a Slurm candidate job needs to rebuild the scorer: the space (with the alignment-tax
+/// rows it was given), the inputs, the task data and the device.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ScorerSpec {
+    pub space_text: String,
+    pub alignment_tax: Option<crate::eval::alignment_tax::AlignmentTaxSpec>,
+    pub inputs: MergeInputs,
+    pub tasks_dir: PathBuf,
+    pub device: String,
+}
+
+/// The payload of a candidate job.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct CandidateJob {
+    pub scorer: ScorerSpec,
+    pub method: String,
+    pub params: BTreeMap<String, f64>,
+    pub choices: BTreeMap<String, String>,
+    pub docs: Option<usize>,
+}
+
+impl CandidateJob {
+    /// Runs in the job: rebuilds the scorer and scores the one candidate.
+    pub(crate) fn run(&self) -> Result<Scored> {
+        let mut space = SearchSpace::from_toml(&self.scorer.space_text, "search")?;
+        space.alignment_tax = self.scorer.alignment_tax.clone();
+        let device = crate::model::parse_device(&self.scorer.device)?;
+        let mut scorer = open_scorer(
+            &space,
+            self.scorer.inputs.clone(),
+            &self.scorer.tasks_dir,
+            device,
+        )?;
+        let c = MergeCandidate::new(
+            MergeMethod::parse(&self.method)?,
+            self.params.clone(),
+            self.choices.clone(),
+        );
+        scorer.score(&c, self.docs)
+    }
+}
+
+/// Where candidates are scored.
+enum Runner {
+    Local,
+    Slurm {
+        driver: Box<SlurmDriver>,
+        spec: Box<ScorerSpec>,
+    },
 }
 
 struct Searcher<'a> {
     space: &'a SearchSpace,
     scorer: CandidateScorer,
     journal: Journal,
+    runner: Runner,
     new_evaluations: usize,
+    /// Evaluation numbers in the order the search first asks for each (candidate, rung): the
+    /// same on a resumed or a distributed run as on one uninterrupted local run.
+    indices: BTreeMap<(String, usize), usize>,
+    failed: Vec<FailedCandidate>,
+}
+
+/// The file name of a candidate's unit: its rung and a digest of its key.
+fn unit_id(key: &str, rung: usize) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("candidate-r{rung}-{hex}")
+}
+
+/// Journals one scored request.
+fn append_entry(journal: &mut Journal, index: usize, r: &Request, scored: Scored) -> Result<()> {
+    let (c, rung, docs) = (&r.candidate, r.rung, r.docs);
+    let key = c.key();
+    let entry = JournalEntry {
+        index,
+        key: key.clone(),
+        method: c.method.name().to_string(),
+        params: c.params.clone(),
+        choices: c.choices.clone(),
+        rung,
+        docs_per_task: docs,
+        scores: scored.scores,
+        objective: scored.objective,
+        objective_stderr: Some(scored.objective_stderr).filter(|v| v.is_finite()),
+        pool: Some(crate::eval::Pool::Search.name().to_string()),
+        tax: scored.tax,
+        seconds: scored.seconds,
+    };
+    tracing::info!(
+        "#{} rung {rung} ({}): {key} → {:.2} ± {:.2} in {:.0}s",
+        entry.index,
+        docs.map_or("search pool".to_string(), |d| format!("{d} docs/task")),
+        entry.objective,
+        scored.objective_stderr,
+        entry.seconds
+    );
+    journal.append(entry)
 }
 
 impl Searcher<'_> {
-    /// The journaled objective of `c` on `rung`, scoring it first if it is not there yet.
-    fn evaluate(&mut self, c: &MergeCandidate, rung: usize, docs: Option<usize>) -> Result<f64> {
-        let key = c.key();
-        if let Some(e) = self.journal.find(&key, rung) {
-            tracing::debug!(key, rung, "from the journal");
-            return Ok(e.objective);
+    fn index_of(&mut self, key: &str, rung: usize) -> usize {
+        let next = self.indices.len();
+        *self.indices.entry((key.to_string(), rung)).or_insert(next)
+    }
+
+    /// The journaled objective of each request (NaN for a failed one), scoring the ones not in
+    /// the journal yet: here one after another, on Slurm as one job array.
+    fn evaluate(&mut self, requests: &[Request]) -> Result<Vec<f64>> {
+        let mut todo: Vec<(usize, &Request)> = vec![];
+        for r in requests {
+            let key = r.candidate.key();
+            let index = self.index_of(&key, r.rung);
+            let queued = todo.iter().any(|(i, _)| *i == index);
+            let failed = self.failed.iter().any(|f| f.key == key && f.rung == r.rung);
+            if self.journal.find(&key, r.rung).is_none() && !queued && !failed {
+                todo.push((index, r));
+            }
         }
-        let scored = self.scorer.score(c, docs)?;
-        let entry = JournalEntry {
-            index: self.journal.entries().len(),
-            key: key.clone(),
-            method: c.method.name().to_string(),
-            params: c.params.clone(),
-            choices: c.choices.clone(),
-            rung,
-            docs_per_task: docs,
-            scores: scored.scores,
-            objective: scored.objective,
-            objective_stderr: Some(scored.objective_stderr).filter(|v| v.is_finite()),
-            pool: Some(crate::eval::Pool::Search.name().to_string()),
-            tax: scored.tax,
-            seconds: scored.seconds,
+        match &mut self.runner {
+            Runner::Local => {
+                for (index, r) in todo {
+                    let scored = self.scorer.score(&r.candidate, r.docs)?;
+                    self.journal_entry(index, r, scored)?;
+                }
+            }
+            Runner::Slurm { .. } => self.evaluate_on_slurm(&todo)?,
+        }
+        Ok(requests
+            .iter()
+            .map(|r| {
+                self.journal
+                    .find(&r.candidate.key(), r.rung)
+                    .map_or(f64::NAN, |e| e.objective)
+            })
+            .collect())
+    }
+
+    fn evaluate_on_slurm(&mut self, todo: &[(usize, &Request)]) -> Result<()> {
+        let Searcher {
+            runner,
+            journal,
+            new_evaluations,
+            failed,
+            ..
+        } = self;
+        let Runner::Slurm { driver, spec } = runner else {
+            unreachable!("called for the Slurm runner only")
         };
-        tracing::info!(
-            "#{} rung {rung} ({}): {key} → {:.2} ± {:.2} in {:.0}s",
-            entry.index,
-            docs.map_or("search pool".to_string(), |d| format!("{d} docs/task")),
-            entry.objective,
-            scored.objective_stderr,
-            entry.seconds
-        );
-        self.journal.append(entry)?;
+        let units: Vec<Unit> = todo
+            .iter()
+            .map(|(_, r)| {
+                let job = CandidateJob {
+                    scorer: (**spec).clone(),
+                    method: r.candidate.method.name().to_string(),
+                    params: r.candidate.params.clone(),
+                    choices: r.candidate.choices.clone(),
+                    docs: r.docs,
+                };
+                Unit {
+                    id: unit_id(&r.candidate.key(), r.rung),
+                    payload: serde_json::json!({ "candidate": job }),
+                    after: None,
+                }
+            })
+            .collect();
+        let rung = todo.first().map_or(0, |(_, r)| r.rung);
+        // Each result goes into the journal as it arrives.
+        driver.run(
+            JobKind::Eval,
+            &format!("candidates-r{rung}"),
+            &units,
+            true,
+            &mut |u, outcome| {
+                let Some(&(index, r)) = todo
+                    .iter()
+                    .find(|(_, r)| unit_id(&r.candidate.key(), r.rung) == u.id)
+                else {
+                    return Ok(());
+                };
+                match outcome {
+                    Outcome::Done(v) => {
+                        let scored: Scored = serde_json::from_value(v)
+                            .with_context(|| format!("the result of unit {}", u.id))?;
+                        append_entry(journal, index, r, scored)?;
+                        *new_evaluations += 1;
+                    }
+                    Outcome::Failed(f) => failed.push(FailedCandidate {
+                        key: r.candidate.key(),
+                        rung: r.rung,
+                        job: f.job.to_string(),
+                        log: f.log.clone(),
+                        state: f.state.clone(),
+                        error: f.error.clone(),
+                    }),
+                }
+                Ok(())
+            },
+        )
+    }
+
+    fn journal_entry(&mut self, index: usize, r: &Request, scored: Scored) -> Result<()> {
+        append_entry(&mut self.journal, index, r, scored)?;
         self.new_evaluations += 1;
-        Ok(scored.objective)
+        Ok(())
     }
 
     /// Entries of a rung, best first, one per candidate.
@@ -170,25 +358,29 @@ pub fn run_search(
             journal_path.display()
         );
     }
-    let mut eval = EvalConfig::new(parse_task_list(&space.budget.tasks)?);
-    eval.split = space.pools;
-    eval.fewshot_mode = space.budget.fewshot;
-    let mut scorer = CandidateScorer::new(
-        inputs.clone(),
-        TaskStore::new(opts.tasks_dir.clone()),
-        eval,
-        space.budget.subset_seed,
-        space.objective.clone(),
-        space.alignment_tax.as_ref(),
-        opts.device.clone(),
-        space.seed,
-    )?;
+    let mut scorer = open_scorer(space, inputs.clone(), &opts.tasks_dir, opts.device.clone())?;
     write_search_documents(&mut scorer, space, &opts.out)?;
+    let runner = match &opts.executor {
+        Executor::Local => Runner::Local,
+        Executor::Slurm(cfg) => Runner::Slurm {
+            driver: Box::new(SlurmDriver::open(&opts.out, (**cfg).clone())?),
+            spec: Box::new(ScorerSpec {
+                space_text: space_text.to_string(),
+                alignment_tax: space.alignment_tax.clone(),
+                inputs: inputs.clone(),
+                tasks_dir: std::path::absolute(&opts.tasks_dir)?,
+                device: device_name(&opts.device),
+            }),
+        },
+    };
     let mut s = Searcher {
         space,
         scorer,
         journal,
+        runner,
         new_evaluations: 0,
+        indices: BTreeMap::new(),
+        failed: vec![],
     };
 
     // Screening: the solver on the small subset.
@@ -206,11 +398,18 @@ pub fn run_search(
     };
     let docs = Some(space.budget.docs);
     let bar = crate::progress::bar(space.budget.evaluations as u64, "candidates");
-    minimize(solver, &problem, &settings, &mut |c| {
-        let candidate = s.space.candidate(&c.choices, &c.x);
-        let value = s.evaluate(&candidate, 0, docs)?;
-        bar.inc(1);
-        Ok(-value)
+    minimize_batched(solver, &problem, &settings, &mut |batch: &[Candidate]| {
+        let requests: Vec<Request> = batch
+            .iter()
+            .map(|c| Request {
+                candidate: s.space.candidate(&c.choices, &c.x),
+                rung: 0,
+                docs,
+            })
+            .collect();
+        let values = s.evaluate(&requests)?;
+        bar.inc(batch.len() as u64);
+        Ok(values.into_iter().map(|v| -v).collect())
     })?;
     bar.finish_and_clear();
 
@@ -229,15 +428,42 @@ pub fn run_search(
             ((pool.len() as f64 * space.budget.promote).ceil() as usize).max(1)
         };
         rung += 1;
-        for e in pool.iter().take(keep) {
-            s.evaluate(&candidate_of(e)?, rung, docs)?;
-        }
+        let requests = pool
+            .iter()
+            .take(keep)
+            .map(|e| {
+                Ok(Request {
+                    candidate: candidate_of(e)?,
+                    rung,
+                    docs,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        s.evaluate(&requests)?;
+    }
+    // A result, not a log line: printed even under --quiet.
+    for f in &s.failed {
+        eprintln!(
+            "warning: candidate {} (rung {}) was not scored: Slurm job {} ended {} (log: {}){}",
+            f.key,
+            f.rung,
+            f.job,
+            f.state,
+            f.log.display(),
+            f.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
     }
     let best = s
         .ranked(rung)
         .into_iter()
         .next()
-        .context("the search evaluated no candidate")?;
+        .with_context(|| match s.failed.len() {
+            0 => "the search evaluated no candidate".to_string(),
+            n => format!("every candidate failed ({n}; see the errors above)"),
+        })?;
     write_best(&s.scorer, &best, &opts.out)?;
     let summary = SearchSummary {
         space: space.name.clone(),
@@ -245,6 +471,7 @@ pub fn run_search(
         inputs,
         evaluations: s.journal.entries().len(),
         new_evaluations: s.new_evaluations,
+        failed: s.failed.clone(),
         best,
     };
     write_file_atomic(
@@ -252,6 +479,37 @@ pub fn run_search(
         &serde_json::to_vec_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// The scorer of a space: the evaluator on the space's tasks, pools and few-shot mode.
+pub(crate) fn open_scorer(
+    space: &SearchSpace,
+    inputs: MergeInputs,
+    tasks_dir: &Path,
+    device: Device,
+) -> Result<CandidateScorer> {
+    let mut eval = EvalConfig::new(parse_task_list(&space.budget.tasks)?);
+    eval.split = space.pools;
+    eval.fewshot_mode = space.budget.fewshot;
+    CandidateScorer::new(
+        inputs,
+        TaskStore::new(tasks_dir.to_path_buf()),
+        eval,
+        space.budget.subset_seed,
+        space.objective.clone(),
+        space.alignment_tax.as_ref(),
+        device,
+        space.seed,
+    )
+}
+
+/// The device as `--device` spells it, for a job to open the same kind.
+fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// `search-documents.json`: the search pool's split and the documents of every rung, per task,

@@ -31,18 +31,38 @@ impl MergeInputs {
     }
 }
 
-/// A candidate's scores on one subset of the search pool.
-#[derive(Debug, Clone)]
+/// A candidate's scores on one subset of the search pool (also what a Slurm candidate job
+/// writes).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Scored {
     /// Headline metric per benchmark, percent, keyed by task name.
     pub scores: BTreeMap<String, f64>,
+    #[serde(with = "nan_as_null")]
     pub objective: f64,
     /// Standard error of the objective (from the per-benchmark standard errors).
+    #[serde(with = "nan_as_null")]
     pub objective_stderr: f64,
     /// Alignment-tax numbers on the search pool's held-out rows, by name (`sft_loss`,
     /// `pref_accuracy`, `reward_margin`); empty when the objective has no tax term.
     pub tax: BTreeMap<String, f64>,
     pub seconds: f64,
+}
+
+/// JSON has no NaN: a value that is not finite is written as `null` and read back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }
 
 /// Merges candidates in memory and scores them with an [`Evaluator`] on the search pool.

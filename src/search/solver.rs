@@ -135,8 +135,12 @@ struct BudgetSpent;
 #[error("search halted")]
 struct Halted;
 
+/// Scores a batch of candidates (independent evaluations that may run at once, e.g. as a Slurm
+/// job array); returns one value per candidate, in order.
+pub type BatchObjective<'f> = dyn FnMut(&[Candidate]) -> Result<Vec<f64>> + 'f;
+
 struct Tracker<'f> {
-    f: &'f mut dyn FnMut(&Candidate) -> Result<f64>,
+    f: &'f mut BatchObjective<'f>,
     calls: usize,
     /// `calls` may not pass this: the end of the current run's share.
     limit: usize,
@@ -146,16 +150,39 @@ struct Tracker<'f> {
 
 impl Tracker<'_> {
     fn eval(&mut self, c: Candidate) -> Result<f64> {
-        if self.calls >= self.limit {
+        Ok(self.eval_batch(vec![c])?[0])
+    }
+
+    /// Scores the candidates that fit in the share, all at once; if some did not fit, they are
+    /// not scored and the share is spent (`BudgetSpent`).
+    fn eval_batch(&mut self, mut batch: Vec<Candidate>) -> Result<Vec<f64>> {
+        let room = self.limit.saturating_sub(self.calls);
+        if room == 0 {
             return Err(BudgetSpent.into());
         }
-        self.calls += 1;
-        let v = (self.f)(&c)?;
-        let v = if v.is_nan() { f64::INFINITY } else { v };
-        if self.best.as_ref().is_none_or(|(b, _)| v < *b) {
-            self.best = Some((v, c));
+        let overflow = batch.len() > room;
+        batch.truncate(room);
+        self.calls += batch.len();
+        let values = (self.f)(&batch)?;
+        ensure!(
+            values.len() == batch.len(),
+            "the objective returned {} values for {} candidates",
+            values.len(),
+            batch.len()
+        );
+        let values: Vec<f64> = values
+            .into_iter()
+            .map(|v| if v.is_nan() { f64::INFINITY } else { v })
+            .collect();
+        for (v, c) in values.iter().zip(batch) {
+            if self.best.as_ref().is_none_or(|(b, _)| v < b) {
+                self.best = Some((*v, c));
+            }
         }
-        Ok(v)
+        if overflow {
+            return Err(BudgetSpent.into());
+        }
+        Ok(values)
     }
 }
 
@@ -189,6 +216,30 @@ impl CostFunction for Cost<'_, '_> {
         } else {
             Err(Halted.into())
         }
+    }
+
+    /// Particle swarm scores its whole population with one call: one batch for the objective.
+    fn bulk_cost<P>(&self, params: &[P]) -> Result<Vec<f64>, argmin::core::Error>
+    where
+        P: std::borrow::Borrow<Vec<f64>> + argmin::core::SyncAlias,
+        f64: argmin::core::SendAlias,
+        Self: argmin::core::SyncAlias,
+    {
+        let mut t = self.tracker.borrow_mut();
+        if t.halted.is_none() {
+            let batch = params
+                .iter()
+                .map(|x| Candidate {
+                    choices: self.choices.clone(),
+                    x: x.borrow().iter().map(|v| v.clamp(0.0, 1.0)).collect(),
+                })
+                .collect();
+            match t.eval_batch(batch) {
+                Ok(v) => return Ok(v),
+                Err(e) => t.halted = Some(e),
+            }
+        }
+        Err(Halted.into())
     }
 }
 
@@ -304,6 +355,21 @@ pub fn minimize(
     settings: &SolverSettings,
     f: &mut dyn FnMut(&Candidate) -> Result<f64>,
 ) -> Result<Outcome> {
+    minimize_batched(kind, problem, settings, &mut |batch: &[Candidate]| {
+        batch.iter().map(&mut *f).collect()
+    })
+}
+
+/// [`minimize`] with an objective that takes candidates in batches: the candidates a solver
+/// proposes without needing each other's values — a grid's points, random draws, a particle
+/// swarm's population — come in one call; Nelder–Mead's come one at a time. The candidates and
+/// their order are those `minimize` evaluates.
+pub fn minimize_batched(
+    kind: SolverKind,
+    problem: &Problem,
+    settings: &SolverSettings,
+    f: &mut BatchObjective<'_>,
+) -> Result<Outcome> {
     validate(kind, problem, settings)?;
     let (budget, d, cats) = (settings.budget, problem.continuous, &problem.categorical);
     let combos = cats
@@ -321,11 +387,14 @@ pub fn minimize(
     let t = &tracker;
     if kind == SolverKind::Random && d > 0 {
         let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-        for _ in 0..budget {
-            let choices = cats.iter().map(|&n| rng.random_range(0..n)).collect();
-            let x = (0..d).map(|_| rng.random::<f64>()).collect();
-            t.borrow_mut().eval(Candidate { choices, x })?;
-        }
+        let draws = (0..budget)
+            .map(|_| {
+                let choices = cats.iter().map(|&n| rng.random_range(0..n)).collect();
+                let x = (0..d).map(|_| rng.random::<f64>()).collect();
+                Candidate { choices, x }
+            })
+            .collect();
+        t.borrow_mut().eval_batch(draws)?;
     } else {
         if combos > budget {
             tracing::warn!("{combos} categorical combinations, budget {budget}: the rest untried");
@@ -346,6 +415,8 @@ pub fn minimize(
                 i as f64 / (n - 1) as f64
             }
         };
+        // A grid's points of every combination go out as one batch.
+        let mut points = vec![];
         for k in 0..combos.min(budget) {
             let share = budget / combos + usize::from(k < budget % combos);
             let start = t.borrow().calls;
@@ -355,11 +426,16 @@ pub fn minimize(
                 run_argmin(kind, problem, settings, t, choices, k)?;
                 continue;
             }
-            for g in 0..grid.min(share) {
+            points.extend((0..grid.min(share)).map(|g| {
                 let x = digits(g, std::iter::repeat_n(n, d)).into_iter().map(level);
                 let (choices, x) = (choices.clone(), x.collect());
-                t.borrow_mut().eval(Candidate { choices, x })?;
-            }
+                Candidate { choices, x }
+            }));
+        }
+        if !points.is_empty() {
+            let mut t = t.borrow_mut();
+            t.limit = t.calls + points.len();
+            t.eval_batch(points)?;
         }
     }
     let Tracker {
@@ -523,6 +599,42 @@ mod tests {
                 let err = format!("{:#}", err.unwrap_err());
                 assert_eq!(err, "evaluating candidate: merge exploded", "{kind}");
                 assert_eq!(calls, fail_at, "{kind}: f was called after it failed");
+            }
+        }
+    }
+
+    #[test]
+    fn batches_hold_the_same_candidates_in_the_same_order() {
+        let p = problem(2, &[2], Some(vec![0.9, 0.1]));
+        for kind in SolverKind::ALL {
+            let s = settings(30, 3);
+            let (one, single) = record(kind, &p, &s);
+            let mut batches: Vec<Vec<Candidate>> = vec![];
+            let mut f = |b: &[Candidate]| {
+                batches.push(b.to_vec());
+                let mut values = vec![];
+                for c in b {
+                    let k = c.choices[0];
+                    values.push([0.5, 0.0][k] + quad(&c.x, &CENTRE[k..]));
+                }
+                Ok(values)
+            };
+            let batched = minimize_batched(kind, &p, &s, &mut f).unwrap();
+            let flat: Vec<Candidate> = batches.iter().flatten().cloned().collect();
+            assert_eq!(flat, single, "{kind}");
+            assert_eq!(
+                (batched.best, batched.evaluations),
+                (one.best, one.evaluations)
+            );
+            let widest = batches.iter().map(Vec::len).max().unwrap();
+            match kind {
+                // Nelder–Mead needs each value before its next point.
+                SolverKind::NelderMead => assert_eq!(widest, 1),
+                // A whole grid (3² points × 2 choices), every random draw, a swarm's
+                // population (20, cut to its combination's share of 15) at once.
+                SolverKind::Grid => assert_eq!(widest, 18),
+                SolverKind::Random => assert_eq!(widest, 30),
+                SolverKind::ParticleSwarm => assert_eq!(widest, 15),
             }
         }
     }

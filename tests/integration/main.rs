@@ -15,4 +15,5 @@ mod parity;
 mod pipeline;
 mod report;
 mod search;
+mod slurm;
 mod train;

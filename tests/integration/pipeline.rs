@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::common::{self, expect_clean_failure, paft};
 
-fn experiment(base: &Path, work: &Path) -> String {
+pub(crate) fn experiment(base: &Path, work: &Path) -> String {
     let shared = paft::paths::shared_dir();
     let train = shared.join("data").join("train");
     let space = work.join("space.toml");

@@ -33,14 +33,14 @@ promote = 0.3
 finalists = 0
 "#;
 
-struct Models {
+pub(crate) struct Models {
     _dirs: Vec<tempfile::TempDir>,
     base: String,
     sft: String,
     pref: String,
 }
 
-fn tiny_models() -> Option<Models> {
+pub(crate) fn tiny_models() -> Option<Models> {
     let dirs: Vec<_> = [1, 2, 3]
         .into_iter()
         .map(|seed| common::tiny_model(&TinySpec::llama(seed)))
@@ -54,7 +54,7 @@ fn tiny_models() -> Option<Models> {
     })
 }
 
-fn search_cmd(m: &Models, space: &Path, out: &Path) -> Command {
+pub(crate) fn search_cmd(m: &Models, space: &Path, out: &Path) -> Command {
     let mut c = paft();
     c.args(["--quiet", "search", "--space"])
         .arg(space)
@@ -66,7 +66,7 @@ fn search_cmd(m: &Models, space: &Path, out: &Path) -> Command {
     c
 }
 
-fn journal(out: &Path) -> Vec<JournalEntry> {
+pub(crate) fn journal(out: &Path) -> Vec<JournalEntry> {
     Journal::read(&out.join("journal.jsonl")).unwrap()
 }
 
