@@ -560,3 +560,36 @@ pub fn run_unit(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_writes_its_result_or_its_error_beside_the_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let units = dir.path().join("units");
+        std::fs::create_dir_all(&units).unwrap();
+        std::fs::create_dir_all(dir.path().join("results")).unwrap();
+        let unit = units.join("u1.json");
+        std::fs::write(&unit, r#"{"x": 2}"#).unwrap();
+        run_unit(&unit, |v| {
+            Ok(serde_json::json!({"twice": v["x"].as_i64().unwrap() * 2}))
+        })
+        .unwrap();
+        let result = std::fs::read_to_string(dir.path().join("results/u1.json")).unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&result).unwrap()["twice"],
+            4
+        );
+
+        let err = run_unit(&unit, |_| Err(anyhow::anyhow!("delta unreadable"))).unwrap_err();
+        assert!(format!("{err:#}").contains("delta unreadable"));
+        let error = std::fs::read_to_string(dir.path().join("results/u1.error")).unwrap();
+        assert!(error.contains("delta unreadable"));
+
+        std::fs::write(&unit, "not json").unwrap();
+        let err = run_unit(&unit, |_| unreachable!()).unwrap_err();
+        assert!(format!("{err:#}").contains("is not JSON"), "{err:#}");
+    }
+}

@@ -93,7 +93,14 @@ impl Experiment {
         if e.devices.len() > 2 {
             bail!("`devices` takes at most two devices (SFT, preference)");
         }
-        e.executor()?;
+        let executor = e.executor()?;
+        if !e.devices.is_empty() && executor != Executor::Local {
+            bail!(
+                "`devices` places the two runs in this process; with executor = \"slurm\" each \
+                 training job sees only the GPUs it asked for: set `gres` in [slurm.train] and \
+                 `device = \"cuda:0\"` in [sft] and [pref] instead"
+            );
+        }
         Ok(e)
     }
 
@@ -226,6 +233,35 @@ mod tests {
         let seq = e.train_config(Stage::SequentialPref).unwrap();
         assert_eq!((seq.max_steps, seq.beta), (2, 0.2));
         assert_eq!(seq.output, Path::new("runs/t/train/sequential-orpo"));
+    }
+
+    #[test]
+    fn the_executor_and_its_table_are_read_and_checked() {
+        let with = |top: &str, tail: &str| {
+            let text = EXP.replacen("name = \"t\"", &format!("name = \"t\"\n{top}"), 1);
+            Experiment::from_toml(&format!("{text}\n{tail}"))
+        };
+        let e = with(
+            "executor = \"slurm\"",
+            "[slurm]\nretries = 3\n[slurm.train]\ngres = \"gpu:1\"",
+        )
+        .unwrap();
+        match e.executor().unwrap() {
+            Executor::Slurm(cfg) => {
+                assert_eq!((cfg.retries, cfg.train.gres.as_deref()), (3, Some("gpu:1")))
+            }
+            Executor::Local => panic!("local"),
+        }
+        assert_eq!(with("", "").unwrap().executor().unwrap(), Executor::Local);
+        let err = |top: &str, tail: &str| format!("{:#}", with(top, tail).unwrap_err());
+        assert!(err("", "[slurm]\nretries = 1").contains("executor is \"local\""));
+        assert!(err("executor = \"slurm\"", "[slurm]\nqueue = \"x\"").contains("queue"));
+        assert!(err("executor = \"k8s\"", "").contains("k8s"));
+        let devices = err(
+            "executor = \"slurm\"\ndevices = [\"cuda:0\", \"cuda:1\"]",
+            "",
+        );
+        assert!(devices.contains("gres"), "{devices}");
     }
 
     #[test]

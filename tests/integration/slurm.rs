@@ -404,3 +404,69 @@ fn failed_and_cancelled_candidate_jobs_are_reported_not_waited_for() {
         .iter()
         .any(|e| e.key.contains("pref.weight=1.5|") && e.key.ends_with("sft.weight=1.5")));
 }
+
+#[test]
+fn the_sequential_job_follows_a_retried_sft_job() {
+    if !require_slurm() {
+        return;
+    }
+    let Some(base) = common::tiny_model(&TinySpec::llama(5)) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    // The SFT job's first attempt fails; Slurm then cancels the sequential job that waited for
+    // it, and the driver must submit it again behind the SFT job's second attempt.
+    let binary = work.path().join("flaky-paft.sh");
+    std::fs::write(
+        &binary,
+        format!(
+            "#!/bin/bash\nif grep -q '\"stage\": \"sft\"' \"$2\" && [ ! -e '{mark}' ]; then touch '{mark}'; \
+             echo 'first SFT attempt fails' >&2; exit 5; fi\nexec '{paft}' \"$@\"\n",
+            mark = work.path().join("failed-once").display(),
+            paft = env!("CARGO_BIN_EXE_paft"),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = crate::pipeline::experiment(base.path(), work.path()).replacen(
+        "name = \"tiny\"",
+        "name = \"tiny\"\n        executor = \"slurm\"",
+        1,
+    ) + &format!(
+        "\n[slurm]\npoll_seconds = 1\nretries = 1\npaft_binary = \"{}\"\n",
+        binary.display()
+    );
+    let file = work.path().join("experiment.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = paft()
+        .args(["--quiet", "sequential", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    common::expect_success(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sequential: "), "{stdout}");
+    let run = work.path().join("runs").join("tiny");
+    assert!(run
+        .join("train")
+        .join("sequential-dpo")
+        .join("adapter")
+        .exists());
+    let ledger = jsonl(&run.join("slurm").join("jobs.jsonl"));
+    let jobs = |unit: &str| -> Vec<String> {
+        ledger
+            .iter()
+            .filter(|e| e["unit"] == unit)
+            .map(|e| e["job"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (sft, seq) = (jobs("train-sft"), jobs("train-sequential-dpo"));
+    assert_eq!(sft.len(), 2, "{ledger:?}");
+    assert_eq!(seq.len(), 2, "{ledger:?}");
+    let (sft2, seq2) = (job_times(&sft[1]), job_times(&seq[1]));
+    assert!(
+        seq2.0 >= sft2.1,
+        "sequential {seq2:?} before the SFT retry ended {sft2:?}"
+    );
+}
