@@ -76,6 +76,10 @@ pub enum Command {
         /// Largest output shard (5GB, 500MB, …).
         #[arg(long, default_value = "5GB")]
         out_shard_size: String,
+        /// Refuse parameters the method does not read (by default they are ignored with a
+        /// warning each, as mergekit ignores them).
+        #[arg(long)]
+        strict: bool,
     },
     /// Sparsity of a fine-tune's task vector (δ = model − base), per tensor and overall.
     InspectDelta {
@@ -202,17 +206,20 @@ pub fn run(cli: Cli) -> Result<()> {
             out_dir,
             seed,
             out_shard_size,
+            strict,
         } => {
-            let cfg = crate::merge::MergeConfig::from_file(&config)?;
+            let cfg = crate::merge::MergeConfig::from_file_with(&config, strict)?;
             let opts = crate::merge::MergeOptions {
                 seed,
                 max_shard_bytes: model::weights::parse_size(&out_shard_size)?,
             };
             let out = crate::merge::run_merge(&cfg, &out_dir, &opts)?;
             tracing::info!(
-                "merged {} model(s) with {} into {}",
-                cfg.models.len() + cfg.base_model.is_some() as usize,
+                "merged {} model(s) with {} ({}, {}) into {}",
+                cfg.models.len() + (cfg.base_model.is_some() && cfg.method.uses_base()) as usize,
                 cfg.method.name(),
+                cfg.method.pretty_name(),
+                cfg.method.reference(),
                 out.display()
             );
             Ok(())

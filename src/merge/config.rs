@@ -9,9 +9,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use super::methods::{GlobalParams, MergeMethod, ModelParams};
-use super::sparsify::Rescale;
-use super::SignRule;
+use super::methods::{GlobalParams, ModelParams, Setting};
+use super::spec::{BaseRole, Domain, MergeMethod, ParamDefault};
 
 /// `path_or_hub_id[@revision][+lora_path]`, or the `{model:, lora:}` mapping form.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +152,28 @@ impl ParamValue {
         }
     }
 
+    /// The value for `tensor` as a global parameter's setting (numbers resolved as `number`).
+    pub fn setting(
+        &self,
+        tensor: &str,
+        layer: Option<usize>,
+        num_layers: usize,
+    ) -> Result<Setting<'_>> {
+        match self {
+            Self::Bool(b) => Ok(Setting::Flag(*b)),
+            Self::Text(t) => Ok(Setting::Text(t)),
+            Self::Filtered(entries) => {
+                for (filter, value) in entries {
+                    if filter.as_deref().is_none_or(|f| tensor.contains(f)) {
+                        return value.setting(tensor, layer, num_layers);
+                    }
+                }
+                bail!("no filter matches tensor `{tensor}`")
+            }
+            _ => Ok(Setting::Number(self.number(tensor, layer, num_layers)?)),
+        }
+    }
+
     fn values(&self) -> Vec<f64> {
         match self {
             Self::Number(x) => vec![*x],
@@ -183,6 +204,8 @@ pub struct MergeConfig {
     pub tokenizer_source: Option<String>,
     /// The YAML as given, copied into the output as `mergekit_config.yml`.
     pub source: String,
+    /// Parameters the method does not read (mergekit ignores them): `(where, name)`.
+    pub ignored: Vec<(String, String)>,
 }
 
 const TOP_LEVEL: [&str; 9] = [
@@ -196,7 +219,6 @@ const TOP_LEVEL: [&str; 9] = [
     "chat_template",
     "name",
 ];
-const IGNORED_GLOBALS: [&str; 1] = ["int8_mask"];
 
 fn params(v: Option<&Value>, what: &str) -> Result<Params> {
     match v {
@@ -215,13 +237,57 @@ fn params(v: Option<&Value>, what: &str) -> Result<Params> {
 }
 
 impl MergeConfig {
+    /// Reads a config; parameters the method does not read are ignored with a warning each.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read merge config {}", path.display()))?;
-        Self::from_yaml(&text).with_context(|| format!("invalid merge config {}", path.display()))
+        Self::from_file_with(path, false)
     }
 
+    /// Reads a config; with `strict`, a parameter the method does not read is an error.
+    pub fn from_file_with(path: &Path, strict: bool) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read merge config {}", path.display()))?;
+        let cfg = Self::from_yaml_quiet(&text)
+            .with_context(|| format!("invalid merge config {}", path.display()))?;
+        cfg.report_ignored(&path.display().to_string(), strict)?;
+        Ok(cfg)
+    }
+
+    /// Reads a config from text, warning about parameters the method does not read.
     pub fn from_yaml(text: &str) -> Result<Self> {
+        let cfg = Self::from_yaml_quiet(text)?;
+        cfg.report_ignored("merge config", false)?;
+        Ok(cfg)
+    }
+
+    /// Warns once per ignored parameter, or (strict) fails naming all of them.
+    pub fn report_ignored(&self, label: &str, strict: bool) -> Result<()> {
+        if self.ignored.is_empty() {
+            return Ok(());
+        }
+        let method = self.method.name();
+        if strict {
+            let list: Vec<String> = self
+                .ignored
+                .iter()
+                .map(|(at, k)| format!("`{k}` ({at})"))
+                .collect();
+            bail!(
+                "{label}: {method} does not read {} (mergekit ignores them; without --strict paft \
+                 warns and ignores them too)",
+                list.join(", ")
+            );
+        }
+        for (at, k) in &self.ignored {
+            tracing::warn!(
+                "{label}: parameter `{k}` ({at}) is not read by {method}; ignored, as mergekit \
+                 ignores it (--strict makes this an error)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Parses and validates without reporting ignored parameters (they are in `ignored`).
+    pub fn from_yaml_quiet(text: &str) -> Result<Self> {
         let doc: Value =
             serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("not valid YAML: {e}"))?;
         let top = doc
@@ -239,28 +305,8 @@ impl MergeConfig {
             .context("missing `merge_method`")?;
         let method = MergeMethod::parse(method_name)?;
         let base_model = top.get("base_model").map(ModelRef::from_yaml).transpose()?;
-        let mut models = vec![];
-        for (i, entry) in top
-            .get("models")
-            .and_then(Value::as_array)
-            .context("missing `models` list")?
-            .iter()
-            .enumerate()
-        {
-            let model = match entry {
-                Value::Object(o) if o.contains_key("model") => {
-                    ModelRef::from_yaml(o.get("model").unwrap())?
-                }
-                other => ModelRef::from_yaml(other)?,
-            };
-            let parameters = params(entry.get("parameters"), &format!("models[{i}] ({model})"))?;
-            // The base listed among the models (mergekit allows it) is the base, not a model.
-            if Some(&model) == base_model.as_ref() {
-                continue;
-            }
-            models.push(ModelEntry { model, parameters });
-        }
-        let cfg = Self {
+        let (models, base_params) = model_entries(top.get("models"), method, base_model.as_ref())?;
+        let mut cfg = Self {
             method,
             base_model,
             models,
@@ -275,32 +321,47 @@ impl MergeConfig {
                 .and_then(Value::as_str)
                 .map(String::from),
             source: text.to_string(),
+            ignored: vec![],
         };
+        cfg.ignored = cfg.unread_parameters(&base_params);
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Parameters given in the config that the method does not read, with where they are.
+    fn unread_parameters(&self, base_params: &Params) -> Vec<(String, String)> {
+        let m = self.method;
+        let mut out = vec![];
+        for k in self.parameters.keys() {
+            if m.global_param(k).is_none() && m.model_param(k).is_none() {
+                out.push(("global parameters".to_string(), k.clone()));
+            }
+        }
+        for e in &self.models {
+            for k in e.parameters.keys() {
+                if m.model_param(k).is_none() {
+                    out.push((format!("model {}", e.model), k.clone()));
+                }
+            }
+        }
+        if let Some(b) = &self.base_model {
+            // The base of a task-vector method is θ₀, not an input: none of its parameters
+            // is read.
+            for k in base_params.keys() {
+                out.push((format!("base model {b}"), k.clone()));
+            }
+        }
+        out
     }
 
     /// Everything that can be checked without opening a model.
     pub(crate) fn validate(&self) -> Result<()> {
         let m = self.method;
-        if m.needs_base() && self.base_model.is_none() {
+        let spec = m.spec();
+        if spec.base == BaseRole::Required && self.base_model.is_none() {
             bail!("{} needs a `base_model`", m.name());
         }
-        if self.models.is_empty() {
-            bail!("no models to merge besides the base");
-        }
-        match m {
-            MergeMethod::Slerp if self.models.len() != 1 => {
-                bail!(
-                    "slerp merges the base_model with exactly one other model, got {}",
-                    self.models.len()
-                )
-            }
-            MergeMethod::ModelStock if self.models.len() < 2 => {
-                bail!("model_stock needs at least two models besides the base")
-            }
-            _ => {}
-        }
+        self.check_model_count()?;
         for d in [&self.dtype, &self.out_dtype].into_iter().flatten() {
             let d = d.trim_start_matches("torch.");
             if !["float32", "float16", "bfloat16"].contains(&d) {
@@ -312,38 +373,56 @@ impl MergeConfig {
                 bail!("tokenizer_source `{t}` is not supported yet (only `base`)");
             }
         }
-        let tensor_params = m.tensor_params();
-        let global_ok = |k: &str| m.global_params().contains(&k) || IGNORED_GLOBALS.contains(&k);
-        for (k, v) in &self.parameters {
-            if !global_ok(k) && !tensor_params.contains(&k.as_str()) {
-                bail!(
-                    "unknown parameter `{k}` for {} (it takes {})",
-                    m.name(),
-                    known(m)
-                );
-            }
-            check_range(k, v, "global parameters")?;
-        }
-        for e in &self.models {
-            for (k, v) in &e.parameters {
-                if !tensor_params.contains(&k.as_str()) {
-                    bail!(
-                        "model {}: unknown parameter `{k}` for {} (per-model: {})",
-                        e.model,
-                        m.name(),
-                        tensor_params.join(", ")
-                    );
+        for ps in spec.global {
+            match self.parameters.get(ps.name) {
+                Some(v) => check_value(ps.name, ps.domain, v, "global parameters")?,
+                None if ps.default == ParamDefault::Required => {
+                    bail!("{} needs the global parameter `{}`", m.name(), ps.name)
                 }
-                check_range(k, v, &format!("model {}", e.model))?;
+                None => {}
             }
-            if tensor_params.contains(&"weight")
-                && !e.parameters.contains_key("weight")
-                && !self.parameters.contains_key("weight")
-            {
-                bail!("model {}: {} needs a `weight`", e.model, m.name());
+        }
+        for ps in spec.per_model {
+            if let Some(v) = self.parameters.get(ps.name) {
+                check_value(ps.name, ps.domain, v, "global parameters")?;
+            }
+            for e in &self.models {
+                match e.parameters.get(ps.name) {
+                    Some(v) => check_value(ps.name, ps.domain, v, &format!("model {}", e.model))?,
+                    None if ps.default == ParamDefault::Required
+                        && !self.parameters.contains_key(ps.name) =>
+                    {
+                        bail!("model {}: {} needs a `{}`", e.model, m.name(), ps.name)
+                    }
+                    None => {}
+                }
             }
         }
         Ok(())
+    }
+
+    fn check_model_count(&self) -> Result<()> {
+        let m = self.method;
+        let n = self.models.len();
+        let (min, max) = m.spec().models;
+        if n == 0 {
+            bail!("no models to merge besides the base");
+        }
+        match max {
+            Some(1) if n != 1 => bail!(
+                "{} merges the base_model with exactly one other model, got {n}",
+                m.name()
+            ),
+            Some(k) if n != k && min == k => bail!(
+                "{} merges exactly {k} models besides the base_model, got {n}",
+                m.name()
+            ),
+            _ if n < min => bail!(
+                "{} needs at least {min} models besides the base_model, got {n}",
+                m.name()
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// Resolves per-model parameters for one tensor (model params override global ones).
@@ -356,17 +435,14 @@ impl MergeConfig {
         self.models
             .iter()
             .map(|e| {
-                let mut p = ModelParams::default();
-                for (key, slot) in [
-                    ("weight", &mut p.weight),
-                    ("density", &mut p.density),
-                    ("gamma", &mut p.gamma),
-                    ("epsilon", &mut p.epsilon),
-                ] {
+                let mut p = ModelParams::defaults(self.method);
+                for ps in self.method.spec().per_model {
+                    let key = ps.name;
                     if let Some(v) = e.parameters.get(key).or_else(|| self.parameters.get(key)) {
-                        *slot = v
+                        let x = v
                             .number(tensor, layer, num_layers)
                             .with_context(|| format!("model {}: `{key}`", e.model))?;
+                        p.set(key, x)?;
                     }
                 }
                 Ok(p)
@@ -381,65 +457,79 @@ impl MergeConfig {
         num_layers: usize,
     ) -> Result<GlobalParams> {
         let mut g = GlobalParams::defaults(self.method);
-        let num = |k: &str| {
-            self.parameters
-                .get(k)
-                .map(|v| v.number(tensor, layer, num_layers))
-                .transpose()
-        };
-        if let Some(x) = num("normalize")? {
-            g.normalize = x != 0.0;
-        }
-        if let Some(x) = num("lambda")? {
-            g.lambda = x;
-        }
-        if let Some(x) = num("t")? {
-            g.t = x;
-        }
-        if let Some(x) = num("filter_wise")? {
-            g.filter_wise = x != 0.0;
-        }
-        match self.parameters.get("rescale") {
-            None => {}
-            Some(ParamValue::Bool(true)) => g.rescale = Rescale::L1,
-            Some(ParamValue::Bool(false)) => g.rescale = Rescale::None,
-            Some(ParamValue::Text(s)) if s == "exact" => g.rescale = Rescale::Exact,
-            Some(ParamValue::Text(s)) if s == "l1" => g.rescale = Rescale::L1,
-            Some(other) => bail!("`rescale` must be true, false, `l1` or `exact`, got {other:?}"),
-        }
-        match self.parameters.get("sign_rule") {
-            None => {}
-            Some(ParamValue::Text(s)) if s == "sum" => g.sign_rule = SignRule::Sum,
-            Some(ParamValue::Text(s)) if s == "count" => g.sign_rule = SignRule::Count,
-            Some(other) => bail!("`sign_rule` must be `sum` or `count`, got {other:?}"),
-        }
-        if self.method == MergeMethod::Slerp && !self.parameters.contains_key("t") {
-            bail!("slerp needs the global parameter `t`");
+        for ps in self.method.spec().global {
+            if let Some(v) = self.parameters.get(ps.name) {
+                let setting = v
+                    .setting(tensor, layer, num_layers)
+                    .with_context(|| format!("global parameter `{}`", ps.name))?;
+                g.set(ps.name, setting)?;
+            }
         }
         Ok(g)
     }
 }
 
-fn known(m: MergeMethod) -> String {
-    m.global_params()
-        .iter()
-        .chain(m.tensor_params())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The `models:` list as merge inputs, and the parameters given to the base when it is listed.
+/// A base that is θ₀ of the method is dropped from the inputs; for a method that merges the base
+/// like any other model it stays (and is added when missing, as mergekit adds it).
+fn model_entries(
+    list: Option<&Value>,
+    method: MergeMethod,
+    base: Option<&ModelRef>,
+) -> Result<(Vec<ModelEntry>, Params)> {
+    let mut models = vec![];
+    let mut base_params = Params::new();
+    let items = list
+        .and_then(Value::as_array)
+        .context("missing `models` list")?;
+    for (i, entry) in items.iter().enumerate() {
+        let model = match entry {
+            Value::Object(o) if o.contains_key("model") => {
+                ModelRef::from_yaml(o.get("model").unwrap_or(&Value::Null))?
+            }
+            other => ModelRef::from_yaml(other)?,
+        };
+        let parameters = params(entry.get("parameters"), &format!("models[{i}] ({model})"))?;
+        if Some(&model) == base && method.uses_base() {
+            base_params = parameters;
+            continue;
+        }
+        models.push(ModelEntry { model, parameters });
+    }
+    if let Some(b) = base.filter(|_| !method.uses_base()) {
+        if !models.iter().any(|e| &e.model == b) {
+            models.insert(
+                0,
+                ModelEntry {
+                    model: b.clone(),
+                    parameters: Params::new(),
+                },
+            );
+        }
+    }
+    Ok((models, base_params))
 }
 
-fn check_range(key: &str, v: &ParamValue, what: &str) -> Result<()> {
+/// Finite, inside the parameter's domain (numbers), or one of its choices.
+fn check_value(key: &str, domain: Domain, v: &ParamValue, what: &str) -> Result<()> {
+    match (domain, v) {
+        (Domain::Choice(ok), ParamValue::Text(t)) if !ok.contains(&t.as_str()) => {
+            bail!("{what}: `{key}` = `{t}` is not one of {}", ok.join(", "))
+        }
+        (Domain::Choice(_) | Domain::Flag | Domain::NoEffect, _) => Ok(()),
+        _ => check_range(key, domain, v, what),
+    }
+}
+
+fn check_range(key: &str, domain: Domain, v: &ParamValue, what: &str) -> Result<()> {
+    if let ParamValue::Text(t) = v {
+        bail!("{what}: `{key}` must be a number, got `{t}`");
+    }
     for x in v.values() {
         if !x.is_finite() {
             bail!("{what}: `{key}` is {x}");
         }
-        let bad = match key {
-            "density" | "t" => !(0.0..=1.0).contains(&x),
-            "gamma" | "epsilon" => !(0.0..1.0).contains(&x),
-            _ => false,
-        };
-        if bad {
+        if !domain.admits(x) {
             bail!("{what}: `{key}` = {x} is out of range");
         }
     }
@@ -498,8 +588,6 @@ tokenizer_source: base
         assert!(
             err("merge_method: dare-ties\nbase_model: b\nmodels: [a]").contains("known: linear")
         );
-        let e = err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, densty: 0.5}");
-        assert!(e.contains("densty") && e.contains("model a"), "{e}");
         let e = err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: .nan}");
         assert!(e.contains(".nan") && e.contains("line 5"), "{e}");
         assert!(err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}").contains("out of range"));
@@ -509,6 +597,63 @@ tokenizer_source: base
                 .contains("base_model")
         );
         assert!(err("merge_method: slerp\nbase_model: b\nmodels: [a, c]").contains("exactly one"));
+    }
+
+    #[test]
+    fn unread_parameters_are_ignored_with_their_place_or_refused_when_strict() {
+        let yaml = "merge_method: task_arithmetic\nbase_model: b\nmodels:\n  - model: b\n    \
+                    parameters: {weight: 2}\n  - model: a\n    parameters: {weight: 1, density: 0.5}\n\
+                    parameters: {lambda: 0.5, densty: 0.1, normalize: true}";
+        let c = MergeConfig::from_yaml_quiet(yaml).unwrap();
+        assert_eq!(
+            c.ignored,
+            vec![
+                ("global parameters".to_string(), "densty".to_string()),
+                ("model a".to_string(), "density".to_string()),
+                ("base model b".to_string(), "weight".to_string()),
+            ]
+        );
+        // Lenient: the merge reads only what the method reads.
+        c.report_ignored("c.yaml", false).unwrap();
+        let p = c.model_params("x", None, 1).unwrap();
+        assert_eq!((p[0].weight, p[0].density), (1.0, 1.0));
+        let e = format!("{:#}", c.report_ignored("c.yaml", true).unwrap_err());
+        for part in [
+            "c.yaml",
+            "`densty` (global parameters)",
+            "`density` (model a)",
+            "`weight` (base model b)",
+        ] {
+            assert!(e.contains(part), "{e}");
+        }
+        // Read parameters are not reported: a per-model default at the top level is read.
+        let ties =
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]\n\
+                    parameters: {density: 0.5, int8_mask: true}";
+        assert!(MergeConfig::from_yaml_quiet(ties)
+            .unwrap()
+            .ignored
+            .is_empty());
+        // Unknown methods and malformed YAML stay errors.
+        assert!(MergeConfig::from_yaml_quiet("merge_method: tie\nmodels: [a]").is_err());
+        assert!(MergeConfig::from_yaml_quiet("merge_method: ties\nmodels: [a").is_err());
+    }
+
+    #[test]
+    fn a_method_that_merges_the_base_like_a_model_keeps_it() {
+        let c =
+            MergeConfig::from_yaml_quiet("merge_method: karcher\nbase_model: b\nmodels: [a, c]")
+                .unwrap();
+        let names: Vec<String> = c.models.iter().map(|e| e.model.to_string()).collect();
+        assert_eq!(names, ["b", "a", "c"]);
+        let e = format!(
+            "{:#}",
+            MergeConfig::from_yaml_quiet(
+                "merge_method: linear\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]"
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("model b") && e.contains("weight"), "{e}");
     }
 
     #[test]

@@ -145,6 +145,7 @@ pub fn merge_one(
         models,
         params: config.model_params(name, layer, num_layers)?,
         row_len: *shape.last().unwrap_or(&1),
+        ndim: shape.len(),
     };
     let global = config.global_params(name, layer, num_layers)?;
     merge_tensor(config.method, &global, &input, |i| {
@@ -233,7 +234,12 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
         let merged: Vec<Result<Tensor>> = chunk
             .par_iter()
             .map(|name| -> Result<Tensor> {
-                let base_values = base.as_ref().map(|b| b.tensor(name)).transpose()?;
+                // Methods that merge the base like any other model have it among `models`.
+                let base_values = base
+                    .as_ref()
+                    .filter(|_| config.method.uses_base())
+                    .map(|b| b.tensor(name))
+                    .transpose()?;
                 let model_values = models
                     .iter()
                     .map(|m| m.tensor(name))

@@ -79,7 +79,8 @@ impl InMemoryMerger {
                 self.models.len()
             );
         }
-        let needs_base = config.method.needs_base();
+        // θ₀ only for methods that use the base apart from the models, and only when named.
+        let needs_base = config.method.uses_base() && config.base_model.is_some();
         self.names
             .par_iter()
             .enumerate()

@@ -1,145 +1,16 @@
-//! The registry of merge methods, with mergekit's names and defaults, and the per-tensor merge
-//! each one performs.
+//! The per-tensor merge each method performs, with its parameters resolved from the method's
+//! record (`spec`): the task-arithmetic family, linear, slerp and model_stock here, the others in
+//! `spherical` and `selective`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 
 use super::consensus::{elect_signs, sign, SignRule};
+use super::selective;
 use super::sparsify::{sparsify, Rescale, Sparsifier};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum MergeMethod {
-    Linear,
-    TaskArithmetic,
-    Ties,
-    DareTies,
-    DareLinear,
-    Breadcrumbs,
-    BreadcrumbsTies,
-    Della,
-    DellaLinear,
-    Slerp,
-    ModelStock,
-}
-
-/// Sparsifier family of a task-arithmetic method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pruning {
-    None,
-    Magnitude,
-    Random,
-    Breadcrumbs,
-    Della,
-}
-
-impl MergeMethod {
-    pub const ALL: [MergeMethod; 11] = [
-        Self::Linear,
-        Self::TaskArithmetic,
-        Self::Ties,
-        Self::DareTies,
-        Self::DareLinear,
-        Self::Breadcrumbs,
-        Self::BreadcrumbsTies,
-        Self::Della,
-        Self::DellaLinear,
-        Self::Slerp,
-        Self::ModelStock,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Linear => "linear",
-            Self::TaskArithmetic => "task_arithmetic",
-            Self::Ties => "ties",
-            Self::DareTies => "dare_ties",
-            Self::DareLinear => "dare_linear",
-            Self::Breadcrumbs => "breadcrumbs",
-            Self::BreadcrumbsTies => "breadcrumbs_ties",
-            Self::Della => "della",
-            Self::DellaLinear => "della_linear",
-            Self::Slerp => "slerp",
-            Self::ModelStock => "model_stock",
-        }
-    }
-
-    pub fn parse(name: &str) -> Result<Self> {
-        match Self::ALL.into_iter().find(|m| m.name() == name) {
-            Some(m) => Ok(m),
-            None => bail!(
-                "unknown merge_method `{name}` (known: {})",
-                Self::ALL.map(|m| m.name()).join(", ")
-            ),
-        }
-    }
-
-    fn pruning(self) -> Pruning {
-        match self {
-            Self::Ties => Pruning::Magnitude,
-            Self::DareTies | Self::DareLinear => Pruning::Random,
-            Self::Breadcrumbs | Self::BreadcrumbsTies => Pruning::Breadcrumbs,
-            Self::Della | Self::DellaLinear => Pruning::Della,
-            _ => Pruning::None,
-        }
-    }
-
-    /// Whether the method is one of the generalized task-arithmetic family (δ = θᵢ − θ₀).
-    pub fn uses_task_vectors(self) -> bool {
-        !matches!(self, Self::Linear | Self::Slerp | Self::ModelStock)
-    }
-
-    pub fn needs_base(self) -> bool {
-        self != Self::Linear
-    }
-
-    pub fn sign_consensus(self) -> bool {
-        matches!(
-            self,
-            Self::Ties | Self::DareTies | Self::BreadcrumbsTies | Self::Della
-        )
-    }
-
-    /// mergekit's default for the global `normalize`.
-    pub fn default_normalize(self) -> bool {
-        matches!(self, Self::Linear | Self::Ties | Self::Della)
-    }
-
-    /// mergekit's default for the global `rescale` (L1 matching when on).
-    pub fn default_rescale(self) -> Rescale {
-        if matches!(
-            self,
-            Self::DareTies | Self::DareLinear | Self::Della | Self::DellaLinear
-        ) {
-            Rescale::L1
-        } else {
-            Rescale::None
-        }
-    }
-
-    /// Global parameters the method reads.
-    pub fn global_params(self) -> &'static [&'static str] {
-        match self {
-            Self::Linear => &["normalize"],
-            Self::Slerp => &["t"],
-            Self::ModelStock => &["filter_wise"],
-            m if m.sign_consensus() => {
-                &["normalize", "rescale", "lambda", "int8_mask", "sign_rule"]
-            }
-            _ => &["normalize", "rescale", "lambda", "int8_mask"],
-        }
-    }
-
-    /// Per-model (tensor) parameters the method reads.
-    pub fn tensor_params(self) -> &'static [&'static str] {
-        match self.pruning() {
-            _ if self == Self::Slerp || self == Self::ModelStock => &[],
-            Pruning::None => &["weight"],
-            Pruning::Magnitude | Pruning::Random => &["weight", "density"],
-            Pruning::Breadcrumbs => &["weight", "density", "gamma"],
-            Pruning::Della => &["weight", "density", "epsilon"],
-        }
-    }
-}
+pub use super::spec::MergeMethod;
+use super::spec::{Algorithm, ParamDefault, Pruning};
+use super::spherical;
 
 /// Per-model parameters resolved for one tensor.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -148,6 +19,8 @@ pub struct ModelParams {
     pub density: f64,
     pub gamma: f64,
     pub epsilon: f64,
+    /// passthrough's factor (none: the tensor as is).
+    pub scale: Option<f64>,
 }
 
 impl Default for ModelParams {
@@ -157,32 +30,168 @@ impl Default for ModelParams {
             density: 1.0,
             gamma: 0.01,
             epsilon: 0.15,
+            scale: None,
         }
     }
 }
 
-/// Global parameters resolved for one tensor.
+impl ModelParams {
+    /// The method's defaults (a required parameter keeps the neutral value; the config checks
+    /// that it is given).
+    pub fn defaults(method: MergeMethod) -> Self {
+        let mut m = Self::default();
+        for p in method.spec().per_model {
+            if let ParamDefault::Number(x) = p.default {
+                // Every per-model parameter of a record has a slot (a test checks it).
+                let _ = m.set(p.name, x);
+            }
+        }
+        m
+    }
+
+    /// Sets a per-model parameter by its mergekit name.
+    pub fn set(&mut self, name: &str, x: f64) -> Result<()> {
+        match name {
+            "weight" => self.weight = x,
+            "density" => self.density = x,
+            "gamma" => self.gamma = x,
+            "epsilon" => self.epsilon = x,
+            "scale" => self.scale = Some(x),
+            _ => bail!("no per-model parameter `{name}`"),
+        }
+        Ok(())
+    }
+}
+
+/// A global parameter's value, as the YAML gives it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Setting<'a> {
+    Number(f64),
+    Flag(bool),
+    Text(&'a str),
+}
+
+impl Setting<'_> {
+    fn number(self, name: &str) -> Result<f64> {
+        match self {
+            Self::Number(x) => Ok(x),
+            Self::Flag(b) => Ok(if b { 1.0 } else { 0.0 }),
+            Self::Text(t) => bail!("`{name}` must be a number, got `{t}`"),
+        }
+    }
+
+    /// mergekit reads flags with Python truthiness, so 0/1 work too.
+    fn flag(self, name: &str) -> Result<bool> {
+        match self {
+            Self::Flag(b) => Ok(b),
+            Self::Number(x) => Ok(x != 0.0),
+            Self::Text(t) => bail!("`{name}` must be true or false, got `{t}`"),
+        }
+    }
+}
+
+/// Global parameters resolved for one tensor (the union over methods; each reads its own).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GlobalParams {
     pub normalize: bool,
     pub rescale: Rescale,
     pub lambda: f64,
     pub sign_rule: SignRule,
-    /// SLERP's interpolation factor (0 = base model).
+    /// slerp's interpolation factor (0 = base model); nearswap's distance scale.
     pub t: f64,
     pub filter_wise: bool,
+    /// sce: the fraction of highest-variance entries kept.
+    pub select_topk: f64,
+    /// nuslerp: interpolate columns (`true`) instead of rows; `flatten` takes the whole tensor.
+    pub nuslerp_row_wise: bool,
+    pub nuslerp_flatten: bool,
+    /// multislerp: divide the weights by their sum; the guard added to norms.
+    pub normalize_weights: bool,
+    pub eps: f64,
+    /// karcher: iterations and convergence tolerance.
+    pub max_iter: usize,
+    pub tol: f64,
+    /// ram / ramplus_tl: |δ| above this counts as a contribution.
+    pub epsilon: f64,
+    /// ramplus_tl: boost `1 + r·min(ρ, alpha)` of a model's unique entries.
+    pub r: f64,
+    pub alpha: f64,
 }
 
 impl GlobalParams {
+    /// mergekit's defaults for `method`, from its record.
     pub fn defaults(method: MergeMethod) -> Self {
-        Self {
-            normalize: method.default_normalize(),
-            rescale: method.default_rescale(),
+        let mut g = Self {
+            normalize: false,
+            rescale: Rescale::None,
             lambda: 1.0,
             sign_rule: SignRule::Sum,
             t: 0.5,
             filter_wise: false,
+            select_topk: 1.0,
+            nuslerp_row_wise: false,
+            nuslerp_flatten: true,
+            normalize_weights: true,
+            eps: 1e-8,
+            max_iter: 10,
+            tol: 1e-5,
+            epsilon: 1e-5,
+            r: 0.1,
+            alpha: 0.2,
+        };
+        for p in method.spec().global {
+            let value = match p.default {
+                ParamDefault::Number(x) => Setting::Number(x),
+                ParamDefault::Bool(b) => Setting::Flag(b),
+                ParamDefault::Text(t) => Setting::Text(t),
+                ParamDefault::Required | ParamDefault::Unset => continue,
+            };
+            // Every default of a record fits its slot (a test checks it).
+            let _ = g.set(p.name, value);
         }
+        g
+    }
+
+    /// Sets a global parameter by its mergekit name.
+    pub fn set(&mut self, name: &str, v: Setting) -> Result<()> {
+        match name {
+            "normalize" => self.normalize = v.flag(name)?,
+            "rescale" => {
+                self.rescale = match v {
+                    Setting::Text("l1") => Rescale::L1,
+                    Setting::Text("exact") => Rescale::Exact,
+                    Setting::Text(t) => {
+                        bail!("`rescale` must be true, false, `l1` or `exact`, got `{t}`")
+                    }
+                    _ if v.flag(name)? => Rescale::L1,
+                    _ => Rescale::None,
+                }
+            }
+            "sign_rule" => {
+                self.sign_rule = match v {
+                    Setting::Text("sum") => SignRule::Sum,
+                    Setting::Text("count") => SignRule::Count,
+                    other => bail!("`sign_rule` must be `sum` or `count`, got {other:?}"),
+                }
+            }
+            "lambda" => self.lambda = v.number(name)?,
+            "t" => self.t = v.number(name)?,
+            "filter_wise" => self.filter_wise = v.flag(name)?,
+            "select_topk" => self.select_topk = v.number(name)?,
+            "nuslerp_row_wise" => self.nuslerp_row_wise = v.flag(name)?,
+            "nuslerp_flatten" => self.nuslerp_flatten = v.flag(name)?,
+            "normalize_weights" => self.normalize_weights = v.flag(name)?,
+            "eps" => self.eps = v.number(name)?,
+            "max_iter" => self.max_iter = v.number(name)? as usize,
+            "tol" => self.tol = v.number(name)?,
+            "epsilon" => self.epsilon = v.number(name)?,
+            "r" => self.r = v.number(name)?,
+            "alpha" => self.alpha = v.number(name)?,
+            // Without numeric effect: a mask's dtype.
+            "int8_mask" => {}
+            _ => bail!("no global parameter `{name}`"),
+        }
+        Ok(())
     }
 }
 
@@ -194,6 +203,27 @@ pub struct TensorInputs<'a> {
     pub params: Vec<ModelParams>,
     /// Length of the last dimension (per-row operations).
     pub row_len: usize,
+    /// Number of dimensions of the tensor.
+    pub ndim: usize,
+}
+
+impl TensorInputs<'_> {
+    fn base(&self, method: MergeMethod) -> Result<&[f32]> {
+        self.base
+            .with_context(|| format!("{} needs a base_model", method.name()))
+    }
+
+    /// The only model of a method that merges the base with exactly one other.
+    fn single(&self, method: MergeMethod) -> Result<&[f32]> {
+        match self.models.as_slice() {
+            [m] => Ok(m),
+            ms => bail!(
+                "{} merges the base_model with exactly one other model, got {}",
+                method.name(),
+                ms.len()
+            ),
+        }
+    }
 }
 
 fn sparsifier(p: Pruning, m: &ModelParams) -> Sparsifier {
@@ -220,7 +250,7 @@ pub fn merge_tensor(
     method: MergeMethod,
     global: &GlobalParams,
     input: &TensorInputs,
-    mut rng: impl FnMut(usize) -> StdRng,
+    rng: impl FnMut(usize) -> StdRng,
 ) -> Result<Vec<f32>> {
     let n = input
         .base
@@ -229,24 +259,20 @@ pub fn merge_tensor(
     if input.models.iter().any(|m| m.len() != n) {
         bail!("tensor `{}`: inputs differ in size", input.name);
     }
+    if input.models.is_empty() {
+        bail!("tensor `{}`: no models to merge", input.name);
+    }
+    if let Algorithm::TaskArithmetic { pruning, consensus } = method.spec().algorithm {
+        let base = input.base(method)?;
+        return Ok(task_arithmetic(
+            pruning, consensus, global, base, input, rng,
+        ));
+    }
     match method {
         MergeMethod::Linear => Ok(linear(input, global.normalize)),
-        MergeMethod::Slerp => {
-            let base = input
-                .base
-                .ok_or_else(|| anyhow::anyhow!("slerp needs a base_model"))?;
-            if input.models.len() != 1 {
-                bail!(
-                    "slerp merges exactly two models (base_model and one other), got {}",
-                    input.models.len() + 1
-                );
-            }
-            Ok(slerp(global.t, base, input.models[0]))
-        }
+        MergeMethod::Slerp => Ok(slerp(global.t, input.base(method)?, input.single(method)?)),
         MergeMethod::ModelStock => {
-            let base = input
-                .base
-                .ok_or_else(|| anyhow::anyhow!("model_stock needs a base_model"))?;
+            let base = input.base(method)?;
             if input.models.len() < 2 {
                 bail!("model_stock needs a base_model and at least two other models");
             }
@@ -256,62 +282,113 @@ pub fn merge_tensor(
                 if global.filter_wise { input.row_len } else { n },
             ))
         }
-        _ => {
-            let base = input
-                .base
-                .ok_or_else(|| anyhow::anyhow!("{} needs a base_model", method.name()))?;
-            let pruning = method.pruning();
-            let weighted: Vec<Vec<f32>> = input
-                .models
-                .iter()
-                .zip(&input.params)
-                .enumerate()
-                .map(|(i, (m, p))| {
-                    let mut delta: Vec<f32> = m.iter().zip(base).map(|(a, b)| a - b).collect();
-                    sparsify(
-                        &mut delta,
-                        input.row_len,
-                        sparsifier(pruning, p),
-                        global.rescale,
-                        &mut rng(i),
-                    );
-                    let w = p.weight as f32;
-                    delta.iter_mut().for_each(|x| *x *= w);
-                    delta
-                })
-                .collect();
-            let weights: Vec<f32> = input.params.iter().map(|p| p.weight as f32).collect();
-            let lambda = global.lambda as f32;
-            let mut out = base.to_vec();
-            if method.sign_consensus() {
-                let signs = elect_signs(&weighted, global.sign_rule);
-                for j in 0..n {
-                    let (mut mix, mut div) = (0f32, 0f32);
-                    for (d, &w) in weighted.iter().zip(&weights) {
-                        if sign(d[j]) == signs[j] {
-                            mix += d[j];
-                            div += w;
-                        }
-                    }
-                    if global.normalize {
-                        mix /= if div == 0.0 { 1.0 } else { div };
-                    }
-                    out[j] += mix * lambda;
-                }
-            } else {
-                let total: f32 = weights.iter().sum();
-                let div = if total.abs() < 1e-8 { 1.0 } else { total };
-                for (j, o) in out.iter_mut().enumerate() {
-                    let mut mix: f32 = weighted.iter().map(|d| d[j]).sum();
-                    if global.normalize {
-                        mix /= div;
-                    }
-                    *o += mix * lambda;
+        MergeMethod::Sce => Ok(selective::sce(
+            input.base(method)?,
+            &input.models,
+            global.select_topk,
+        )),
+        MergeMethod::Ram => Ok(selective::ram(
+            input.base(method)?,
+            &input.models,
+            global.epsilon,
+            None,
+        )),
+        MergeMethod::RamplusTl => Ok(selective::ram(
+            input.base(method)?,
+            &input.models,
+            global.epsilon,
+            Some((global.r, global.alpha)),
+        )),
+        MergeMethod::Nearswap => Ok(selective::nearswap(
+            global.t,
+            input.base(method)?,
+            input.single(method)?,
+        )),
+        MergeMethod::ArceeFusion => Ok(selective::arcee_fusion(
+            input.base(method)?,
+            input.single(method)?,
+            input.row_len,
+        )),
+        MergeMethod::Passthrough => {
+            let [m] = input.models.as_slice() else {
+                bail!(
+                    "passthrough takes exactly one model per tensor, got {}",
+                    input.models.len()
+                );
+            };
+            let scale = input.params.first().and_then(|p| p.scale);
+            Ok(match scale {
+                Some(s) => m.iter().map(|&x| x * s as f32).collect(),
+                None => m.to_vec(),
+            })
+        }
+        MergeMethod::Nuslerp => spherical::nuslerp_models(global, input.base, input),
+        MergeMethod::Multislerp => spherical::multislerp(global, input.base, input),
+        MergeMethod::Karcher => Ok(spherical::karcher(&input.models, global)),
+        _ => bail!("{} has no per-tensor formula", method.name()),
+    }
+}
+
+/// mergekit's generalized task arithmetic: sparsify each δᵢ, weight it, elect signs when the
+/// method uses consensus, mix (and normalize by the weights that took part), scale by λ.
+fn task_arithmetic(
+    pruning: Pruning,
+    consensus: bool,
+    global: &GlobalParams,
+    base: &[f32],
+    input: &TensorInputs,
+    mut rng: impl FnMut(usize) -> StdRng,
+) -> Vec<f32> {
+    let n = base.len();
+    let weighted: Vec<Vec<f32>> = input
+        .models
+        .iter()
+        .zip(&input.params)
+        .enumerate()
+        .map(|(i, (m, p))| {
+            let mut delta: Vec<f32> = m.iter().zip(base).map(|(a, b)| a - b).collect();
+            sparsify(
+                &mut delta,
+                input.row_len,
+                sparsifier(pruning, p),
+                global.rescale,
+                &mut rng(i),
+            );
+            let w = p.weight as f32;
+            delta.iter_mut().for_each(|x| *x *= w);
+            delta
+        })
+        .collect();
+    let weights: Vec<f32> = input.params.iter().map(|p| p.weight as f32).collect();
+    let lambda = global.lambda as f32;
+    let mut out = base.to_vec();
+    if consensus {
+        let signs = elect_signs(&weighted, global.sign_rule);
+        for j in 0..n {
+            let (mut mix, mut div) = (0f32, 0f32);
+            for (d, &w) in weighted.iter().zip(&weights) {
+                if sign(d[j]) == signs[j] {
+                    mix += d[j];
+                    div += w;
                 }
             }
-            Ok(out)
+            if global.normalize {
+                mix /= if div == 0.0 { 1.0 } else { div };
+            }
+            out[j] += mix * lambda;
+        }
+    } else {
+        let total: f32 = weights.iter().sum();
+        let div = if total.abs() < 1e-8 { 1.0 } else { total };
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut mix: f32 = weighted.iter().map(|d| d[j]).sum();
+            if global.normalize {
+                mix /= div;
+            }
+            *o += mix * lambda;
         }
     }
+    out
 }
 
 /// Σ wᵢθᵢ (over the base too, when it has a weight), divided by Σ wᵢ if `normalize`.
@@ -426,6 +503,7 @@ mod tests {
             models: models.to_vec(),
             params,
             row_len: base.len(),
+            ndim: 1,
         };
         merge_tensor(method, &global, &input, |i| StdRng::seed_from_u64(i as u64)).unwrap()
     }
@@ -505,8 +583,29 @@ mod tests {
     }
 
     #[test]
-    fn unknown_method_lists_known() {
-        let e = MergeMethod::parse("dare-ties").unwrap_err().to_string();
-        assert!(e.contains("dare_ties") && e.contains("model_stock"));
+    fn every_parameter_of_every_record_has_a_slot() {
+        use super::super::spec::Domain;
+        for m in MergeMethod::all() {
+            let mut g = GlobalParams::defaults(m);
+            for p in m.spec().global {
+                let value = match p.default {
+                    ParamDefault::Number(x) => Setting::Number(x),
+                    ParamDefault::Bool(b) => Setting::Flag(b),
+                    ParamDefault::Text(t) => Setting::Text(t),
+                    ParamDefault::Required | ParamDefault::Unset => match p.domain {
+                        Domain::Choice(c) => Setting::Text(c[0]),
+                        Domain::Flag | Domain::NoEffect => Setting::Flag(true),
+                        _ => Setting::Number(0.5),
+                    },
+                };
+                g.set(p.name, value)
+                    .unwrap_or_else(|e| panic!("{}: {e}", m.name()));
+            }
+            let mut mp = ModelParams::defaults(m);
+            for p in m.spec().per_model {
+                mp.set(p.name, 0.5)
+                    .unwrap_or_else(|e| panic!("{}: {e}", m.name()));
+            }
+        }
     }
 }

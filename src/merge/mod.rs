@@ -10,12 +10,16 @@ pub mod inspect;
 pub mod load;
 pub mod memory;
 pub mod methods;
+mod selective;
 pub mod sparsify;
+pub mod spec;
+mod spherical;
 
 pub use config::{MergeConfig, ModelRef, ParamValue};
 pub use consensus::SignRule;
 pub use engine::{run_merge, MergeOptions};
 pub use load::load_f32;
 pub use memory::InMemoryMerger;
-pub use methods::{merge_tensor, GlobalParams, MergeMethod, ModelParams, TensorInputs};
+pub use methods::{merge_tensor, GlobalParams, ModelParams, Setting, TensorInputs};
 pub use sparsify::{Rescale, Sparsifier};
+pub use spec::MergeMethod;

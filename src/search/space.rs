@@ -14,30 +14,46 @@ use crate::eval::alignment_tax::{AlignmentTaxSpec, TaxMetric};
 use crate::eval::fewshot::FewshotMode;
 use crate::eval::{Benchmark, PoolSplit};
 use crate::merge::config::{ModelEntry, Params};
+use crate::merge::spec::{Domain, ParamDefault, ParamSpec};
 use crate::merge::{MergeConfig, MergeMethod, ModelRef, ParamValue};
 
 /// The two task vectors PAFT merges, as parameter prefixes (`sft.weight`, `pref.density`).
 pub const MODELS: [&str; 2] = ["sft", "pref"];
-const MODEL_PARAMS: [&str; 4] = ["weight", "density", "gamma", "epsilon"];
-const GLOBAL_PARAMS: [&str; 1] = ["lambda"];
-const CHOICES: [(&str, &[&str]); 2] = [
-    ("sign_rule", &["sum", "count"]),
-    // mergekit's global `normalize` (a bool in its YAML); `["false"]` fixes it off.
-    ("normalize", &["true", "false"]),
-];
 
-/// Methods that merge the two task vectors onto the base.
-const SEARCHABLE: [MergeMethod; 9] = [
-    MergeMethod::Linear,
-    MergeMethod::TaskArithmetic,
-    MergeMethod::Ties,
-    MergeMethod::DareTies,
-    MergeMethod::DareLinear,
-    MergeMethod::Breadcrumbs,
-    MergeMethod::BreadcrumbsTies,
-    MergeMethod::Della,
-    MergeMethod::DellaLinear,
-];
+/// Methods that merge the two task vectors onto the base (their records say `searchable`).
+fn searchable() -> impl Iterator<Item = MergeMethod> {
+    MergeMethod::all().filter(|m| m.searchable())
+}
+
+/// The record of a numeric parameter some searchable method reads: per model for `sft.X` /
+/// `pref.X`, global otherwise.
+fn numeric_param(name: &str) -> Option<&'static ParamSpec> {
+    let found = match name.split_once('.') {
+        Some((model, p)) if MODELS.contains(&model) => searchable().find_map(|m| m.model_param(p)),
+        Some(_) => None,
+        None => searchable().find_map(|m| m.global_param(name)),
+    };
+    found.filter(|p| p.domain.is_numeric())
+}
+
+/// Categorical parameters (flags and choices with an effect) of the searchable methods, with
+/// their values as `[choices]` spells them.
+fn choice_params() -> BTreeMap<&'static str, Vec<&'static str>> {
+    let mut out = BTreeMap::new();
+    for p in searchable().flat_map(|m| m.spec().global) {
+        let values: Vec<&str> = match p.domain {
+            Domain::Flag => vec!["true", "false"],
+            // A choice whose default is a flag (`rescale`) takes flags too.
+            Domain::Choice(c) if matches!(p.default, ParamDefault::Bool(_)) => {
+                ["true", "false"].iter().chain(c).copied().collect()
+            }
+            Domain::Choice(c) => c.to_vec(),
+            _ => continue,
+        };
+        out.entry(p.name).or_insert(values);
+    }
+    out
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Range {
@@ -255,7 +271,7 @@ fn warn_if_only_the_ratio_counts(
         .is_some_and(|v| v.iter().all(|x| x == "false"));
     let normalizing: Vec<&str> = methods
         .iter()
-        .filter(|m| m.default_normalize() && m.global_params().contains(&"normalize"))
+        .filter(|m| m.default_flag("normalize") == Some(true))
         .map(|m| m.name())
         .collect();
     if searched_weights == 2 && !normalize_off && !normalizing.is_empty() {
@@ -279,16 +295,23 @@ fn default_finalists() -> usize {
 }
 
 fn check_param_name(name: &str) -> Result<()> {
-    let ok = match name.split_once('.') {
-        Some((model, p)) => MODELS.contains(&model) && MODEL_PARAMS.contains(&p),
-        None => GLOBAL_PARAMS.contains(&name),
-    };
-    if !ok {
+    if numeric_param(name).is_none() {
+        let mut per_model: Vec<&str> = vec![];
+        let mut global: Vec<&str> = vec![];
+        for m in searchable() {
+            let numeric = |p: &&ParamSpec| p.domain.is_numeric();
+            per_model.extend(m.spec().per_model.iter().filter(numeric).map(|p| p.name));
+            global.extend(m.spec().global.iter().filter(numeric).map(|p| p.name));
+        }
+        for v in [&mut per_model, &mut global] {
+            v.sort();
+            v.dedup();
+        }
         bail!(
             "unknown parameter `{name}` (known: {}.{{{}}}, {})",
             MODELS.join("|"),
-            MODEL_PARAMS.join(","),
-            GLOBAL_PARAMS.join(", ")
+            per_model.join(","),
+            global.join(", ")
         );
     }
     Ok(())
@@ -296,11 +319,7 @@ fn check_param_name(name: &str) -> Result<()> {
 
 /// The interval a parameter may take (what mergekit accepts).
 fn allowed(name: &str) -> (f64, f64) {
-    match name.rsplit('.').next().unwrap_or(name) {
-        "density" => (0.0, 1.0),
-        "gamma" | "epsilon" => (0.0, 0.999_999),
-        _ => (f64::NEG_INFINITY, f64::INFINITY),
-    }
+    numeric_param(name).map_or((f64::NEG_INFINITY, f64::INFINITY), |p| p.domain.interval())
 }
 
 impl SearchSpace {
@@ -327,10 +346,13 @@ impl SearchSpace {
             .iter()
             .map(|m| {
                 let method = MergeMethod::parse(m)?;
-                if !SEARCHABLE.contains(&method) {
+                if !method.searchable() {
                     bail!(
                         "method `{m}` cannot merge two task vectors (searchable: {})",
-                        SEARCHABLE.map(|m| m.name()).join(", ")
+                        searchable()
+                            .map(|m| m.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     );
                 }
                 Ok(method)
@@ -372,11 +394,12 @@ impl SearchSpace {
         if !params.values().any(|p| matches!(p, Param::Searched(_))) && methods.len() == 1 {
             tracing::warn!("the space searches nothing: every parameter is fixed");
         }
+        let choices = choice_params();
         for (name, values) in &raw.choices {
-            let Some((_, known)) = CHOICES.iter().find(|(n, _)| n == name) else {
+            let Some(known) = choices.get(name.as_str()) else {
                 bail!(
                     "unknown choice `{name}` (known: {})",
-                    CHOICES.map(|c| c.0).join(", ")
+                    choices.keys().copied().collect::<Vec<_>>().join(", ")
                 );
             };
             if values.is_empty() {
@@ -574,8 +597,9 @@ impl MergeCandidate {
             .filter(|(n, _)| !n.contains('.'))
             .map(|(n, v)| (n.clone(), ParamValue::Number(*v)))
             .chain(self.choices.iter().map(|(n, v)| {
-                let value = match (n.as_str(), v.as_str()) {
-                    ("normalize", b) => ParamValue::Bool(b == "true"),
+                // Flags are YAML booleans (`normalize: false`), other choices strings.
+                let value = match v.as_str() {
+                    "true" | "false" => ParamValue::Bool(v == "true"),
                     _ => ParamValue::Text(v.clone()),
                 };
                 (n.clone(), value)
@@ -583,13 +607,14 @@ impl MergeCandidate {
             .collect();
         let config = MergeConfig {
             method: self.method,
-            base_model: self.method.needs_base().then(|| ModelRef::parse(base)),
+            base_model: self.method.uses_base().then(|| ModelRef::parse(base)),
             models: entries,
             parameters,
             dtype: Some("float32".into()),
             out_dtype: None,
             tokenizer_source: None,
             source: self.mergekit_yaml(base, models),
+            ignored: vec![],
         };
         config
             .validate()
@@ -599,7 +624,7 @@ impl MergeCandidate {
 
     pub fn mergekit_yaml(&self, base: &str, models: [&str; 2]) -> String {
         let mut y = format!("merge_method: {}\n", self.method.name());
-        if self.method.needs_base() {
+        if self.method.uses_base() {
             y += &format!("base_model: {}\n", yaml_str(base));
         }
         y += "models:\n";
