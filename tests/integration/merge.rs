@@ -354,22 +354,73 @@ fn matches_mergekit_outputs() {
         let theirs =
             paft::model::SafetensorsFiles::open_files(&[dir.join("model.safetensors")]).unwrap();
         assert_eq!(ours.names(), theirs.names(), "{}", dir.display());
+        let case = dir.file_name().unwrap().to_str().unwrap().to_string();
         let mut worst = 0f32;
+        let mut flips = (0usize, 0usize);
         for name in theirs.names() {
             let a = ours.load(&name, Some(DType::F32), &Device::Cpu).unwrap();
             let b = theirs.load(&name, Some(DType::F32), &Device::Cpu).unwrap();
+            if method == "arcee_fusion" {
+                let (a, b) = (flat(&a), flat(&b));
+                let n = arcee_fusion_flips(&root, &name, &a, &b);
+                flips = (flips.0 + n, flips.1 + a.len());
+                continue;
+            }
             worst = worst.max(common::max_abs_diff(&a, &b));
         }
-        let case = dir.file_name().unwrap().to_str().unwrap().to_string();
-        eprintln!("{case:<30} max |paft - mergekit| = {worst:.2e}");
+        if method == "arcee_fusion" {
+            // mergekit's importance is a KL divergence between nearly equal softmaxes in f32,
+            // where cancellation leaves ~1e-4 relative error: entries that close to the
+            // threshold may fall on either side. Each such entry is a clean flip (the base's
+            // or the model's value, nothing in between), and they must stay rare.
+            eprintln!(
+                "{case:<30} {} of {} entries on the other side of the threshold",
+                flips.0, flips.1
+            );
+            assert!(flips.0 * 1000 <= flips.1, "{case}: {} flips", flips.0);
+        }
+        if method != "arcee_fusion" {
+            eprintln!("{case:<30} max |paft - mergekit| = {worst:.2e}");
+        }
         assert!(worst <= 1e-6, "{case}: max abs diff {worst}");
         checked.push(case);
     }
     assert!(
-        checked.len() >= 22,
+        checked.len() >= 25,
         "only {} cases checked: {checked:?}",
         checked.len()
     );
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Entries where paft and mergekit disagree (> 1e-6), each checked to be a mask flip: one side
+/// is the base (`models/base`), the other base + (ft_a − base) in f32.
+fn arcee_fusion_flips(root: &Path, name: &str, ours: &[f32], theirs: &[f32]) -> usize {
+    let load = |m: &str| {
+        let f = paft::model::SafetensorsFiles::open_dir(&root.join("models").join(m)).unwrap();
+        flat(&f.load(name, Some(DType::F32), &Device::Cpu).unwrap())
+    };
+    let (base, a) = (load("base"), load("ft_a"));
+    let mut flips = 0;
+    for i in 0..ours.len() {
+        if (ours[i] - theirs[i]).abs() <= 1e-6 {
+            continue;
+        }
+        let taken = base[i] + (a[i] - base[i]);
+        let is = |x: f32, y: f32| (x - y).abs() <= 1e-6;
+        assert!(
+            (is(ours[i], base[i]) && is(theirs[i], taken))
+                || (is(ours[i], taken) && is(theirs[i], base[i])),
+            "arcee_fusion `{name}`[{i}]: paft {} mergekit {} is not a mask flip",
+            ours[i],
+            theirs[i]
+        );
+        flips += 1;
+    }
+    flips
 }
 
 #[test]
