@@ -812,6 +812,51 @@ mod tests {
     }
 
     #[test]
+    fn the_space_reads_the_method_records() {
+        let text = SPACE
+            .replace(
+                "[\"ties\", \"dare_ties\"]",
+                "[\"ties\", \"sce\", \"nuslerp\", \"ramplus_tl\"]",
+            )
+            .replace(
+                "[initial]",
+                "select_topk = { low = 0.1, high = 0.9 }\nr = 0.2\n[initial]",
+            );
+        let s = SearchSpace::from_toml(&text, "t").unwrap();
+        assert_eq!(
+            s.categorical()[0].1,
+            ["ties", "sce", "nuslerp", "ramplus_tl"]
+        );
+        // Each candidate keeps only what its method reads, and its YAML parses back unchanged.
+        for (pick, method, keys) in [
+            (1, MergeMethod::Sce, vec!["select_topk"]),
+            (2, MergeMethod::Nuslerp, vec!["pref.weight", "sft.weight"]),
+            (3, MergeMethod::RamplusTl, vec!["r"]),
+        ] {
+            let c = s.candidate(&[pick], &[0.5, 0.5, 0.5, 0.5]);
+            assert_eq!(c.method, method);
+            assert_eq!(
+                c.params.keys().map(String::as_str).collect::<Vec<_>>(),
+                keys
+            );
+            let yaml = c.mergekit_yaml("base", ["sft", "pref"]);
+            let parsed = MergeConfig::from_yaml_quiet(&yaml).unwrap();
+            assert!(parsed.ignored.is_empty(), "{yaml}");
+            let typed = c.merge_config("base", ["sft", "pref"]).unwrap();
+            assert_eq!(format!("{typed:?}"), format!("{parsed:?}"));
+        }
+        // Ranges come from the records' domains.
+        let e = SearchSpace::from_toml(&text.replace("high = 0.9", "high = 1.5"), "t").unwrap_err();
+        assert!(format!("{e:#}").contains("select_topk"), "{e:#}");
+        let e = SearchSpace::from_toml(&SPACE.replace("\"dare_ties\"", "\"karcher\""), "t")
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("cannot merge two task vectors"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
     fn alignment_tax_terms_and_their_rows_are_read() {
         let s = SearchSpace::from_toml(
             &format!(
