@@ -207,29 +207,22 @@ macro_rules! gta_globals {
     };
 }
 
-const fn gta(
-    method: MergeMethod,
-    name: &'static str,
-    pretty_name: &'static str,
-    reference: &'static str,
-    pruning: Pruning,
-    consensus: bool,
-    global: &'static [ParamSpec],
-    per_model: &'static [ParamSpec],
-) -> MethodSpec {
-    MethodSpec {
-        method,
-        name,
-        pretty_name,
-        reference,
-        algorithm: Algorithm::TaskArithmetic { pruning, consensus },
-        base: BaseRole::Required,
-        models: (1, None),
-        global,
-        per_model,
-        searchable: true,
-    }
-}
+/// What every generalized task-arithmetic record shares; each fills in the rest.
+const GTA: MethodSpec = MethodSpec {
+    method: MergeMethod::TaskArithmetic,
+    name: "",
+    pretty_name: "",
+    reference: "",
+    algorithm: Algorithm::TaskArithmetic {
+        pruning: Pruning::None,
+        consensus: false,
+    },
+    base: BaseRole::Required,
+    models: (1, None),
+    global: &[],
+    per_model: &[],
+    searchable: true,
+};
 
 /// Indexed by `MergeMethod as usize` (checked by a test).
 pub(crate) const SPECS: [MethodSpec; 20] = [
@@ -245,88 +238,112 @@ pub(crate) const SPECS: [MethodSpec; 20] = [
         per_model: &[WEIGHT],
         searchable: true,
     },
-    gta(
-        MergeMethod::TaskArithmetic,
-        "task_arithmetic",
-        "Task Arithmetic",
-        "https://arxiv.org/abs/2212.04089",
-        Pruning::None,
-        false,
-        gta_globals!(false, false),
+    MethodSpec {
+        method: MergeMethod::TaskArithmetic,
+        name: "task_arithmetic",
+        pretty_name: "Task Arithmetic",
+        reference: "https://arxiv.org/abs/2212.04089",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::None,
+            consensus: false,
+        },
+        global: gta_globals!(false, false),
         // mergekit declares `density` for every GTA method, but without a sparsifier it has no
         // effect: left out, so a `density` here is reported as unread.
-        &[WEIGHT],
-    ),
-    gta(
-        MergeMethod::Ties,
-        "ties",
-        "TIES",
-        "https://arxiv.org/abs/2306.01708",
-        Pruning::Magnitude,
-        true,
-        gta_globals!(true, false, consensus),
-        &[WEIGHT, DENSITY],
-    ),
-    gta(
-        MergeMethod::DareTies,
-        "dare_ties",
-        "DARE TIES",
-        "https://arxiv.org/abs/2311.03099",
-        Pruning::Random,
-        true,
-        gta_globals!(false, true, consensus),
-        &[WEIGHT, DENSITY],
-    ),
-    gta(
-        MergeMethod::DareLinear,
-        "dare_linear",
-        "Linear DARE",
-        "https://arxiv.org/abs/2311.03099",
-        Pruning::Random,
-        false,
-        gta_globals!(false, true),
-        &[WEIGHT, DENSITY],
-    ),
-    gta(
-        MergeMethod::Breadcrumbs,
-        "breadcrumbs",
-        "Model Breadcrumbs",
-        "https://arxiv.org/abs/2312.06795",
-        Pruning::Breadcrumbs,
-        false,
-        gta_globals!(false, false),
-        &[WEIGHT, DENSITY, GAMMA],
-    ),
-    gta(
-        MergeMethod::BreadcrumbsTies,
-        "breadcrumbs_ties",
-        "Model Breadcrumbs with TIES",
-        "https://arxiv.org/abs/2312.06795",
-        Pruning::Breadcrumbs,
-        true,
-        gta_globals!(false, false, consensus),
-        &[WEIGHT, DENSITY, GAMMA],
-    ),
-    gta(
-        MergeMethod::Della,
-        "della",
-        "DELLA",
-        "https://arxiv.org/abs/2406.11617",
-        Pruning::Della,
-        true,
-        gta_globals!(true, true, consensus),
-        &[WEIGHT, DENSITY, DELLA_EPSILON],
-    ),
-    gta(
-        MergeMethod::DellaLinear,
-        "della_linear",
-        "Linear DELLA",
-        "https://arxiv.org/abs/2406.11617",
-        Pruning::Della,
-        false,
-        gta_globals!(false, true),
-        &[WEIGHT, DENSITY, DELLA_EPSILON],
-    ),
+        per_model: &[WEIGHT],
+        ..GTA
+    },
+    MethodSpec {
+        method: MergeMethod::Ties,
+        name: "ties",
+        pretty_name: "TIES",
+        reference: "https://arxiv.org/abs/2306.01708",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::Magnitude,
+            consensus: true,
+        },
+        global: gta_globals!(true, false, consensus),
+        per_model: &[WEIGHT, DENSITY],
+        ..GTA
+    },
+    MethodSpec {
+        method: MergeMethod::DareTies,
+        name: "dare_ties",
+        pretty_name: "DARE TIES",
+        reference: "https://arxiv.org/abs/2311.03099",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::Random,
+            consensus: true,
+        },
+        global: gta_globals!(false, true, consensus),
+        per_model: &[WEIGHT, DENSITY],
+        ..GTA
+    },
+    MethodSpec {
+        method: MergeMethod::DareLinear,
+        name: "dare_linear",
+        pretty_name: "Linear DARE",
+        reference: "https://arxiv.org/abs/2311.03099",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::Random,
+            consensus: false,
+        },
+        global: gta_globals!(false, true),
+        per_model: &[WEIGHT, DENSITY],
+        ..GTA
+    },
+    MethodSpec {
+        method: MergeMethod::Breadcrumbs,
+        name: "breadcrumbs",
+        pretty_name: "Model Breadcrumbs",
+        reference: "https://arxiv.org/abs/2312.06795",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::Breadcrumbs,
+            consensus: false,
+        },
+        global: gta_globals!(false, false),
+        per_model: &[WEIGHT, DENSITY, GAMMA],
+        ..GTA
+    },
+    MethodSpec {
+        method: MergeMethod::BreadcrumbsTies,
+        name: "breadcrumbs_ties",
+        pretty_name: "Model Breadcrumbs with TIES",
+        reference: "https://arxiv.org/abs/2312.06795",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::Breadcrumbs,
+            consensus: true,
+        },
+        global: gta_globals!(false, false, consensus),
+        per_model: &[WEIGHT, DENSITY, GAMMA],
+        ..GTA
+    },
+    MethodSpec {
+        method: MergeMethod::Della,
+        name: "della",
+        pretty_name: "DELLA",
+        reference: "https://arxiv.org/abs/2406.11617",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::Della,
+            consensus: true,
+        },
+        global: gta_globals!(true, true, consensus),
+        per_model: &[WEIGHT, DENSITY, DELLA_EPSILON],
+        ..GTA
+    },
+    MethodSpec {
+        method: MergeMethod::DellaLinear,
+        name: "della_linear",
+        pretty_name: "Linear DELLA",
+        reference: "https://arxiv.org/abs/2406.11617",
+        algorithm: Algorithm::TaskArithmetic {
+            pruning: Pruning::Della,
+            consensus: false,
+        },
+        global: gta_globals!(false, true),
+        per_model: &[WEIGHT, DENSITY, DELLA_EPSILON],
+        ..GTA
+    },
     MethodSpec {
         method: MergeMethod::Slerp,
         name: "slerp",

@@ -145,7 +145,7 @@ fn merged(cfg: &str, out: &Path, seed: u64) -> Pretrained {
 fn max_diff(x: &Pretrained, y: &Pretrained) -> f32 {
     x.weights
         .iter()
-        .map(|(n, t)| common::max_abs_diff(&t, &y.weights[n]))
+        .map(|(n, t)| common::max_abs_diff(t, &y.weights[n]))
         .fold(0.0, f32::max)
 }
 
@@ -250,13 +250,27 @@ fn bad_merges_fail_before_writing_anything() {
         "{}",
     ));
     assert!(e.contains("dare-ties") && e.contains("dare_ties"), "{e}");
-    let e = run(yaml(
-        "ties",
-        &f.base,
-        &[(&f.a, "{weight: 1, denstiy: 0.5}")],
-        "{}",
-    ));
-    assert!(e.contains("denstiy"), "{e}");
+    // A misspelt parameter is one the method does not read: refused under --strict (without
+    // it, a warning; see unread_parameters_warn_by_default_and_fail_under_strict).
+    let path = tmp.path().join("typo.yaml");
+    std::fs::write(
+        &path,
+        yaml(
+            "ties",
+            &f.base,
+            &[(&f.a, "{weight: 1, denstiy: 0.5}")],
+            "{}",
+        ),
+    )
+    .unwrap();
+    let e = expect_clean_failure(&run_paft(&[
+        "--quiet",
+        "merge",
+        "--strict",
+        path.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]));
+    assert!(e.contains("denstiy") && !out.exists(), "{e}");
     // A model with a different shape.
     let q = tmp.path().join("narrow");
     TinySpec {
@@ -601,7 +615,7 @@ fn in_memory_merge_equals_mergekit() {
         let ours = merger.merge(&cfg, 0, DType::F32, &Device::Cpu).unwrap();
         let theirs = load(&root.join(case));
         for (name, t) in &theirs {
-            let d = common::max_abs_diff(&t, &ours[name]);
+            let d = common::max_abs_diff(t, &ours[name]);
             assert!(d <= 1e-6, "{case} `{name}`: {d}");
         }
         deterministic.retain(|m| *m != cfg.method.name());
