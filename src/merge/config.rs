@@ -129,9 +129,12 @@ impl ParamValue {
             Self::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
             Self::Text(s) => bail!("expected a number, got `{s}`"),
             Self::Gradient(g) => {
+                // mergekit (plan.py, plan_slice): t = l/(L−1) in the layers, 1 for the only layer
+                // of a one-layer stack, 0 outside the layers (embeddings, final norm, head).
                 let t = match layer {
                     Some(l) if num_layers > 1 => l as f64 / (num_layers - 1) as f64,
-                    _ => 0.0,
+                    Some(_) => 1.0,
+                    None => 0.0,
                 };
                 if g.len() == 1 {
                     return Ok(g[0]);
@@ -408,6 +411,12 @@ impl MergeConfig {
         if n == 0 {
             bail!("no models to merge besides the base");
         }
+        if !m.uses_base() && max == Some(1) && n > 1 {
+            bail!(
+                "{} takes exactly one model (a base_model counts as one), got {n}",
+                m.name()
+            );
+        }
         match max {
             Some(1) if n != 1 => bail!(
                 "{} merges the base_model with exactly one other model, got {n}",
@@ -498,13 +507,11 @@ fn model_entries(
     }
     if let Some(b) = base.filter(|_| !method.uses_base()) {
         if !models.iter().any(|e| &e.model == b) {
-            models.insert(
-                0,
-                ModelEntry {
-                    model: b.clone(),
-                    parameters: Params::new(),
-                },
-            );
+            // Appended last, where mergekit's planner adds it.
+            models.push(ModelEntry {
+                model: b.clone(),
+                parameters: Params::new(),
+            });
         }
     }
     Ok((models, base_params))
@@ -645,7 +652,7 @@ tokenizer_source: base
             MergeConfig::from_yaml_quiet("merge_method: karcher\nbase_model: b\nmodels: [a, c]")
                 .unwrap();
         let names: Vec<String> = c.models.iter().map(|e| e.model.to_string()).collect();
-        assert_eq!(names, ["b", "a", "c"]);
+        assert_eq!(names, ["a", "c", "b"]);
         let e = format!(
             "{:#}",
             MergeConfig::from_yaml_quiet(
@@ -654,6 +661,28 @@ tokenizer_source: base
             .unwrap_err()
         );
         assert!(e.contains("model b") && e.contains("weight"), "{e}");
+        let e = format!(
+            "{:#}",
+            MergeConfig::from_yaml_quiet("merge_method: passthrough\nbase_model: b\nmodels: [a]")
+                .unwrap_err()
+        );
+        assert!(e.contains("exactly one model"), "{e}");
+    }
+
+    #[test]
+    fn a_gradient_in_a_one_layer_stack_takes_its_last_value() {
+        let g = ParamValue::Gradient(vec![1.0, 0.25]);
+        assert_eq!(
+            g.number("model.layers.0.mlp.up_proj.weight", Some(0), 1)
+                .unwrap(),
+            0.25
+        );
+        assert_eq!(g.number("model.embed_tokens.weight", None, 1).unwrap(), 1.0);
+        assert_eq!(
+            g.number("model.layers.1.mlp.up_proj.weight", Some(1), 3)
+                .unwrap(),
+            0.625
+        );
     }
 
     #[test]
