@@ -347,6 +347,30 @@ CASES = {
         "models": [{"model": A, "parameters": {"scale": 0.5}}],
         "dtype": "float32",
     },
+    # a frankenmerge: ft_a's two layers, then ft_b's layer 1 as layer 2 (3 layers out); the
+    # embeddings come from the first slice's source, the final norm and head from the last's
+    "passthrough_slices": {
+        "slices": [
+            {"sources": [{"model": A, "layer_range": [0, 2]}]},
+            {"sources": [{"model": Bm, "layer_range": [1, 2]}]},
+        ],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+    },
+    # slices with a merge in each: a top-level weight gradient evaluated per slice (t = idx/(n-1),
+    # 1 for a one-layer slice), per-source weights overriding it, sources from different layers
+    "linear_slices": {
+        "slices": [
+            {"sources": [{"model": A, "layer_range": [0, 2]}, {"model": Bm, "layer_range": [0, 2]}]},
+            {"sources": [
+                {"model": Bm, "layer_range": [1, 2], "parameters": {"weight": 1.0}},
+                {"model": A, "layer_range": [0, 1], "parameters": {"weight": 0.25}},
+            ]},
+        ],
+        "merge_method": "linear",
+        "parameters": {"weight": [1.0, 0.5]},
+        "dtype": "float32",
+    },
     # parameters the method does not read (density on task_arithmetic, gamma at the top level):
     # mergekit ignores them, so the output is the `task_arithmetic` case's
     "task_arithmetic_unread_params": {
@@ -369,7 +393,7 @@ CORE = [
 # cases recomputed by expected() below (all but multislerp, karcher and ramplus_tl)
 CHECKED = CORE + [
     "linear_nonorm", "ties_params", "model_stock_filterwise", "sce", "nearswap", "ram", "nuslerp",
-    "arcee_fusion", "passthrough_scale", "task_arithmetic_unread_params",
+    "arcee_fusion", "passthrough_scale", "task_arithmetic_unread_params", "passthrough_slices",
 ]  # fmt: skip
 
 MERGEKIT_FLAGS = [
@@ -619,8 +643,24 @@ def expected(case, inputs):
     return out, info
 
 
+def expected_slices(case, inputs):
+    """passthrough_slices: ft_a layers 0, 1 then ft_b layer 1; embed from ft_a, norm/head ft_b."""
+    a, b = inputs["ft_a"], inputs["ft_b"]
+    out = {}
+    for name in a:
+        if ".layers." not in name:
+            src = a if name.startswith("model.embed_tokens.") else b
+            out[name] = src[name].astype(np.float64)
+        elif ".layers.1." in name:
+            out[name] = a[name].astype(np.float64)
+            out[name.replace(".layers.1.", ".layers.2.")] = b[name].astype(np.float64)
+        else:
+            out[name] = a[name].astype(np.float64)
+    return out, {}
+
+
 def check_case(case, inputs):
-    exp, info = expected(case, inputs)
+    exp, info = expected_slices(case, inputs) if case == "passthrough_slices" else expected(case, inputs)
     got = load(FIX / case)
     assert sorted(got) == sorted(exp), (case, sorted(set(got) ^ set(exp)))
     worst = 0.0

@@ -209,10 +209,96 @@ pub struct MergeConfig {
     pub source: String,
     /// Parameters the method does not read (mergekit ignores them): `(where, name)`.
     pub ignored: Vec<(String, String)>,
+    /// The `slices:` form (empty for `models:`): output layers taken slice after slice, each
+    /// merged from its sources' layer ranges. `models` then holds the first slice's sources.
+    pub slices: Vec<OutputSlice>,
 }
 
-const TOP_LEVEL: [&str; 9] = [
+/// One entry of `slices:`; every source spans the same number of layers.
+#[derive(Debug, Clone)]
+pub struct OutputSlice {
+    pub sources: Vec<SliceSource>,
+}
+
+/// A source of a slice: `layer_range: [start, end)` of one model, with its parameters.
+#[derive(Debug, Clone)]
+pub struct SliceSource {
+    pub model: ModelRef,
+    pub start: usize,
+    pub end: usize,
+    pub parameters: Params,
+}
+
+impl OutputSlice {
+    pub fn len(&self) -> usize {
+        self.sources.first().map_or(0, |s| s.end - s.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn layer_range(v: Option<&Value>, what: &str) -> Result<(usize, usize)> {
+    let r = v
+        .and_then(Value::as_array)
+        .with_context(|| format!("{what}: `layer_range: [start, end]` is required"))?;
+    let n = |x: &Value| x.as_u64().map(|x| x as usize);
+    match r.as_slice() {
+        [a, b] => match (n(a), n(b)) {
+            (Some(a), Some(b)) if a < b => Ok((a, b)),
+            _ => bail!("{what}: `layer_range` must be two whole numbers, start < end"),
+        },
+        _ => bail!("{what}: `layer_range` must be [start, end]"),
+    }
+}
+
+/// The `slices:` list: sources with their layer ranges and parameters.
+fn output_slices(v: &Value) -> Result<Vec<OutputSlice>> {
+    let items = v.as_array().context("`slices` must be a list")?;
+    if items.is_empty() {
+        bail!("`slices` is empty");
+    }
+    let mut out = vec![];
+    for (i, item) in items.iter().enumerate() {
+        let o = item
+            .as_object()
+            .with_context(|| format!("slices[{i}] must be a mapping with `sources`"))?;
+        if let Some(k) = o.keys().find(|k| k.as_str() != "sources") {
+            bail!("slices[{i}]: `{k}` is not supported yet (only `sources`)");
+        }
+        let sources = o
+            .get("sources")
+            .and_then(Value::as_array)
+            .filter(|s| !s.is_empty())
+            .with_context(|| format!("slices[{i}] needs a non-empty `sources` list"))?;
+        let mut slice = OutputSlice { sources: vec![] };
+        for (j, src) in sources.iter().enumerate() {
+            let what = format!("slices[{i}].sources[{j}]");
+            let model = ModelRef::from_yaml(
+                src.get("model")
+                    .with_context(|| format!("{what}: `model` is required"))?,
+            )?;
+            let (start, end) = layer_range(src.get("layer_range"), &what)?;
+            let parameters = params(src.get("parameters"), &what)?;
+            slice.sources.push(SliceSource {
+                model,
+                start,
+                end,
+                parameters,
+            });
+        }
+        if slice.sources.iter().any(|s| s.end - s.start != slice.len()) {
+            bail!("slices[{i}]: every source must span the same number of layers");
+        }
+        out.push(slice);
+    }
+    Ok(out)
+}
+
+const TOP_LEVEL: [&str; 10] = [
     "merge_method",
+    "slices",
     "base_model",
     "models",
     "parameters",
@@ -296,8 +382,11 @@ impl MergeConfig {
         let top = doc
             .as_object()
             .context("the config must be a YAML mapping")?;
-        if top.contains_key("slices") || top.contains_key("modules") {
-            bail!("`slices`/`modules` (layer-range frankenmerges) are not supported yet; use `models:`");
+        if top.contains_key("modules") {
+            bail!("`modules` is not supported yet; use `models:` or `slices:`");
+        }
+        if top.contains_key("slices") == top.contains_key("models") {
+            bail!("give exactly one of `models:` and `slices:`");
         }
         if let Some(k) = top.keys().find(|k| !TOP_LEVEL.contains(&k.as_str())) {
             bail!("unknown key `{k}` (known: {})", TOP_LEVEL.join(", "));
@@ -308,7 +397,24 @@ impl MergeConfig {
             .context("missing `merge_method`")?;
         let method = MergeMethod::parse(method_name)?;
         let base_model = top.get("base_model").map(ModelRef::from_yaml).transpose()?;
-        let (models, base_params) = model_entries(top.get("models"), method, base_model.as_ref())?;
+        let slices = top
+            .get("slices")
+            .map(output_slices)
+            .transpose()?
+            .unwrap_or_default();
+        if !slices.is_empty() && method.uses_base() {
+            bail!(
+                "`slices:` with {} (a method with a base_model) is not supported yet; use `models:`",
+                method.name()
+            );
+        }
+        let (models, base_params) = match slices.first() {
+            Some(first) => (
+                slice_entries(first, method, base_model.as_ref()),
+                Params::new(),
+            ),
+            None => model_entries(top.get("models"), method, base_model.as_ref())?,
+        };
         let mut cfg = Self {
             method,
             base_model,
@@ -325,10 +431,32 @@ impl MergeConfig {
                 .map(String::from),
             source: text.to_string(),
             ignored: vec![],
+            slices,
         };
         cfg.ignored = cfg.unread_parameters(&base_params);
+        for view in cfg.slice_views() {
+            cfg.ignored.extend(
+                view.unread_parameters(&Params::new())
+                    .into_iter()
+                    .filter(|(at, _)| at != "global parameters"),
+            );
+            view.validate()?;
+        }
+        cfg.ignored.dedup();
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// One config per slice, its sources as the models (what a slice's tensors are merged by).
+    pub fn slice_views(&self) -> Vec<MergeConfig> {
+        self.slices
+            .iter()
+            .map(|s| MergeConfig {
+                models: slice_entries(s, self.method, self.base_model.as_ref()),
+                slices: vec![],
+                ..self.clone()
+            })
+            .collect()
     }
 
     /// Parameters given in the config that the method does not read, with where they are.
@@ -517,6 +645,32 @@ fn model_entries(
     Ok((models, base_params))
 }
 
+/// A slice's sources as merge inputs (a base_model missing from them is added last, as for
+/// `models:`; only methods that merge the base like a model take slices).
+fn slice_entries(
+    slice: &OutputSlice,
+    method: MergeMethod,
+    base: Option<&ModelRef>,
+) -> Vec<ModelEntry> {
+    let mut models: Vec<ModelEntry> = slice
+        .sources
+        .iter()
+        .map(|s| ModelEntry {
+            model: s.model.clone(),
+            parameters: s.parameters.clone(),
+        })
+        .collect();
+    if let Some(b) = base.filter(|_| !method.uses_base()) {
+        if !models.iter().any(|e| &e.model == b) {
+            models.push(ModelEntry {
+                model: b.clone(),
+                parameters: Params::new(),
+            });
+        }
+    }
+    models
+}
+
 /// Finite, inside the parameter's domain (numbers), or one of its choices.
 fn check_value(key: &str, domain: Domain, v: &ParamValue, what: &str) -> Result<()> {
     match (domain, v) {
@@ -598,7 +752,13 @@ tokenizer_source: base
         let e = err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: .nan}");
         assert!(e.contains(".nan") && e.contains("line 5"), "{e}");
         assert!(err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}").contains("out of range"));
-        assert!(err("merge_method: ties\nslices: []").contains("not supported yet"));
+        assert!(err("merge_method: ties\nslices: []").contains("empty"));
+        assert!(err("merge_method: ties\nbase_model: b\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]").contains("not supported yet"));
+        assert!(err(
+            "merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [2, 1]}]}]"
+        )
+        .contains("start < end"));
+        assert!(err("merge_method: passthrough\nmodels: [a]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]").contains("exactly one of"));
         assert!(
             err("merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 1}")
                 .contains("base_model")

@@ -139,6 +139,21 @@ pub fn merge_one(
     seed: u64,
 ) -> Result<Vec<f32>> {
     let layer = layer_of(name);
+    merge_at(config, name, base, models, shape, layer, num_layers, seed)
+}
+
+/// `merge_one` at an explicit position in the layer stack (a slice's own, for `slices:`).
+#[allow(clippy::too_many_arguments)] // the tensor's data plus where it sits; a struct adds nothing
+pub(crate) fn merge_at(
+    config: &MergeConfig,
+    name: &str,
+    base: Option<&[f32]>,
+    models: Vec<&[f32]>,
+    shape: &[usize],
+    layer: Option<usize>,
+    num_layers: usize,
+    seed: u64,
+) -> Result<Vec<f32>> {
     let input = TensorInputs {
         name,
         base,
@@ -156,6 +171,9 @@ pub fn merge_one(
 
 /// Runs `config` into the new directory `out`.
 pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<PathBuf> {
+    if !config.slices.is_empty() {
+        return super::slices::run_slices(config, out, opts);
+    }
     let base = config
         .base_model
         .as_ref()

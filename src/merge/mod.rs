@@ -11,6 +11,7 @@ pub mod load;
 pub mod memory;
 pub mod methods;
 mod selective;
+mod slices;
 pub mod sparsify;
 pub mod spec;
 mod spherical;

@@ -615,6 +615,7 @@ impl MergeCandidate {
             tokenizer_source: None,
             source: self.mergekit_yaml(base, models),
             ignored: vec![],
+            slices: vec![],
         };
         config
             .validate()

@@ -368,6 +368,19 @@ fn matches_mergekit_outputs() {
         let theirs =
             paft::model::SafetensorsFiles::open_files(&[dir.join("model.safetensors")]).unwrap();
         assert_eq!(ours.names(), theirs.names(), "{}", dir.display());
+        // Frankenmerges change the layer count; config.json must say so, as mergekit's does.
+        let layers = |d: &Path| {
+            let c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap())
+                    .unwrap();
+            c["num_hidden_layers"].as_u64()
+        };
+        assert_eq!(
+            layers(&out),
+            layers(&dir),
+            "{}: num_hidden_layers",
+            dir.display()
+        );
         let case = dir.file_name().unwrap().to_str().unwrap().to_string();
         let mut worst = 0f32;
         let mut flips = (0usize, 0usize);
@@ -400,7 +413,7 @@ fn matches_mergekit_outputs() {
         checked.push(case);
     }
     assert!(
-        checked.len() >= 25,
+        checked.len() >= 27,
         "only {} cases checked: {checked:?}",
         checked.len()
     );
@@ -476,6 +489,49 @@ fn unread_parameters_warn_by_default_and_fail_under_strict() {
             "{e}"
         );
     }
+}
+
+/// A slice asking for layers a model does not have, or sources of different shapes, is refused
+/// from the headers, naming the model and the tensor, and nothing is written.
+#[test]
+fn bad_slices_fail_before_writing_anything() {
+    let m = common::fixture("merge").join("models");
+    let (a, b) = (m.join("ft_a"), m.join("ft_b"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let run = |slices: String| {
+        let path = tmp.path().join("s.yaml");
+        std::fs::write(
+            &path,
+            format!("merge_method: passthrough\nslices:\n{slices}dtype: float32\n"),
+        )
+        .unwrap();
+        let e = expect_clean_failure(&run_paft(&[
+            "--quiet",
+            "merge",
+            path.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]));
+        assert!(!out.exists(), "output left behind");
+        e
+    };
+    let e = run(format!(
+        "- sources: [{{model: {}, layer_range: [1, 3]}}]\n",
+        a.display()
+    ));
+    assert!(e.contains("ft_a") && e.contains("model.layers.2."), "{e}");
+    let e = run(format!(
+        "- sources: [{{model: {}, layer_range: [0, 1]}}, {{model: {}, layer_range: [0, 2]}}]\n",
+        a.display(),
+        b.display()
+    ));
+    assert!(e.contains("same number of layers"), "{e}");
+    let e = run(format!(
+        "- sources: [{{model: {}, layer_range: [0, 1]}}, {{model: {}, layer_range: [1, 2]}}]\n",
+        a.display(),
+        b.display()
+    ));
+    assert!(e.contains("passthrough takes exactly one model"), "{e}");
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
