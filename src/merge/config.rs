@@ -349,7 +349,7 @@ impl MergeConfig {
     }
 
     /// Warns once per ignored parameter, or (strict) fails naming all of them.
-    pub fn report_ignored(&self, label: &str, strict: bool) -> Result<()> {
+    pub(crate) fn report_ignored(&self, label: &str, strict: bool) -> Result<()> {
         if self.ignored.is_empty() {
             return Ok(());
         }
@@ -376,7 +376,7 @@ impl MergeConfig {
     }
 
     /// Parses and validates without reporting ignored parameters (they are in `ignored`).
-    pub fn from_yaml_quiet(text: &str) -> Result<Self> {
+    pub(crate) fn from_yaml_quiet(text: &str) -> Result<Self> {
         let doc: Value =
             serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("not valid YAML: {e}"))?;
         let top = doc
@@ -448,7 +448,7 @@ impl MergeConfig {
     }
 
     /// One config per slice, its sources as the models (what a slice's tensors are merged by).
-    pub fn slice_views(&self) -> Vec<MergeConfig> {
+    pub(crate) fn slice_views(&self) -> Vec<MergeConfig> {
         self.slices
             .iter()
             .map(|s| MergeConfig {
