@@ -247,10 +247,12 @@ struct Row {
 /// every decode step runs a full batch. Each document stops at an end-of-sequence token, at the
 /// first of its `until` strings (cut off with everything after it) or after `max_gen_toks`
 /// tokens. `base` is a prefix of every context (the task's shared few-shot prefix, or empty):
-/// it was prefilled once and each new document's cache is forked from it. Greedy decoding keeps
-/// a document's output what it would be alone: padding is masked exactly, and rows never attend
-/// to each other. `on_done(i)` is called when request `i` has finished. Also returns the work:
-/// the context tokens prefilled past `base` and the tokens generated.
+/// it was prefilled once and each new document's cache is forked from it. A document's output
+/// is what it would be alone: rows never attend to each other and padding gets exactly zero
+/// attention weight, so only float rounding in the batched matmuls differs, which greedy
+/// decoding does not see unless two logits tie within it. `on_done(i)` is called when request
+/// `i` has finished. Also returns the work: the context tokens prefilled past `base` and the
+/// tokens generated.
 pub fn generate_until(
     model: &LlamaModel,
     tokenizer: &ModelTokenizer,
