@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 
 use super::config::{MergeConfig, ModelRef};
-use super::methods::{merge_tensor, TensorInputs};
+use super::methods::{merge_tensor_into, MergeScratch, TensorInputs};
 use crate::model::pretrained::copy_tokenizer_files;
 use crate::model::weights::{parse_size, AtomicDir, ShardedWriter};
 use crate::model::{parse_dtype, source, LoraAdapter, ModelFiles};
@@ -138,6 +138,35 @@ pub fn merge_one(
     num_layers: usize,
     seed: u64,
 ) -> Result<Vec<f32>> {
+    let n = base.or(models.first().copied()).map_or(0, <[f32]>::len);
+    let mut out = vec![0f32; n];
+    merge_one_into(
+        config,
+        name,
+        base,
+        models,
+        shape,
+        num_layers,
+        seed,
+        &mut out,
+        &mut MergeScratch::default(),
+    )?;
+    Ok(out)
+}
+
+/// [`merge_one`] into `out`, with reusable buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_one_into(
+    config: &MergeConfig,
+    name: &str,
+    base: Option<&[f32]>,
+    models: Vec<&[f32]>,
+    shape: &[usize],
+    num_layers: usize,
+    seed: u64,
+    out: &mut [f32],
+    scratch: &mut MergeScratch,
+) -> Result<()> {
     let layer = layer_of(name);
     let input = TensorInputs {
         name,
@@ -147,9 +176,14 @@ pub fn merge_one(
         row_len: *shape.last().unwrap_or(&1),
     };
     let global = config.global_params(name, layer, num_layers)?;
-    merge_tensor(config.method, &global, &input, |i| {
-        tensor_rng(seed, name, i)
-    })
+    merge_tensor_into(
+        config.method,
+        &global,
+        &input,
+        |i| tensor_rng(seed, name, i),
+        out,
+        scratch,
+    )
     .with_context(|| format!("tensor `{name}`"))
 }
 

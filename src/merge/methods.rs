@@ -4,8 +4,8 @@
 use anyhow::{bail, Result};
 use rand::rngs::StdRng;
 
-use super::consensus::{elect_signs, sign, SignRule};
-use super::sparsify::{sparsify, Rescale, Sparsifier};
+use super::consensus::{elect_sign, sign, SignRule};
+use super::sparsify::{sparsify_with, Rescale, Sparsifier};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum MergeMethod {
@@ -215,22 +215,64 @@ fn sparsifier(p: Pruning, m: &ModelParams) -> Sparsifier {
     }
 }
 
+/// Buffers one merge worker reuses from tensor to tensor: the models' task vectors and the
+/// magnitudes TIES selects its top-k from.
+#[derive(Debug, Default)]
+pub struct MergeScratch {
+    deltas: Vec<Vec<f32>>,
+    mags: Vec<f32>,
+}
+
 /// Merges one tensor. `rng(i)` is the random stream for model `i` of this tensor.
 pub fn merge_tensor(
     method: MergeMethod,
     global: &GlobalParams,
     input: &TensorInputs,
-    mut rng: impl FnMut(usize) -> StdRng,
+    rng: impl FnMut(usize) -> StdRng,
 ) -> Result<Vec<f32>> {
-    let n = input
+    let mut out = vec![0f32; input_len(input)];
+    merge_tensor_into(
+        method,
+        global,
+        input,
+        rng,
+        &mut out,
+        &mut MergeScratch::default(),
+    )?;
+    Ok(out)
+}
+
+/// Entries per input tensor: the base's, else the first model's.
+fn input_len(input: &TensorInputs) -> usize {
+    input
         .base
         .or(input.models.first().copied())
-        .map_or(0, <[f32]>::len);
+        .map_or(0, <[f32]>::len)
+}
+
+/// [`merge_tensor`] into `out` (as long as the inputs), with the task vectors in `scratch`: the
+/// in-memory merger reuses both from candidate to candidate instead of allocating a model each.
+pub fn merge_tensor_into(
+    method: MergeMethod,
+    global: &GlobalParams,
+    input: &TensorInputs,
+    mut rng: impl FnMut(usize) -> StdRng,
+    out: &mut [f32],
+    scratch: &mut MergeScratch,
+) -> Result<()> {
+    let n = input_len(input);
     if input.models.iter().any(|m| m.len() != n) {
         bail!("tensor `{}`: inputs differ in size", input.name);
     }
+    if out.len() != n {
+        bail!(
+            "tensor `{}`: output buffer of {} entries for inputs of {n}",
+            input.name,
+            out.len()
+        );
+    }
     match method {
-        MergeMethod::Linear => Ok(linear(input, global.normalize)),
+        MergeMethod::Linear => linear(input, global.normalize, out),
         MergeMethod::Slerp => {
             let base = input
                 .base
@@ -241,7 +283,7 @@ pub fn merge_tensor(
                     input.models.len() + 1
                 );
             }
-            Ok(slerp(global.t, base, input.models[0]))
+            out.copy_from_slice(&slerp(global.t, base, input.models[0]));
         }
         MergeMethod::ModelStock => {
             let base = input
@@ -250,74 +292,92 @@ pub fn merge_tensor(
             if input.models.len() < 2 {
                 bail!("model_stock needs a base_model and at least two other models");
             }
-            Ok(model_stock(
+            out.copy_from_slice(&model_stock(
                 base,
                 &input.models,
                 if global.filter_wise { input.row_len } else { n },
-            ))
+            ));
         }
         _ => {
             let base = input
                 .base
                 .ok_or_else(|| anyhow::anyhow!("{} needs a base_model", method.name()))?;
-            let pruning = method.pruning();
-            let weighted: Vec<Vec<f32>> = input
-                .models
-                .iter()
-                .zip(&input.params)
-                .enumerate()
-                .map(|(i, (m, p))| {
-                    let mut delta: Vec<f32> = m.iter().zip(base).map(|(a, b)| a - b).collect();
-                    sparsify(
-                        &mut delta,
-                        input.row_len,
-                        sparsifier(pruning, p),
-                        global.rescale,
-                        &mut rng(i),
-                    );
-                    let w = p.weight as f32;
-                    delta.iter_mut().for_each(|x| *x *= w);
-                    delta
-                })
-                .collect();
-            let weights: Vec<f32> = input.params.iter().map(|p| p.weight as f32).collect();
-            let lambda = global.lambda as f32;
-            let mut out = base.to_vec();
-            if method.sign_consensus() {
-                let signs = elect_signs(&weighted, global.sign_rule);
-                for j in 0..n {
-                    let (mut mix, mut div) = (0f32, 0f32);
-                    for (d, &w) in weighted.iter().zip(&weights) {
-                        if sign(d[j]) == signs[j] {
-                            mix += d[j];
-                            div += w;
-                        }
-                    }
-                    if global.normalize {
-                        mix /= if div == 0.0 { 1.0 } else { div };
-                    }
-                    out[j] += mix * lambda;
-                }
-            } else {
-                let total: f32 = weights.iter().sum();
-                let div = if total.abs() < 1e-8 { 1.0 } else { total };
-                for (j, o) in out.iter_mut().enumerate() {
-                    let mut mix: f32 = weighted.iter().map(|d| d[j]).sum();
-                    if global.normalize {
-                        mix /= div;
-                    }
-                    *o += mix * lambda;
+            task_arithmetic(method, global, input, base, &mut rng, out, scratch);
+        }
+    }
+    Ok(())
+}
+
+/// The task-vector family: each model's δ = θᵢ − θ₀ pruned and weighted, then combined (over
+/// the agreeing signs, for the sign-consensus methods) onto θ₀.
+fn task_arithmetic(
+    method: MergeMethod,
+    global: &GlobalParams,
+    input: &TensorInputs,
+    base: &[f32],
+    rng: &mut impl FnMut(usize) -> StdRng,
+    out: &mut [f32],
+    scratch: &mut MergeScratch,
+) {
+    let pruning = method.pruning();
+    let count = input.models.len().min(input.params.len());
+    scratch.deltas.resize_with(count, Vec::new);
+    scratch.deltas.truncate(count);
+    for (i, ((m, p), delta)) in input
+        .models
+        .iter()
+        .zip(&input.params)
+        .zip(scratch.deltas.iter_mut())
+        .enumerate()
+    {
+        delta.clear();
+        delta.extend(m.iter().zip(base).map(|(a, b)| a - b));
+        sparsify_with(
+            delta,
+            input.row_len,
+            sparsifier(pruning, p),
+            global.rescale,
+            &mut rng(i),
+            &mut scratch.mags,
+        );
+        let w = p.weight as f32;
+        delta.iter_mut().for_each(|x| *x *= w);
+    }
+    let weighted = &scratch.deltas;
+    let weights: Vec<f32> = input.params.iter().map(|p| p.weight as f32).collect();
+    let lambda = global.lambda as f32;
+    out.copy_from_slice(base);
+    if method.sign_consensus() {
+        for (j, o) in out.iter_mut().enumerate() {
+            let elected = elect_sign(weighted, j, global.sign_rule);
+            let (mut mix, mut div) = (0f32, 0f32);
+            for (d, &w) in weighted.iter().zip(&weights) {
+                if sign(d[j]) == elected {
+                    mix += d[j];
+                    div += w;
                 }
             }
-            Ok(out)
+            if global.normalize {
+                mix /= if div == 0.0 { 1.0 } else { div };
+            }
+            *o += mix * lambda;
+        }
+    } else {
+        let total: f32 = weights.iter().sum();
+        let div = if total.abs() < 1e-8 { 1.0 } else { total };
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut mix: f32 = weighted.iter().map(|d| d[j]).sum();
+            if global.normalize {
+                mix /= div;
+            }
+            *o += mix * lambda;
         }
     }
 }
 
-/// Σ wᵢθᵢ (over the base too, when it has a weight), divided by Σ wᵢ if `normalize`.
-fn linear(input: &TensorInputs, normalize: bool) -> Vec<f32> {
-    let n = input.models.first().map_or(0, |m| m.len());
-    let mut out = vec![0f32; n];
+/// Σ wᵢθᵢ (over the base too, when it has a weight), divided by Σ wᵢ if `normalize`, into `out`.
+fn linear(input: &TensorInputs, normalize: bool, out: &mut [f32]) {
+    out.fill(0.0);
     let mut total = 0f32;
     for (m, p) in input.models.iter().zip(&input.params) {
         let w = p.weight as f32;
@@ -327,7 +387,6 @@ fn linear(input: &TensorInputs, normalize: bool) -> Vec<f32> {
     if normalize {
         out.iter_mut().for_each(|o| *o /= total);
     }
-    out
 }
 
 /// Spherical interpolation of the flattened tensors; linear when they are nearly parallel.
