@@ -30,6 +30,10 @@
 #                                  # report-pool documents (accuracy): Spearman of each screening objective with the report
 #                                  # accuracy. TASKS default arc_challenge,hellaswag,truthfulqa_mc2,winogrande. Deltas: LoRA SFT
 #                                  # and DPO adapters of SmolLM2 trained STEPS (default 20) steps with the demo's settings into RUN.
+#   benchmarks/run.sh candidate    # two per-candidate costs of a search: seconds per in-memory TIES merge (MERGES candidates,
+#                                  # default 6; buffers reused, and --fresh ones as before, with each merge's sha256) and
+#                                  # seconds of GSM8K generation for the first DOCS (default 16) documents at batch 8, per-document
+#                                  # and shared shots. Deltas: the LoRA adapters of RUN (default: the objective study's).
 # Env: THREADS (default: nproc), PAFT_BIN (a built paft; default: build the dev profile), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -40,7 +44,7 @@ SHARED=${PAFT_SHARED:-../shared}
 PY=${PYTHON:-scripts/.venv/bin/python}
 OUT=target/bench-assets
 mkdir -p "$OUT"
-if [ "$what" != search ] && [ "$what" != sparsity ] && [ "$what" != objective ]; then
+if [ "$what" != search ] && [ "$what" != sparsity ] && [ "$what" != objective ] && [ "$what" != candidate ]; then
   [ -x "$PY" ] || { echo "no Python at $PY: create the reference venv as scripts/reference/README.md says" >&2; exit 1; }
 fi
 export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -129,6 +133,20 @@ PY
       --screen "${SCREEN:-10}" --report "${REPORT:-60}" --grid "${GRID:-4}" --high "${HIGH:-2}" \
       --cache "$cache" | tee "$OUT/objective.jsonl"
     ;;
+  candidate)
+    RUN=${RUN:-$OUT/objective-run}
+    for a in sft dpo; do
+      [ -f "$RUN/train/$a/adapter/adapter_config.json" ] || { echo "no $a adapter in $RUN/train: run benchmarks/run.sh objective first, or set RUN" >&2; exit 1; }
+    done
+    log=$OUT/candidate.jsonl
+    : > "$log"
+    for fresh in "" --fresh; do
+      cargo bench --profile dev --quiet --bench candidate_parts -- --base "$MODEL" --what merge $fresh \
+        --sft "$MODEL+$RUN/train/sft/adapter" --pref "$MODEL+$RUN/train/dpo/adapter" --merges "${MERGES:-6}" | tee -a "$log"
+    done
+    cargo bench --profile dev --quiet --bench candidate_parts -- --base "$MODEL" --what gsm8k --docs "${DOCS:-16}" \
+      --tasks-dir "$SHARED/data/leaderboard" --out "$OUT/candidate-generations.jsonl" | tee -a "$log"
+    ;;
   prefill)
     log=$OUT/prefill.jsonl
     : > "$log"
@@ -184,5 +202,5 @@ YAML
     python3 benchmarks/eval_summary.py lm-eval "$OUT/eval-lmeval/lm_eval_results.json" - "$THREADS" | tee -a "$log"
     python3 benchmarks/ratio.py "$log"
     ;;
-  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search, objective)" >&2; exit 2 ;;
+  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search, objective, candidate)" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use super::engine::{self, Prefilled, TokenWork};
+use super::engine::{self, GenerationSettings, Prefilled, TokenWork};
 use super::fewshot::{shared_shots, shot_plan, FewshotMode, DEFAULT_FEWSHOT_SEED};
 use super::pools::{Pool, PoolSplit};
 use super::results::{DocRecord, SuiteResult, TaskResult};
@@ -285,15 +285,19 @@ fn run_task(
     }
     // Longest contexts first, as lm-eval orders them, so a batch holds similar lengths.
     generations.sort_by_key(|(i, g)| (std::cmp::Reverse(g.context.len()), *i));
-    for chunk in generations.chunks(batch_size) {
-        let reqs: Vec<_> = chunk.iter().map(|(_, g)| *g).collect();
-        let (texts, generation) =
-            engine::generate_until(m.model, m.tokenizer, &reqs, &m.stop_token_ids, m.pad_id)?;
-        work += generation;
-        for ((i, _), text) in chunk.iter().zip(texts) {
-            out[*i] = Some(Response::Generation(text));
-            on_doc();
-        }
+    let reqs: Vec<_> = generations.iter().map(|(_, g)| *g).collect();
+    let settings = GenerationSettings {
+        stop_token_ids: m.stop_token_ids.clone(),
+        pad_id: m.pad_id,
+        batch_size,
+    };
+    let (texts, generation) =
+        engine::generate_until(m.model, m.tokenizer, &base, &reqs, &settings, &mut |_| {
+            on_doc()
+        })?;
+    work += generation;
+    for ((i, _), text) in generations.iter().zip(texts) {
+        out[*i] = Some(Response::Generation(text));
     }
     work.saved = unshared.saturating_sub(work.prefilled);
     let responses = out
@@ -303,15 +307,15 @@ fn run_task(
     Ok((responses, work))
 }
 
-/// The longest prefix shared by every document's prefillable prefix, if long enough to matter.
+/// The longest prefix shared by every document's prefillable prefix, if long enough to matter:
+/// a multiple-choice document's shared context, a generation's context but its last token (the
+/// shared-shot mode's few-shot prefix).
 fn task_shared_prefix(requests: &[TokenizedRequests]) -> Vec<u32> {
     let prefixes: Vec<&[u32]> = requests
         .iter()
-        .filter_map(|r| match r {
-            TokenizedRequests::Loglikelihood(c) => {
-                Some(&c.shared[..engine::document_prefix_len(c)])
-            }
-            TokenizedRequests::Generate(_) => None,
+        .map(|r| match r {
+            TokenizedRequests::Loglikelihood(c) => &c.shared[..engine::document_prefix_len(c)],
+            TokenizedRequests::Generate(g) => &g.context[..g.context.len().saturating_sub(1)],
         })
         .collect();
     if prefixes.len() < 2 {

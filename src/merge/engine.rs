@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 
 use super::config::{MergeConfig, ModelRef};
-use super::methods::{merge_tensor, TensorInputs};
+use super::methods::{merge_tensor_into, MergeScratch, TensorInputs};
 use crate::model::pretrained::copy_tokenizer_files;
 use crate::model::weights::{parse_size, AtomicDir, ShardedWriter};
 use crate::model::{parse_dtype, source, LoraAdapter, ModelFiles};
@@ -138,8 +138,39 @@ pub fn merge_one(
     num_layers: usize,
     seed: u64,
 ) -> Result<Vec<f32>> {
+    let n = base.or(models.first().copied()).map_or(0, <[f32]>::len);
+    let mut out = vec![0f32; n];
+    merge_one_into(
+        config,
+        name,
+        base,
+        models,
+        shape,
+        num_layers,
+        seed,
+        &mut out,
+        &mut MergeScratch::default(),
+    )?;
+    Ok(out)
+}
+
+/// [`merge_one`] into `out`, with reusable buffers.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_one_into(
+    config: &MergeConfig,
+    name: &str,
+    base: Option<&[f32]>,
+    models: Vec<&[f32]>,
+    shape: &[usize],
+    num_layers: usize,
+    seed: u64,
+    out: &mut [f32],
+    scratch: &mut MergeScratch,
+) -> Result<()> {
     let layer = layer_of(name);
-    merge_at(config, name, base, models, shape, layer, num_layers, seed)
+    merge_at_into(
+        config, name, base, models, shape, layer, num_layers, seed, out, scratch,
+    )
 }
 
 /// `merge_one` at an explicit position in the layer stack (a slice's own, for `slices:`).
@@ -154,6 +185,37 @@ pub(crate) fn merge_at(
     num_layers: usize,
     seed: u64,
 ) -> Result<Vec<f32>> {
+    let n = base.or(models.first().copied()).map_or(0, <[f32]>::len);
+    let mut out = vec![0f32; n];
+    merge_at_into(
+        config,
+        name,
+        base,
+        models,
+        shape,
+        layer,
+        num_layers,
+        seed,
+        &mut out,
+        &mut MergeScratch::default(),
+    )?;
+    Ok(out)
+}
+
+/// [`merge_at`] into `out`, with reusable buffers.
+#[allow(clippy::too_many_arguments)]
+fn merge_at_into(
+    config: &MergeConfig,
+    name: &str,
+    base: Option<&[f32]>,
+    models: Vec<&[f32]>,
+    shape: &[usize],
+    layer: Option<usize>,
+    num_layers: usize,
+    seed: u64,
+    out: &mut [f32],
+    scratch: &mut MergeScratch,
+) -> Result<()> {
     let input = TensorInputs {
         name,
         base,
@@ -163,9 +225,14 @@ pub(crate) fn merge_at(
         ndim: shape.len(),
     };
     let global = config.global_params(name, layer, num_layers)?;
-    merge_tensor(config.method, &global, &input, |i| {
-        tensor_rng(seed, name, i)
-    })
+    merge_tensor_into(
+        config.method,
+        &global,
+        &input,
+        |i| tensor_rng(seed, name, i),
+        out,
+        scratch,
+    )
     .with_context(|| format!("tensor `{name}`"))
 }
 

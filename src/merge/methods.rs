@@ -5,9 +5,9 @@
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 
-use super::consensus::{elect_signs, sign, SignRule};
+use super::consensus::{elect_sign, sign, SignRule};
 use super::selective;
-use super::sparsify::{sparsify, Rescale, Sparsifier};
+use super::sparsify::{sparsify_with, Rescale, Sparsifier};
 pub use super::spec::MergeMethod;
 use super::spec::{Algorithm, ParamDefault, Pruning};
 use super::spherical;
@@ -245,6 +245,14 @@ fn sparsifier(p: Pruning, m: &ModelParams) -> Sparsifier {
     }
 }
 
+/// Buffers one merge worker reuses from tensor to tensor: the models' task vectors and the
+/// magnitudes TIES selects its top-k from.
+#[derive(Debug, Default)]
+pub struct MergeScratch {
+    deltas: Vec<Vec<f32>>,
+    mags: Vec<f32>,
+}
+
 /// Merges one tensor. `rng(i)` is the random stream for model `i` of this tensor.
 pub fn merge_tensor(
     method: MergeMethod,
@@ -252,59 +260,96 @@ pub fn merge_tensor(
     input: &TensorInputs,
     rng: impl FnMut(usize) -> StdRng,
 ) -> Result<Vec<f32>> {
-    let n = input
+    let mut out = vec![0f32; input_len(input)];
+    merge_tensor_into(
+        method,
+        global,
+        input,
+        rng,
+        &mut out,
+        &mut MergeScratch::default(),
+    )?;
+    Ok(out)
+}
+
+/// Entries per input tensor: the base's, else the first model's.
+fn input_len(input: &TensorInputs) -> usize {
+    input
         .base
         .or(input.models.first().copied())
-        .map_or(0, <[f32]>::len);
+        .map_or(0, <[f32]>::len)
+}
+
+/// [`merge_tensor`] into `out` (as long as the inputs), with the task vectors in `scratch`: the
+/// in-memory merger reuses both from candidate to candidate instead of allocating a model each.
+pub fn merge_tensor_into(
+    method: MergeMethod,
+    global: &GlobalParams,
+    input: &TensorInputs,
+    mut rng: impl FnMut(usize) -> StdRng,
+    out: &mut [f32],
+    scratch: &mut MergeScratch,
+) -> Result<()> {
+    let n = input_len(input);
     if input.models.iter().any(|m| m.len() != n) {
         bail!("tensor `{}`: inputs differ in size", input.name);
     }
     if input.models.is_empty() {
         bail!("tensor `{}`: no models to merge", input.name);
     }
+    if out.len() != n {
+        bail!(
+            "tensor `{}`: output buffer of {} entries for inputs of {n}",
+            input.name,
+            out.len()
+        );
+    }
     if let Algorithm::TaskArithmetic { pruning, consensus } = method.spec().algorithm {
         let base = input.base(method)?;
-        return Ok(task_arithmetic(
-            pruning, consensus, global, base, input, rng,
-        ));
+        task_arithmetic(
+            pruning, consensus, global, input, base, &mut rng, out, scratch,
+        );
+        return Ok(());
     }
     match method {
-        MergeMethod::Linear => Ok(linear(input, global.normalize)),
-        MergeMethod::Slerp => Ok(slerp(global.t, input.base(method)?, input.single(method)?)),
+        MergeMethod::Linear => linear(input, global.normalize, out),
+        MergeMethod::Slerp => {
+            out.copy_from_slice(&slerp(global.t, input.base(method)?, input.single(method)?))
+        }
         MergeMethod::ModelStock => {
             let base = input.base(method)?;
             if input.models.len() < 2 {
                 bail!("model_stock needs a base_model and at least two other models");
             }
-            Ok(model_stock(
+            out.copy_from_slice(&model_stock(
                 base,
                 &input.models,
                 if global.filter_wise { input.row_len } else { n },
-            ))
+            ));
         }
-        MergeMethod::Sce => Ok(selective::sce(
+        MergeMethod::Sce => out.copy_from_slice(&selective::sce(
             input.base(method)?,
             &input.models,
             global.select_topk,
         )),
-        MergeMethod::Ram => Ok(selective::ram(
+        MergeMethod::Ram => out.copy_from_slice(&selective::ram(
             input.base(method)?,
             &input.models,
             global.epsilon,
             None,
         )),
-        MergeMethod::RamplusTl => Ok(selective::ram(
+        MergeMethod::RamplusTl => out.copy_from_slice(&selective::ram(
             input.base(method)?,
             &input.models,
             global.epsilon,
             Some((global.r, global.alpha)),
         )),
-        MergeMethod::Nearswap => Ok(selective::nearswap(
+        MergeMethod::Nearswap => out.copy_from_slice(&selective::nearswap(
             global.t,
             input.base(method)?,
             input.single(method)?,
         )),
-        MergeMethod::ArceeFusion => Ok(selective::arcee_fusion(
+        MergeMethod::ArceeFusion => out.copy_from_slice(&selective::arcee_fusion(
             input.base(method)?,
             input.single(method)?,
             input.row_len,
@@ -316,58 +361,73 @@ pub fn merge_tensor(
                     input.models.len()
                 );
             };
-            let scale = input.params.first().and_then(|p| p.scale);
-            Ok(match scale {
-                Some(s) => m.iter().map(|&x| x * s as f32).collect(),
-                None => m.to_vec(),
-            })
+            match input.params.first().and_then(|p| p.scale) {
+                Some(s) => out
+                    .iter_mut()
+                    .zip(m.iter())
+                    .for_each(|(o, &x)| *o = x * s as f32),
+                None => out.copy_from_slice(m),
+            }
         }
-        MergeMethod::Nuslerp => spherical::nuslerp_models(global, input.base, input),
-        MergeMethod::Multislerp => spherical::multislerp(global, input.base, input),
-        MergeMethod::Karcher => Ok(spherical::karcher(&input.models, global)),
+        MergeMethod::Nuslerp => {
+            out.copy_from_slice(&spherical::nuslerp_models(global, input.base, input)?)
+        }
+        MergeMethod::Multislerp => {
+            out.copy_from_slice(&spherical::multislerp(global, input.base, input)?)
+        }
+        MergeMethod::Karcher => out.copy_from_slice(&spherical::karcher(&input.models, global)),
         _ => bail!("{} has no per-tensor formula", method.name()),
     }
+    Ok(())
 }
 
 /// mergekit's generalized task arithmetic: sparsify each δᵢ, weight it, elect signs when the
-/// method uses consensus, mix (and normalize by the weights that took part), scale by λ.
+/// method uses consensus, mix (and normalize by the weights that took part), scale by λ, into
+/// `out`, with the task vectors in `scratch` (reused from tensor to tensor).
+#[allow(clippy::too_many_arguments)] // the method's facts, its inputs, and the buffers
 fn task_arithmetic(
     pruning: Pruning,
     consensus: bool,
     global: &GlobalParams,
-    base: &[f32],
     input: &TensorInputs,
-    mut rng: impl FnMut(usize) -> StdRng,
-) -> Vec<f32> {
-    let n = base.len();
-    let weighted: Vec<Vec<f32>> = input
+    base: &[f32],
+    rng: &mut impl FnMut(usize) -> StdRng,
+    out: &mut [f32],
+    scratch: &mut MergeScratch,
+) {
+    let count = input.models.len().min(input.params.len());
+    scratch.deltas.resize_with(count, Vec::new);
+    scratch.deltas.truncate(count);
+    for (i, ((m, p), delta)) in input
         .models
         .iter()
         .zip(&input.params)
+        .zip(scratch.deltas.iter_mut())
         .enumerate()
-        .map(|(i, (m, p))| {
-            let mut delta: Vec<f32> = m.iter().zip(base).map(|(a, b)| a - b).collect();
-            sparsify(
-                &mut delta,
-                input.row_len,
-                sparsifier(pruning, p),
-                global.rescale,
-                &mut rng(i),
-            );
-            let w = p.weight as f32;
-            delta.iter_mut().for_each(|x| *x *= w);
-            delta
-        })
-        .collect();
+    {
+        delta.clear();
+        delta.extend(m.iter().zip(base).map(|(a, b)| a - b));
+        sparsify_with(
+            delta,
+            input.row_len,
+            sparsifier(pruning, p),
+            global.rescale,
+            &mut rng(i),
+            &mut scratch.mags,
+        );
+        let w = p.weight as f32;
+        delta.iter_mut().for_each(|x| *x *= w);
+    }
+    let weighted = &scratch.deltas;
     let weights: Vec<f32> = input.params.iter().map(|p| p.weight as f32).collect();
     let lambda = global.lambda as f32;
-    let mut out = base.to_vec();
+    out.copy_from_slice(base);
     if consensus {
-        let signs = elect_signs(&weighted, global.sign_rule);
-        for j in 0..n {
+        for (j, o) in out.iter_mut().enumerate() {
+            let elected = elect_sign(weighted, j, global.sign_rule);
             let (mut mix, mut div) = (0f32, 0f32);
             for (d, &w) in weighted.iter().zip(&weights) {
-                if sign(d[j]) == signs[j] {
+                if sign(d[j]) == elected {
                     mix += d[j];
                     div += w;
                 }
@@ -375,7 +435,7 @@ fn task_arithmetic(
             if global.normalize {
                 mix /= if div == 0.0 { 1.0 } else { div };
             }
-            out[j] += mix * lambda;
+            *o += mix * lambda;
         }
     } else {
         let total: f32 = weights.iter().sum();
@@ -388,13 +448,11 @@ fn task_arithmetic(
             *o += mix * lambda;
         }
     }
-    out
 }
 
-/// Σ wᵢθᵢ (over the base too, when it has a weight), divided by Σ wᵢ if `normalize`.
-fn linear(input: &TensorInputs, normalize: bool) -> Vec<f32> {
-    let n = input.models.first().map_or(0, |m| m.len());
-    let mut out = vec![0f32; n];
+/// Σ wᵢθᵢ (over the base too, when it has a weight), divided by Σ wᵢ if `normalize`, into `out`.
+fn linear(input: &TensorInputs, normalize: bool, out: &mut [f32]) {
+    out.fill(0.0);
     let mut total = 0f32;
     for (m, p) in input.models.iter().zip(&input.params) {
         let w = p.weight as f32;
@@ -404,7 +462,6 @@ fn linear(input: &TensorInputs, normalize: bool) -> Vec<f32> {
     if normalize {
         out.iter_mut().for_each(|o| *o /= total);
     }
-    out
 }
 
 /// Spherical interpolation of the flattened tensors; linear when they are nearly parallel.

@@ -39,22 +39,35 @@ fn keep_count(density: f64, n: usize) -> usize {
     ((density * n as f64) as usize).clamp(1, n)
 }
 
-/// Indices of the `k` largest |δ|, ties broken by lower index.
-fn top_k_indices(delta: &[f32], k: usize) -> Vec<usize> {
+/// Zeroes all but the `k` largest |δ| (ties broken by lower index), in place: the k-th largest
+/// magnitude is found by selection in `mags` (reused across calls), then one pass keeps what is
+/// above it and the first entries equal to it.
+fn keep_top_k(delta: &mut [f32], k: usize, mags: &mut Vec<f32>) {
     let n = delta.len();
     if k >= n {
-        return (0..n).collect();
+        return;
     }
     if k == 0 {
-        return vec![];
+        delta.fill(0.0);
+        return;
     }
-    let mut mags: Vec<f32> = delta.iter().map(|x| x.abs()).collect();
+    mags.clear();
+    mags.extend(delta.iter().map(|x| x.abs()));
     // k-th largest = (n-k)-th smallest
     let (_, &mut threshold, _) = mags.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
-    let mut above: Vec<usize> = (0..n).filter(|&i| delta[i].abs() > threshold).collect();
-    let need = k - above.len();
-    above.extend((0..n).filter(|&i| delta[i].abs() == threshold).take(need));
-    above
+    let above = delta.iter().filter(|x| x.abs() > threshold).count();
+    let mut ties = k - above;
+    for x in delta.iter_mut() {
+        let m = x.abs();
+        if m > threshold {
+            continue;
+        }
+        if m == threshold && ties > 0 {
+            ties -= 1;
+            continue;
+        }
+        *x = 0.0;
+    }
 }
 
 /// Ascending-magnitude ranks (0-based), ties broken by index.
@@ -76,6 +89,19 @@ pub fn sparsify(
     rescale: Rescale,
     rng: &mut impl Rng,
 ) {
+    sparsify_with(delta, row_len, sparsifier, rescale, rng, &mut vec![]);
+}
+
+/// [`sparsify`] with a reusable buffer for the magnitudes of TIES' top-k, so that pruning
+/// tensor after tensor (candidate after candidate) does not allocate.
+pub fn sparsify_with(
+    delta: &mut [f32],
+    row_len: usize,
+    sparsifier: Sparsifier,
+    rescale: Rescale,
+    rng: &mut impl Rng,
+    mags: &mut Vec<f32>,
+) {
     let n = delta.len();
     if n == 0 {
         return;
@@ -88,10 +114,7 @@ pub fn sparsify(
     match sparsifier {
         Sparsifier::None => return,
         Sparsifier::Magnitude { density } => {
-            let kept = top_k_indices(delta, keep_count(density, n));
-            let mut mask = vec![false; n];
-            kept.into_iter().for_each(|i| mask[i] = true);
-            apply_mask(delta, &mask);
+            keep_top_k(delta, keep_count(density, n), mags);
             if rescale == Rescale::Exact && density > 0.0 {
                 scale(delta, 1.0 / density);
             }
@@ -195,6 +218,43 @@ mod tests {
             &mut rng(),
         );
         assert_eq!(d, vec![0.0, -0.5, 0.3, 0.0, 0.2, 0.0]);
+    }
+
+    /// The k largest |δ| by a full sort (ties to the lower index): the reference for the
+    /// selection-based pruning.
+    fn top_k_by_sorting(delta: &[f32], k: usize) -> Vec<f32> {
+        let mut idx: Vec<usize> = (0..delta.len()).collect();
+        idx.sort_by(|&a, &b| delta[b].abs().total_cmp(&delta[a].abs()).then(a.cmp(&b)));
+        let mut out = vec![0.0; delta.len()];
+        for &i in &idx[..k.min(delta.len())] {
+            out[i] = delta[i];
+        }
+        out
+    }
+
+    #[test]
+    fn magnitude_pruning_equals_sorting_with_ties_and_reused_buffer() {
+        let mut r = rng();
+        let mut mags = vec![];
+        for (n, levels) in [(1, 3), (7, 2), (50, 5), (1000, 9), (1000, 1000)] {
+            // Few distinct magnitudes of both signs, so many entries tie at the threshold.
+            let orig: Vec<f32> = (0..n)
+                .map(|_| r.random_range(-levels..=levels) as f32 / 4.0)
+                .collect();
+            for density in [0.0, 0.1, 0.33, 0.5, 0.9, 1.0] {
+                let mut d = orig.clone();
+                sparsify_with(
+                    &mut d,
+                    n,
+                    Sparsifier::Magnitude { density },
+                    Rescale::None,
+                    &mut rng(),
+                    &mut mags,
+                );
+                let want = top_k_by_sorting(&orig, keep_count(density, n));
+                assert_eq!(d, want, "n {n}, density {density}");
+            }
+        }
     }
 
     #[test]

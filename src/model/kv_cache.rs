@@ -152,6 +152,61 @@ impl KvCache {
         })
     }
 
+    /// A cache of the given rows (`(cache, row)`; a cache with no rows yet stands for empty
+    /// rows), each right-aligned to a common length: a row keeps its keys from its first real one
+    /// to its end, padding fills the columns before, and `spare` more columns are reserved so
+    /// the next appends write in place. Continuous batching uses it to drop finished rows and
+    /// add newly prefilled ones in one copy, without carrying padding forward.
+    pub(crate) fn stack(rows: &[(&KvCache, usize)], spare: usize) -> Result<Self> {
+        let mut spans = vec![];
+        for &(cache, row) in rows {
+            if cache.batch_size() == 0 {
+                spans.push(0..0);
+                continue;
+            }
+            let Some(valid) = cache.key_valid.get(row) else {
+                bail!(
+                    "cache row {row} out of range (batch {})",
+                    cache.batch_size()
+                );
+            };
+            let first = valid.iter().position(|&v| v).unwrap_or(valid.len());
+            spans.push(first..valid.len());
+        }
+        let width = spans.iter().map(|s| s.len()).max().unwrap_or(0);
+        let num_layers = rows.first().map_or(0, |(c, _)| c.layers.len());
+        if rows.iter().any(|(c, _)| c.layers.len() != num_layers) {
+            bail!("caches of models with different layer counts cannot be stacked");
+        }
+        let mut layers = Vec::with_capacity(num_layers);
+        for l in 0..num_layers {
+            let parts: Vec<(Option<&LayerKv>, &std::ops::Range<usize>)> = rows
+                .iter()
+                .zip(&spans)
+                .map(|(&(c, _), s)| (c.layers[l].as_ref(), s))
+                .collect();
+            let rows_of: Vec<usize> = rows.iter().map(|&(_, r)| r).collect();
+            layers.push(stack_layer(&parts, &rows_of, width, spare)?);
+        }
+        let mut key_positions = vec![];
+        let mut key_valid = vec![];
+        for (&(cache, row), span) in rows.iter().zip(&spans) {
+            let pad = width - span.len();
+            let (mut p, mut v) = (vec![0; pad], vec![false; pad]);
+            if !span.is_empty() {
+                p.extend_from_slice(&cache.key_positions[row][span.clone()]);
+                v.extend_from_slice(&cache.key_valid[row][span.clone()]);
+            }
+            key_positions.push(p);
+            key_valid.push(v);
+        }
+        Ok(Self {
+            layers,
+            key_positions,
+            key_valid,
+        })
+    }
+
     /// Copies a batch-1 cache into `n` rows.
     pub fn fork(&self, n: usize) -> Result<Self> {
         if self.batch_size() != 1 {
@@ -162,4 +217,43 @@ impl KvCache {
         }
         self.select_rows(&vec![0; n])
     }
+}
+
+/// One layer of [`KvCache::stack`]: row `i` is row `rows[i]` of `parts[i]`'s buffers, its
+/// columns `span` placed at the end of `width`; `None` when no row has keys yet.
+fn stack_layer(
+    parts: &[(Option<&LayerKv>, &std::ops::Range<usize>)],
+    rows: &[usize],
+    width: usize,
+    spare: usize,
+) -> Result<Option<LayerKv>> {
+    let Some(shape_of) = parts.iter().find_map(|(l, s)| l.filter(|_| !s.is_empty())) else {
+        return Ok(None);
+    };
+    let (_, h, _, d) = shape_of.k.dims4()?;
+    let (dtype, device) = (shape_of.k.dtype(), shape_of.k.device().clone());
+    let capacity = width + spare;
+    let k = Tensor::zeros((parts.len(), h, capacity, d), dtype, &device)?;
+    let v = Tensor::zeros((parts.len(), h, capacity, d), dtype, &device)?;
+    for (i, ((layer, span), &row)) in parts.iter().zip(rows).enumerate() {
+        let Some(layer) = layer.filter(|_| !span.is_empty()) else {
+            continue;
+        };
+        if span.end > layer.len {
+            bail!("cache row {row} has keys past its layer's length");
+        }
+        let offset = width - span.len();
+        for (dst, src) in [(&k, &layer.k), (&v, &layer.v)] {
+            let src = src.narrow(0, row, 1)?.narrow(2, span.start, span.len())?;
+            // A row of the destination is contiguous, so it can be written in place.
+            dst.narrow(0, i, 1)?
+                .slice_set(&src.contiguous()?, 2, offset)?;
+        }
+    }
+    Ok(Some(LayerKv {
+        k,
+        v,
+        len: width,
+        owned: true,
+    }))
 }

@@ -165,7 +165,14 @@ impl CandidateScorer {
     /// Merges and scores one candidate on the search pool.
     pub fn score(&mut self, c: &MergeCandidate, docs: Option<usize>) -> Result<Scored> {
         let start = Instant::now();
-        let weights = self.merge(c)?;
+        let config = c.merge_config(&self.inputs.base, self.inputs.models())?;
+        // Into the previous candidate's buffers (its model is gone by now); `net` is dropped
+        // before the next call.
+        let weights = if self.device.is_cpu() {
+            self.merger.merge_reusing(&config, self.seed)?
+        } else {
+            self.merge(c)?
+        };
         let net = LlamaModel::from_weights(&self.base().config, &weights, None, Mode::Inference)?;
         drop(weights);
         let docs = self.doc_set(docs);

@@ -375,6 +375,158 @@ fn token_work_adds_up(prepared: &paft::eval::suite::PreparedTask, result: &paft:
     }
 }
 
+/// Generation as the evaluator ran it before continuous batching, kept here as the reference:
+/// fixed batches of `batch` contexts (longest first), left-padded and prefilled together in
+/// chunks of 128 tokens, finished rows leaving the batch.
+fn reference_generations(
+    pre: &Pretrained,
+    net: &paft::model::LlamaModel,
+    requests: &[&paft::eval::tokenize::TokenizedGeneration],
+    batch: usize,
+) -> Vec<String> {
+    use candle_core::D;
+    use paft::model::TokenBatch;
+    let (stop, pad) = (pre.stop_token_ids(), pre.pad_token_id());
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(requests[i].context.len()), i));
+    let mut texts = vec![String::new(); requests.len()];
+    for chunk in order.chunks(batch) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|&i| requests[i].context.clone()).collect();
+        let full = TokenBatch::left_padded(&prompts, &vec![0; prompts.len()], pad);
+        let mut cache = net.new_cache();
+        let mut last = None;
+        for start in (0..full.seq_len()).step_by(128) {
+            let end = (start + 128).min(full.seq_len());
+            let cols = |rows: &[Vec<u32>]| rows.iter().map(|r| r[start..end].to_vec()).collect();
+            let part = TokenBatch {
+                ids: cols(&full.ids),
+                positions: cols(&full.positions),
+                valid: full.valid.iter().map(|r| r[start..end].to_vec()).collect(),
+            };
+            let hidden = net.forward(&part, Some(&mut cache)).unwrap();
+            last = Some(
+                hidden
+                    .narrow(1, end - start - 1, 1)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap(),
+            );
+        }
+        let mut last = last.unwrap();
+        let mut generated: Vec<Vec<u32>> = vec![vec![]; chunk.len()];
+        let mut active: Vec<usize> = (0..chunk.len()).collect();
+        loop {
+            let next = net
+                .logits(&last)
+                .unwrap()
+                .argmax(D::Minus1)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            let mut keep = vec![];
+            for (slot, (&row, &tok)) in active.iter().zip(&next).enumerate() {
+                let req = requests[chunk[row]];
+                if stop.contains(&tok) {
+                    continue;
+                }
+                generated[row].push(tok);
+                let text = pre.tokenizer.decode(&generated[row], true).unwrap();
+                let done = req.until.iter().any(|u| text.contains(u.as_str()))
+                    || generated[row].len() >= req.max_gen_toks;
+                texts[chunk[row]] = text;
+                if !done {
+                    keep.push(slot);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                cache = cache.select_rows(&keep).unwrap();
+            }
+            let tokens: Vec<u32> = keep.iter().map(|&s| next[s]).collect();
+            active = keep.iter().map(|&s| active[s]).collect();
+            let step = TokenBatch {
+                ids: tokens.iter().map(|&t| vec![t]).collect(),
+                positions: cache.next_positions().iter().map(|&p| vec![p]).collect(),
+                valid: vec![vec![true]; tokens.len()],
+            };
+            last = net
+                .forward(&step, Some(&mut cache))
+                .unwrap()
+                .squeeze(1)
+                .unwrap();
+        }
+    }
+    for (text, req) in texts.iter_mut().zip(requests) {
+        for u in &req.until {
+            if let Some(i) = text.find(u.as_str()) {
+                text.truncate(i);
+            }
+        }
+    }
+    texts
+}
+
+#[test]
+fn gsm8k_continuous_batching_matches_the_fixed_batch_reference() {
+    use paft::eval::tokenize::TokenizedRequests;
+    let Some(store) = shared_store() else { return };
+    let pre = Pretrained::load(
+        common::smollm_dir().unwrap(),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let net = pre.model(Mode::Inference, None).unwrap();
+    let target = EvalModel {
+        model: &net,
+        tokenizer: &pre.tokenizer,
+        stop_token_ids: pre.stop_token_ids(),
+        pad_id: pre.pad_token_id(),
+    };
+    // Four fixture documents in three slots: one slot is refilled while two rows still run.
+    let docs = DocSet {
+        pool: Pool::All,
+        selection: Selection::Limit(4),
+    };
+    for mode in [FewshotMode::PerDocument, FewshotMode::Shared] {
+        let mut config = EvalConfig::new(parse_task_list("gsm8k").unwrap());
+        config.fewshot_mode = mode;
+        config.batch_size = 3;
+        let suite = PreparedSuite::prepare(&store, &pre.tokenizer, 8192, config, docs).unwrap();
+        let result = suite.evaluate(&target, &|| {}).unwrap();
+        let prepared = &suite.tasks[0];
+        let requests: Vec<_> = prepared
+            .requests
+            .iter()
+            .map(|r| match r {
+                TokenizedRequests::Generate(g) => g,
+                TokenizedRequests::Loglikelihood(_) => panic!("gsm8k generates"),
+            })
+            .collect();
+        let want = reference_generations(&pre, &net, &requests, 3);
+        for (rec, want) in result.tasks[0].records.iter().zip(&want) {
+            let paft::eval::task::Response::Generation(got) = &rec.response else {
+                panic!("expected a generation")
+            };
+            assert_eq!(got, want, "{mode:?} doc {}", rec.doc_id);
+        }
+        // Shared shots: the common few-shot prefix is prefilled once and counted as saved.
+        let t = result.tasks[0].tokens;
+        let contexts: u64 = requests.iter().map(|g| g.context.len() as u64).sum();
+        assert_eq!(t.prefilled + t.saved, contexts, "{mode:?}: {t:?}");
+        let shared = prepared.shared_prefix.len() as u64;
+        assert_eq!(
+            t.saved,
+            shared * (requests.len() as u64 - 1),
+            "{mode:?}: {t:?}"
+        );
+        assert_eq!(shared > 0, mode == FewshotMode::Shared, "{mode:?}: {t:?}");
+        eprintln!("{mode:?}: {t:?}");
+    }
+}
+
 // ---------------------------------------------------------------- bad input and task fetching
 
 /// A task store with Winogrande's first rows from the shared copy, plus `edit` applied.

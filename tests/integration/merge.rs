@@ -638,7 +638,7 @@ fn in_memory_merge_equals_mergekit() {
         load(&m.join("ft_a")),
         load(&m.join("ft_b")),
     );
-    let merger = paft::merge::InMemoryMerger::new(&base, &[&a, &b], 2).unwrap();
+    let mut merger = paft::merge::InMemoryMerger::new(&base, &[&a, &b], 2).unwrap();
     // Every method a search space can name, on a fixture that merges ft_a and ft_b.
     let cases = [
         "ties_d03_norm",
@@ -674,6 +674,13 @@ fn in_memory_merge_equals_mergekit() {
             let d = common::max_abs_diff(t, &ours[name]);
             assert!(d <= 1e-6, "{case} `{name}`: {d}");
         }
+        // The search's path on CPU: into the previous candidate's buffers.
+        let reused = merger.merge_reusing(&cfg, 0).unwrap();
+        for (name, t) in &theirs {
+            let d = common::max_abs_diff(t, &reused[name]);
+            assert!(d <= 1e-6, "{case} `{name}` (reusing buffers): {d}");
+        }
+        drop(reused);
         deterministic.retain(|m| *m != cfg.method.name());
     }
     // breadcrumbs shares breadcrumbs_ties' pruning; DARE/DELLA are random (no fixture).
