@@ -114,6 +114,24 @@ fn layer_of(name: &str) -> Option<usize> {
         .ok()
 }
 
+/// The merge's output dtype: `out_dtype` (or `dtype`) as the YAML says, else the reference
+/// model's, read from its first tensor.
+pub(crate) fn output_dtype(
+    config: &MergeConfig,
+    ref_files: &ModelFiles,
+    first_tensor: &str,
+) -> Result<DType> {
+    Ok(
+        match config.out_dtype.as_deref().or(config.dtype.as_deref()) {
+            Some(d) => parse_dtype(d.trim_start_matches("torch."))?,
+            None => ref_files
+                .checkpoint
+                .load(first_tensor, None, &Device::Cpu)?
+                .dtype(),
+        },
+    )
+}
+
 pub struct MergeOptions {
     pub seed: u64,
     pub max_shard_bytes: usize,
@@ -138,20 +156,8 @@ pub fn merge_one(
     num_layers: usize,
     seed: u64,
 ) -> Result<Vec<f32>> {
-    let n = base.or(models.first().copied()).map_or(0, <[f32]>::len);
-    let mut out = vec![0f32; n];
-    merge_one_into(
-        config,
-        name,
-        base,
-        models,
-        shape,
-        num_layers,
-        seed,
-        &mut out,
-        &mut MergeScratch::default(),
-    )?;
-    Ok(out)
+    let layer = layer_of(name);
+    merge_at(config, name, base, models, shape, layer, num_layers, seed)
 }
 
 /// [`merge_one`] into `out`, with reusable buffers.
@@ -296,13 +302,7 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
         config.model_params(name, layer_of(name), num_layers)?;
         config.global_params(name, layer_of(name), num_layers)?;
     }
-    let out_dtype = match config.out_dtype.as_deref().or(config.dtype.as_deref()) {
-        Some(d) => parse_dtype(d.trim_start_matches("torch."))?,
-        None => ref_files
-            .checkpoint
-            .load(&names[0], None, &Device::Cpu)?
-            .dtype(),
-    };
+    let out_dtype = output_dtype(config, ref_files, &names[0])?;
 
     let dir = AtomicDir::new(out)?;
     let mut cfg = ref_files.config.clone();

@@ -13,8 +13,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::config::MergeConfig;
-use super::engine::{merge_at, MergeInput, MergeOptions};
-use crate::model::parse_dtype;
+use super::engine::{merge_at, output_dtype, MergeInput, MergeOptions};
 use crate::model::pretrained::copy_tokenizer_files;
 use crate::model::weights::{AtomicDir, ShardedWriter};
 
@@ -132,13 +131,7 @@ pub(crate) fn run_slices(config: &MergeConfig, out: &Path, opts: &MergeOptions) 
         views[p.view].model_params(&p.out, layer, n)?;
         views[p.view].global_params(&p.out, layer, n)?;
     }
-    let out_dtype = match config.out_dtype.as_deref().or(config.dtype.as_deref()) {
-        Some(d) => parse_dtype(d.trim_start_matches("torch."))?,
-        None => ref_files
-            .checkpoint
-            .load(&names[0], None, &Device::Cpu)?
-            .dtype(),
-    };
+    let out_dtype = output_dtype(config, ref_files, &names[0])?;
     let total: usize = config.slices.iter().map(|s| s.len()).sum();
     let mut cfg = ref_files.config.clone();
     if cfg.raw.get("layer_types").is_some_and(|v| !v.is_null()) {

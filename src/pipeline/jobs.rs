@@ -65,7 +65,9 @@ pub(crate) fn train_on_slurm(
         &units,
         false,
         &mut |unit, outcome| {
-            let stage = wanted[units.iter().position(|u| u.id == unit.id).unwrap_or(0)];
+            let at = units.iter().position(|u| u.id == unit.id);
+            let stage =
+                wanted[at.with_context(|| format!("unit {} is not a training unit", unit.id))?];
             match outcome {
                 Outcome::Done(v) => {
                     let r = v["ref"].as_str().with_context(|| {
@@ -117,7 +119,7 @@ pub(crate) fn evaluate_rows_on_slurm(
         })
         .collect();
     let mut failures = vec![];
-    driver.run(JobKind::Eval, "rows", &units, true, &mut |unit, outcome| {
+    driver.run(JobKind::Eval, "rows", &units, true, &mut |_, outcome| {
         match outcome {
             Outcome::Done(v) => {
                 let row = v["row"].as_str().unwrap_or_default().to_string();
@@ -125,7 +127,6 @@ pub(crate) fn evaluate_rows_on_slurm(
             }
             Outcome::Failed(f) => failures.push(f.to_string()),
         }
-        let _ = unit;
         Ok(())
     })?;
     if !failures.is_empty() {

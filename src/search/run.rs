@@ -236,9 +236,14 @@ impl Searcher<'_> {
         let Runner::Slurm { driver, spec } = runner else {
             unreachable!("called for the Slurm runner only")
         };
+        let ids: Vec<String> = todo
+            .iter()
+            .map(|(_, r)| unit_id(&r.candidate.key(), r.rung))
+            .collect();
         let units: Vec<Unit> = todo
             .iter()
-            .map(|(_, r)| {
+            .zip(&ids)
+            .map(|((_, r), id)| {
                 let job = CandidateJob {
                     scorer: (**spec).clone(),
                     method: r.candidate.method.name().to_string(),
@@ -247,7 +252,7 @@ impl Searcher<'_> {
                     docs: r.docs,
                 };
                 Unit {
-                    id: unit_id(&r.candidate.key(), r.rung),
+                    id: id.clone(),
                     payload: serde_json::json!({ "candidate": job }),
                     after: None,
                 }
@@ -261,9 +266,7 @@ impl Searcher<'_> {
             &units,
             true,
             &mut |u, outcome| {
-                let Some(&(index, r)) = todo
-                    .iter()
-                    .find(|(_, r)| unit_id(&r.candidate.key(), r.rung) == u.id)
+                let Some(&(index, r)) = ids.iter().position(|id| *id == u.id).map(|i| &todo[i])
                 else {
                     return Ok(());
                 };
