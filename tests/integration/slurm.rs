@@ -15,28 +15,74 @@ use serde_json::Value;
 use crate::common::{self, paft};
 use crate::search::{journal, search_cmd, tiny_models};
 
-/// Whether a Slurm node is up. CI must have one (`.ci/run` starts it); elsewhere the test is
-/// skipped with a message.
-fn require_slurm() -> bool {
-    let up = Command::new("sinfo")
-        .args(["-h", "-o", "%T"])
+/// The node's state and reason as `sinfo` prints them, or None when no controller answers.
+fn node_state() -> Option<(String, String)> {
+    let out = Command::new("sinfo")
+        .args(["-h", "-o", "%T|%E"])
         .output()
-        .map(|o| {
-            let text = String::from_utf8_lossy(&o.stdout).to_string();
-            o.status.success()
-                && ["idle", "mixed", "allocated"]
-                    .iter()
-                    .any(|s| text.contains(s))
-        })
-        .unwrap_or(false);
-    if !up {
-        let msg = "no Slurm node is up (start one with scripts/slurm-local.sh)";
-        if std::env::var_os("CI").is_some() {
-            panic!("{msg}: CI must have it");
-        }
-        eprintln!("SKIPPED: {msg}");
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || text.is_empty() {
+        return None;
     }
-    up
+    let (state, reason) = text.lines().next()?.split_once('|')?;
+    Some((state.to_string(), reason.to_string()))
+}
+
+/// Whether a node in this state takes jobs. Other tests' jobs make it `allocated`, `mixed`,
+/// `completing` or `planned` (backfill reserved it for a pending job): all of those are up. A
+/// trailing `*` means slurmd stopped answering.
+fn usable(state: &str) -> bool {
+    if state.ends_with('*') {
+        return false;
+    }
+    const UNUSABLE: [&str; 9] = [
+        "down", "drain", "fail", "maint", "unk", "inval", "power", "future", "reboot",
+    ];
+    !UNUSABLE.iter().any(|s| state.contains(s))
+}
+
+/// The one-node cluster's CPUs are few, so the tests take turns: one test's jobs would
+/// otherwise hold the CPUs another test's overlap check needs.
+static NODE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Whether no job is pending, running or completing (finished jobs stay listed by `-t all`).
+fn queue_empty() -> bool {
+    Command::new("squeue")
+        .args(["-h", "-o", "%i"])
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.iter().all(|b| b.is_ascii_whitespace()))
+}
+
+/// The node for this test alone, once it is up and the previous test's jobs have left it
+/// (waiting a while for both). CI must have a node (`.ci/run` starts it); elsewhere the test is
+/// skipped with a message.
+fn require_slurm() -> Option<std::sync::MutexGuard<'static, ()>> {
+    let guard = NODE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = node_state();
+    while last.is_some()
+        && !(last.as_ref().is_some_and(|(s, _)| usable(s)) && queue_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_secs(2));
+        last = node_state();
+    }
+    match &last {
+        Some((state, _)) if usable(state) => return Some(guard),
+        _ => {}
+    }
+    let msg = match &last {
+        None => "no Slurm controller answers (start one with scripts/slurm-local.sh)".to_string(),
+        Some((state, reason)) => format!(
+            "the Slurm node is '{state}' (reason: {reason}); scripts/slurm-local.sh start resumes it"
+        ),
+    };
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}: CI must have a usable Slurm node");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
 }
 
 fn read_json(path: &Path) -> Value {
@@ -104,9 +150,9 @@ fn stripped(j: &[JournalEntry]) -> BTreeSet<String> {
 
 #[test]
 fn a_slurm_run_trains_in_parallel_and_matches_the_local_run() {
-    if !require_slurm() {
+    let Some(_node) = require_slurm() else {
         return;
-    }
+    };
     let Some(base) = common::tiny_model(&TinySpec::llama(5)) else {
         return;
     };
@@ -226,9 +272,9 @@ fn slurm_config(dir: &Path, extra: &str) -> PathBuf {
 
 #[test]
 fn a_killed_driver_reattaches_to_its_jobs_and_loses_nothing() {
-    if !require_slurm() {
+    let Some(_node) = require_slurm() else {
         return;
-    }
+    };
     let Some(m) = tiny_models() else { return };
     let work = tempfile::tempdir().unwrap();
     let space = work.path().join("space.toml");
@@ -318,9 +364,9 @@ exec "{paft}" "$@"
 
 #[test]
 fn failed_and_cancelled_candidate_jobs_are_reported_not_waited_for() {
-    if !require_slurm() {
+    let Some(_node) = require_slurm() else {
         return;
-    }
+    };
     let Some(m) = tiny_models() else { return };
     let work = tempfile::tempdir().unwrap();
     let space = work.path().join("space.toml");
@@ -407,9 +453,9 @@ fn failed_and_cancelled_candidate_jobs_are_reported_not_waited_for() {
 
 #[test]
 fn the_sequential_job_follows_a_retried_sft_job() {
-    if !require_slurm() {
+    let Some(_node) = require_slurm() else {
         return;
-    }
+    };
     let Some(base) = common::tiny_model(&TinySpec::llama(5)) else {
         return;
     };
