@@ -34,6 +34,13 @@
 #                                  # default 6; buffers reused, and --fresh ones as before, with each merge's sha256) and
 #                                  # seconds of GSM8K generation for the first DOCS (default 16) documents at batch 8, per-document
 #                                  # and shared shots. Deltas: the LoRA adapters of RUN (default: the objective study's).
+#   benchmarks/run.sh scoring      # issue #15's fidelity benchmark: a fixed TIES grid (SFT_GRID × PREF_GRID weights, default
+#                                  # 0,0.5,1,1.5,2 × 0,1) of two synthetic fine-tunes (noise SCALE, default 0.2, of each tensor's std),
+#                                  # each candidate scored on DOCS (default 50) search-pool documents per task with lm-eval's
+#                                  # per-document shots and with shared shots, on the documents shared shots score in the
+#                                  # faithful time, and on REPORT (default 200) report-pool documents per task (per-document
+#                                  # shots): seconds per candidate of both fidelities and each one's Spearman with the report
+#                                  # ranking at equal compute. TASKS default: all six. Resumes from its cache.
 # Env: THREADS (default: nproc), PAFT_BIN (a built paft; default: build the dev profile), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -133,6 +140,21 @@ PY
       --screen "${SCREEN:-10}" --report "${REPORT:-60}" --grid "${GRID:-4}" --high "${HIGH:-2}" \
       --cache "$cache" | tee "$OUT/objective.jsonl"
     ;;
+  scoring)
+    # Two synthetic fine-tunes whose noise (SCALE × each tensor's std) is large enough that the
+    # candidates' accuracies differ, so there is a ranking to recover.
+    scale=${SCALE:-0.2}
+    for s in 1 2; do
+      d=$OUT/smollm-noise$scale-ft$s
+      [ -f "$d/config.json" ] || "$PY" benchmarks/perturb_model.py "$MODEL" "$d" --seed "$s" --scale "$scale"
+    done
+    tasks=${TASKS:-leaderboard}
+    cache=$OUT/scoring-cache-$scale-${tasks//,/+}-${DOCS:-50}-${REPORT:-200}-${SFT_GRID:-0,0.5,1,1.5,2}-${PREF_GRID:-0,1}.jsonl
+    cargo bench --profile dev --quiet --bench scoring_fidelity -- --base "$MODEL" \
+      --sft "$OUT/smollm-noise$scale-ft1" --pref "$OUT/smollm-noise$scale-ft2" --tasks "$tasks" \
+      --docs "${DOCS:-50}" --report "${REPORT:-200}" --sft-grid "${SFT_GRID:-0,0.5,1,1.5,2}" \
+      --pref-grid "${PREF_GRID:-0,1}" --cache "$cache" | tee "$OUT/scoring.jsonl"
+    ;;
   candidate)
     RUN=${RUN:-$OUT/objective-run}
     for a in sft dpo; do
@@ -202,5 +224,5 @@ YAML
     python3 benchmarks/eval_summary.py lm-eval "$OUT/eval-lmeval/lm_eval_results.json" - "$THREADS" | tee -a "$log"
     python3 benchmarks/ratio.py "$log"
     ;;
-  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search, objective, candidate)" >&2; exit 2 ;;
+  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search, objective, candidate, scoring)" >&2; exit 2 ;;
 esac

@@ -1,0 +1,334 @@
+//! Issue #15's benchmark: what a candidate costs in the two few-shot fidelities, and how well
+//! each ranks candidates when both get the same compute.
+//!
+//! A fixed TIES grid over the two weights (SFT_GRID × PREF_GRID candidates). Each candidate is
+//! merged once and scored four times:
+//! - `faithful` — lm-eval's per-document shots on `--docs` search-pool documents per task;
+//! - `shared` — one shared shot set per task on the same documents (the speed ratio);
+//! - `shared_equal` — shared shots on the documents it can score in the faithful time: the
+//!   first candidate fixes `n = docs × faithful seconds / shared seconds` (capped by the pool),
+//!   the same for every candidate;
+//! - `report` — per-document shots on `--report` report-pool documents per task, the ranking a
+//!   user would publish.
+//!
+//! The summary line gives seconds per candidate of both fidelities at `--docs` documents, their
+//! ratio, and the Spearman correlation of `faithful` and of `shared_equal` with `report`.
+//!
+//! cargo bench --profile dev --bench scoring_fidelity -- --base DIR --sft REF --pref REF \
+//!     [--tasks LIST] [--docs 50] [--report 200] [--sft-grid 0,0.5,1,1.5,2] [--pref-grid 0,1] \
+//!     [--phases faithful,shared,shared_equal,report] --cache FILE
+//!
+//! `--phases` runs only some phases (the report pool, which takes longest and whose timing
+//! does not matter, can run first at low priority; the timed phases on a quiet machine).
+//!
+//! Every (candidate, phase) persists in --cache as it finishes, with `n` on its first line, so
+//! an interrupted run resumes where it stopped.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use paft::eval::fewshot::FewshotMode;
+use paft::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, SuiteResult, TaskStore};
+use paft::search::{CandidateScorer, MergeInputs, Objective, ObjectiveMetric, SearchSpace};
+
+const PHASES: [&str; 4] = ["faithful", "shared", "shared_equal", "report"];
+
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
+struct Row {
+    key: String,
+    phase: String,
+    docs_per_task: usize,
+    accuracy: f64,
+    seconds: f64,
+    task_seconds: BTreeMap<String, f64>,
+    tokens_prefilled: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Plan {
+    equal_compute_docs: usize,
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn floats(s: &str) -> Result<Vec<f64>> {
+    s.split(',')
+        .map(|x| x.trim().parse::<f64>().with_context(|| format!("`{x}` in {s}")))
+        .collect()
+}
+
+/// Ranks with ties averaged (1-based).
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        for &k in &idx[i..=j] {
+            r[k] = (i + j) as f64 / 2.0 + 1.0;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Cache {
+    path: PathBuf,
+    plan: Option<Plan>,
+    rows: BTreeMap<(String, String), Row>,
+}
+
+impl Cache {
+    fn open(path: PathBuf) -> Result<Self> {
+        let mut cache = Cache {
+            path,
+            plan: None,
+            rows: BTreeMap::new(),
+        };
+        if cache.path.exists() {
+            let text = std::fs::read_to_string(&cache.path)?;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                if let Ok(plan) = serde_json::from_str::<Plan>(line) {
+                    cache.plan = Some(plan);
+                    continue;
+                }
+                let row: Row = serde_json::from_str(line)
+                    .with_context(|| format!("{}: not a cached row", cache.path.display()))?;
+                cache.rows.insert((row.key.clone(), row.phase.clone()), row);
+            }
+        }
+        Ok(cache)
+    }
+
+    fn append(&self, line: &impl serde::Serialize) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("{}", self.path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(line)?)?;
+        f.sync_all()?;
+        Ok(())
+    }
+}
+
+fn main() -> Result<()> {
+    paft::memory::keep_freed_memory();
+    let args: Vec<String> = std::env::args().collect();
+    let need = |n: &str| arg(&args, n).with_context(|| format!("missing {n}"));
+    let tasks = arg(&args, "--tasks").unwrap_or("leaderboard".into());
+    let docs: usize = arg(&args, "--docs").map_or(Ok(50), |s| s.parse())?;
+    let report: usize = arg(&args, "--report").map_or(Ok(200), |s| s.parse())?;
+    let sft_grid = floats(&arg(&args, "--sft-grid").unwrap_or("0,0.5,1,1.5,2".into()))?;
+    let pref_grid = floats(&arg(&args, "--pref-grid").unwrap_or("0,1".into()))?;
+    let phases: Vec<String> = arg(&args, "--phases")
+        .unwrap_or(PHASES.join(","))
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    if let Some(p) = phases.iter().find(|p| !PHASES.contains(&p.as_str())) {
+        bail!("unknown phase `{p}` (known: {})", PHASES.join(", "));
+    }
+    let mut cache = Cache::open(PathBuf::from(need("--cache")?))?;
+    let space = SearchSpace::from_toml(
+        &format!(
+            r#"
+            [search]
+            methods = ["ties"]
+            solver = "grid"
+            evaluations = {n}
+            [params]
+            "sft.weight" = {{ low = 0.0, high = 4.0 }}
+            "pref.weight" = {{ low = 0.0, high = 4.0 }}
+            "sft.density" = 0.5
+            "pref.density" = 0.5
+            [choices]
+            normalize = ["false"]
+            [subset]
+            tasks = "{tasks}"
+            docs = {docs}
+            finalists = 0
+            "#,
+            n = sft_grid.len() * pref_grid.len()
+        ),
+        "scoring-fidelity",
+    )?;
+    let inputs = MergeInputs {
+        base: need("--base")?,
+        sft: need("--sft")?,
+        pref: need("--pref")?,
+    };
+    let mut config = EvalConfig::new(parse_task_list(&tasks)?);
+    config.split = space.pools;
+    let store = || TaskStore::new(TaskStore::default_root());
+    let mut shared_config = config.clone();
+    shared_config.fewshot_mode = FewshotMode::Shared;
+    let mut shared = Evaluator::open(&inputs.base, store(), shared_config)?;
+    let mut scorer = CandidateScorer::new(
+        inputs,
+        store(),
+        config,
+        0,
+        space.objective.clone(),
+        None,
+        candle_core::Device::Cpu,
+        0,
+    )?;
+    let objective = Objective {
+        weights: space.objective.weights.clone(),
+        metric: ObjectiveMetric::Accuracy,
+        tax: BTreeMap::new(),
+    };
+
+    let mut keys = vec![];
+    for &ws in &sft_grid {
+        for &wp in &pref_grid {
+            let params = BTreeMap::from([
+                ("sft.weight".to_string(), ws),
+                ("pref.weight".to_string(), wp),
+                ("sft.density".to_string(), 0.5),
+                ("pref.density".to_string(), 0.5),
+            ]);
+            let c = paft::search::MergeCandidate::new(
+                paft::merge::MergeMethod::Ties,
+                params,
+                BTreeMap::from([("normalize".to_string(), "false".to_string())]),
+            );
+            keys.push(c.key());
+            let todo: Vec<&str> = PHASES
+                .into_iter()
+                .filter(|p| phases.iter().any(|q| q == p))
+                .filter(|p| !cache.rows.contains_key(&(c.key(), p.to_string())))
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            let weights = scorer.merge(&c)?;
+            for phase in todo {
+                let (n, pool) = match phase {
+                    "faithful" | "shared" => (docs, Pool::Search),
+                    "shared_equal" => (
+                        cache
+                            .plan
+                            .as_ref()
+                            .context("the equal-compute plan is made after the first candidate")?
+                            .equal_compute_docs,
+                        Pool::Search,
+                    ),
+                    _ => (report, Pool::Report),
+                };
+                let set = DocSet::sampled(pool, Some(n), 0);
+                let evaluator = if phase.starts_with("shared") {
+                    &mut shared
+                } else {
+                    scorer.evaluator_mut()
+                };
+                let result: SuiteResult = evaluator.evaluate_weights(&weights, set)?;
+                let row = Row {
+                    key: c.key(),
+                    phase: phase.to_string(),
+                    docs_per_task: n,
+                    accuracy: objective.value(&result, None).0,
+                    seconds: result.seconds,
+                    task_seconds: result
+                        .tasks
+                        .iter()
+                        .map(|t| (t.name.clone(), t.seconds))
+                        .collect(),
+                    tokens_prefilled: result.tasks.iter().map(|t| t.tokens.prefilled).sum(),
+                };
+                println!("{}", serde_json::to_string(&row)?);
+                cache.append(&row)?;
+                cache.rows.insert((row.key.clone(), row.phase.clone()), row);
+                if phase == "shared" && cache.plan.is_none() {
+                    let f = &cache.rows[&(c.key(), "faithful".to_string())];
+                    let s = &cache.rows[&(c.key(), "shared".to_string())];
+                    let plan = Plan {
+                        equal_compute_docs: (docs as f64 * f.seconds / s.seconds).floor() as usize,
+                    };
+                    println!("{}", serde_json::to_string(&plan)?);
+                    cache.append(&plan)?;
+                    cache.plan = Some(plan);
+                }
+            }
+        }
+    }
+    if keys.len() < 3 {
+        bail!("{} candidates cannot be ranked", keys.len());
+    }
+    if keys
+        .iter()
+        .any(|k| PHASES.iter().any(|p| !cache.rows.contains_key(&(k.clone(), p.to_string()))))
+    {
+        println!("{{\"incomplete\": \"run the remaining phases for the summary\"}}");
+        return Ok(());
+    }
+    let column = |phase: &str| -> Vec<f64> {
+        keys.iter()
+            .map(|k| cache.rows[&(k.clone(), phase.to_string())].accuracy)
+            .collect()
+    };
+    let seconds = |phase: &str| -> Vec<f64> {
+        keys.iter()
+            .map(|k| cache.rows[&(k.clone(), phase.to_string())].seconds)
+            .collect()
+    };
+    let ratios: Vec<f64> = seconds("faithful")
+        .iter()
+        .zip(seconds("shared"))
+        .map(|(f, s)| f / s)
+        .collect();
+    let report_acc = column("report");
+    println!(
+        "{}",
+        serde_json::json!({
+            "candidates": keys.len(),
+            "tasks": tasks,
+            "docs_per_task": docs,
+            "report_docs_per_task": report,
+            "equal_compute_docs_per_task": cache.plan.as_ref().map(|p| p.equal_compute_docs),
+            "median_seconds_per_candidate_faithful": median(seconds("faithful")),
+            "median_seconds_per_candidate_shared": median(seconds("shared")),
+            "median_speedup_shared_vs_faithful": median(ratios.clone()),
+            "min_speedup_shared_vs_faithful": ratios.iter().cloned().fold(f64::INFINITY, f64::min),
+            "spearman_faithful_vs_report": spearman(&column("faithful"), &report_acc),
+            "spearman_shared_same_docs_vs_report": spearman(&column("shared"), &report_acc),
+            "spearman_shared_equal_compute_vs_report": spearman(&column("shared_equal"), &report_acc),
+            "report_accuracy_range": [
+                report_acc.iter().cloned().fold(f64::INFINITY, f64::min),
+                report_acc.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+            ],
+        })
+    );
+    Ok(())
+}
