@@ -40,7 +40,8 @@
 #                                  # per-document shots and with shared shots, on the documents shared shots score in the
 #                                  # faithful time, and on REPORT (default 200) report-pool documents per task (per-document
 #                                  # shots): seconds per candidate of both fidelities and each one's Spearman with the report
-#                                  # ranking at equal compute. TASKS default: all six. Resumes from its cache.
+#                                  # ranking at equal compute. TASKS default: all six. Resumes from its cache
+#                                  # (benchmarks/results/scoring-cache-*.jsonl); PHASES (e.g. report) runs only some phases.
 # Env: THREADS (default: nproc), PAFT_BIN (a built paft; default: build the dev profile), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -149,11 +150,14 @@ PY
       [ -f "$d/config.json" ] || "$PY" benchmarks/perturb_model.py "$MODEL" "$d" --seed "$s" --scale "$scale"
     done
     tasks=${TASKS:-leaderboard}
-    cache=$OUT/scoring-cache-$scale-${tasks//,/+}-${DOCS:-50}-${REPORT:-200}-${SFT_GRID:-0,0.5,1,1.5,2}-${PREF_GRID:-0,1}.jsonl
+    # The cache is kept in the repository (benchmarks/results/): the report pool takes hours
+    # on a laptop, so a run spans sessions and machines, resuming where the last one stopped.
+    mkdir -p benchmarks/results
+    cache=benchmarks/results/scoring-cache-$scale-${tasks//,/+}-${DOCS:-50}-${REPORT:-200}-${SFT_GRID:-0,0.5,1,1.5,2}-${PREF_GRID:-0,1}.jsonl
     cargo bench --profile dev --quiet --bench scoring_fidelity -- --base "$MODEL" \
       --sft "$OUT/smollm-noise$scale-ft1" --pref "$OUT/smollm-noise$scale-ft2" --tasks "$tasks" \
       --docs "${DOCS:-50}" --report "${REPORT:-200}" --sft-grid "${SFT_GRID:-0,0.5,1,1.5,2}" \
-      --pref-grid "${PREF_GRID:-0,1}" --cache "$cache" | tee "$OUT/scoring.jsonl"
+      --pref-grid "${PREF_GRID:-0,1}" ${PHASES:+--phases "$PHASES"} --cache "$cache" | tee "$OUT/scoring.jsonl"
     ;;
   candidate)
     RUN=${RUN:-$OUT/objective-run}

@@ -59,7 +59,11 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 fn floats(s: &str) -> Result<Vec<f64>> {
     s.split(',')
-        .map(|x| x.trim().parse::<f64>().with_context(|| format!("`{x}` in {s}")))
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .with_context(|| format!("`{x}` in {s}"))
+        })
         .collect()
 }
 
@@ -286,10 +290,11 @@ fn main() -> Result<()> {
     if keys.len() < 3 {
         bail!("{} candidates cannot be ranked", keys.len());
     }
-    if keys
-        .iter()
-        .any(|k| PHASES.iter().any(|p| !cache.rows.contains_key(&(k.clone(), p.to_string()))))
-    {
+    if keys.iter().any(|k| {
+        PHASES
+            .iter()
+            .any(|p| !cache.rows.contains_key(&(k.clone(), p.to_string())))
+    }) {
         println!("{{\"incomplete\": \"run the remaining phases for the summary\"}}");
         return Ok(());
     }

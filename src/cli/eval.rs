@@ -105,6 +105,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     config.batch_size = args.batch_size;
     config.task_options = TaskOptions {
         legacy_mc2_true_set: args.legacy_mc2,
+        ..TaskOptions::default()
     };
 
     let device = model::parse_device(&args.model.device)?;

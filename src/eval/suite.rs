@@ -127,7 +127,11 @@ impl PreparedSuite {
         docs: DocSet,
     ) -> Result<Self> {
         config.split.validate()?;
-        let tasks = load_tasks(store, &config.tasks, &config.task_options)?;
+        let options = TaskOptions {
+            mmlu_pooled_shots: config.fewshot_mode == FewshotMode::Shared,
+            ..config.task_options.clone()
+        };
+        let tasks = load_tasks(store, &config.tasks, &options)?;
         let selected = select_documents(&tasks, docs, &config.split)?;
         let encoder = RequestEncoder {
             tokenizer,
@@ -165,7 +169,7 @@ impl PreparedSuite {
                         .with_context(|| format!("task {}, document {d}", task.name()))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let shared_prefix = task_shared_prefix(&requests);
+            let shared_prefix = task_shared_prefix(&requests, 2);
             tracing::debug!(
                 task = task.name(),
                 docs = doc_ids.len(),
@@ -181,6 +185,7 @@ impl PreparedSuite {
                 shared_prefix,
             });
         }
+        extend_to_benchmark_prefix(&mut prepared);
         Ok(Self {
             config,
             docs,
@@ -196,10 +201,30 @@ impl PreparedSuite {
     pub fn evaluate(&self, model: &EvalModel, on_doc: &(dyn Fn() + Sync)) -> Result<SuiteResult> {
         let start = Instant::now();
         let mut results = vec![];
+        // The last task's prefilled prefix: the next task reuses it when it has the same one
+        // (MMLU's subjects in the shared-shot mode), and pays for it again only otherwise.
+        let mut last_base: Option<Prefilled> = None;
         for t in &self.tasks {
             let task_start = Instant::now();
-            let (responses, tokens) = run_task(t, model, self.config.batch_size.max(1), on_doc)
-                .with_context(|| format!("evaluating {}", t.task.name()))?;
+            let reused = last_base
+                .as_ref()
+                .is_some_and(|b| !b.is_empty() && b.tokens() == t.shared_prefix.as_slice());
+            if !reused {
+                last_base = Some(engine::prefill(
+                    model.model,
+                    &Prefilled::empty(model.model),
+                    &t.shared_prefix,
+                    model.pad_id,
+                )?);
+            }
+            let base = last_base.as_ref().expect("set above");
+            let (responses, mut tokens) =
+                run_task(t, model, base, self.config.batch_size.max(1), on_doc)
+                    .with_context(|| format!("evaluating {}", t.task.name()))?;
+            if !reused {
+                tokens.prefilled += t.shared_prefix.len() as u64;
+                tokens.saved = tokens.saved.saturating_sub(t.shared_prefix.len() as u64);
+            }
             let mut records = vec![];
             for ((&doc, shots), response) in t.doc_ids.iter().zip(&t.shots).zip(responses) {
                 let score = t.task.score(doc, &response)?;
@@ -238,17 +263,17 @@ impl PreparedSuite {
 
 /// Runs every request of `t`; returns the responses and the token work (with what prefix
 /// sharing saved against each request's input run on its own).
+/// `base` is the task's shared prefix, prefilled; its tokens are counted by the caller, which
+/// prefills them once for every task that shares them.
 fn run_task(
     t: &PreparedTask,
     m: &EvalModel,
+    base: &Prefilled,
     batch_size: usize,
     on_doc: &(dyn Fn() + Sync),
 ) -> Result<(Vec<Response>, TokenWork)> {
     let mut out: Vec<Option<Response>> = vec![None; t.requests.len()];
-    let mut work = TokenWork {
-        prefilled: t.shared_prefix.len() as u64,
-        ..TokenWork::default()
-    };
+    let mut work = TokenWork::default();
     // What running each request's input alone would prefill: its tokens but the last.
     let unshared: u64 = t
         .requests
@@ -260,29 +285,21 @@ fn run_task(
             TokenizedRequests::Generate(g) => g.context.len() as u64,
         })
         .sum();
-    let base = if t.shared_prefix.is_empty() {
-        Prefilled::empty(m.model)
-    } else {
-        engine::prefill(
-            m.model,
-            &Prefilled::empty(m.model),
-            &t.shared_prefix,
-            m.pad_id,
-        )?
-    };
     let mut generations = vec![];
+    let mut choices = vec![];
     for (i, r) in t.requests.iter().enumerate() {
         match r {
-            TokenizedRequests::Loglikelihood(c) => {
-                let (scores, prefilled) = engine::score_choices(m.model, &base, c, m.pad_id)
-                    .with_context(|| format!("document {}", t.doc_ids[i]))?;
-                work.prefilled += prefilled;
-                out[i] = Some(Response::Loglikelihood(scores));
-                on_doc();
-            }
+            TokenizedRequests::Loglikelihood(c) => choices.push((i, c)),
             TokenizedRequests::Generate(g) => generations.push((i, g)),
         }
     }
+    let labelled: Vec<(usize, &_)> = choices.iter().map(|&(i, c)| (t.doc_ids[i], c)).collect();
+    engine::score_documents(m.model, base, &labelled, m.pad_id, &mut |k, scores, n| {
+        work.prefilled += n;
+        out[choices[k].0] = Some(Response::Loglikelihood(scores));
+        on_doc();
+        Ok(())
+    })?;
     // Longest contexts first, as lm-eval orders them, so a batch holds similar lengths.
     generations.sort_by_key(|(i, g)| (std::cmp::Reverse(g.context.len()), *i));
     let reqs: Vec<_> = generations.iter().map(|(_, g)| *g).collect();
@@ -292,7 +309,7 @@ fn run_task(
         batch_size,
     };
     let (texts, generation) =
-        engine::generate_until(m.model, m.tokenizer, &base, &reqs, &settings, &mut |_| {
+        engine::generate_until(m.model, m.tokenizer, base, &reqs, &settings, &mut |_| {
             on_doc()
         })?;
     work += generation;
@@ -307,18 +324,23 @@ fn run_task(
     Ok((responses, work))
 }
 
-/// The longest prefix shared by every document's prefillable prefix, if long enough to matter:
-/// a multiple-choice document's shared context, a generation's context but its last token (the
-/// shared-shot mode's few-shot prefix).
-fn task_shared_prefix(requests: &[TokenizedRequests]) -> Vec<u32> {
-    let prefixes: Vec<&[u32]> = requests
-        .iter()
-        .map(|r| match r {
-            TokenizedRequests::Loglikelihood(c) => &c.shared[..engine::document_prefix_len(c)],
-            TokenizedRequests::Generate(g) => &g.context[..g.context.len().saturating_sub(1)],
-        })
-        .collect();
-    if prefixes.len() < 2 {
+/// The prefillable prefix of a document's requests: a multiple-choice document's shared
+/// context, a generation's context but its last token.
+fn prefillable(r: &TokenizedRequests) -> &[u32] {
+    match r {
+        TokenizedRequests::Loglikelihood(c) => &c.shared[..engine::document_prefix_len(c)],
+        TokenizedRequests::Generate(g) => &g.context[..g.context.len().saturating_sub(1)],
+    }
+}
+
+/// The longest prefix shared by the prefillable prefixes of at least `min_docs` documents, if
+/// long enough to matter (e.g. the shared-shot mode's few-shot prefix).
+fn task_shared_prefix<'a>(
+    requests: impl IntoIterator<Item = &'a TokenizedRequests>,
+    min_docs: usize,
+) -> Vec<u32> {
+    let prefixes: Vec<&[u32]> = requests.into_iter().map(prefillable).collect();
+    if prefixes.len() < min_docs.max(1) {
         return vec![];
     }
     let n = common_prefix_len(prefixes.iter().copied());
@@ -326,6 +348,26 @@ fn task_shared_prefix(requests: &[TokenizedRequests]) -> Vec<u32> {
         return vec![];
     }
     prefixes[0][..n].to_vec()
+}
+
+/// Tasks of one benchmark (MMLU's subjects) whose documents all start with the same long prefix
+/// get it as their shared prefix where theirs is shorter, so that it is prefilled once for all
+/// of them; a subject with one selected document has no prefix of its own.
+fn extend_to_benchmark_prefix(tasks: &mut [PreparedTask]) {
+    for b in Benchmark::ALL {
+        let group: Vec<usize> = (0..tasks.len())
+            .filter(|&i| tasks[i].task.benchmark() == b)
+            .collect();
+        if group.len() < 2 {
+            continue;
+        }
+        let prefix = task_shared_prefix(group.iter().flat_map(|&i| &tasks[i].requests), 2);
+        for &i in &group {
+            if tasks[i].shared_prefix.len() < prefix.len() {
+                tasks[i].shared_prefix = prefix.clone();
+            }
+        }
+    }
 }
 
 /// Selected document ids per task: the pool's documents, then the selection among them.

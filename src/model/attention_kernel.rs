@@ -49,12 +49,20 @@ pub fn attention(
             mask.map(|m| m.dims().to_vec())
         );
     }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // K and V are usually a KV cache's filled part: a narrow of a buffer with spare time steps,
+    // read in place (copying them would cost a whole cache per layer and decode step).
+    let (k, v) = (time_strided(k)?, time_strided(v)?);
+    let (k_stride, v_stride) = (kv_time_stride(&k)?, kv_time_stride(&v)?);
+    if k_stride != v_stride {
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        return attention(q, &k, &v, mask);
+    }
+    let q = q.contiguous()?;
     let mask = mask.map(|m| m.contiguous()).transpose()?;
     let mask_rows = mask.as_ref().map_or(Ok(0), |m| m.dim(0))?;
     with_f32(&q, |qs| {
-        with_f32(&k, |ks| {
-            with_f32(&v, |vs| {
+        with_f32_from_start(&k, |ks| {
+            with_f32_from_start(&v, |vs| {
                 let shape = Shape {
                     b,
                     g,
@@ -62,6 +70,7 @@ pub fn attention(
                     t,
                     total,
                     d,
+                    kv_stride: k_stride,
                 };
                 let out = match &mask {
                     Some(m) => with_f32(m, |ms| Ok(run(&shape, qs, ks, vs, Some(ms), mask_rows)))?,
@@ -73,6 +82,34 @@ pub fn attention(
     })
 }
 
+/// `x (b, g, T, d)` itself when each (row, head) is a contiguous run of `T·d` values at a
+/// fixed stride (contiguous, or a narrow along time of a contiguous buffer); else a copy.
+fn time_strided(x: &Tensor) -> Result<Tensor> {
+    let (_, g, _, d) = x.dims4()?;
+    let st = x.stride();
+    let (_, _, t, _) = x.dims4()?;
+    let ok = st[3] == 1 && st[2] == d && st[1].is_multiple_of(d) && st[1] >= t * d && st[0] == g * st[1];
+    Ok(if ok { x.clone() } else { x.contiguous()? })
+}
+
+/// Time steps between consecutive (row, head) blocks of a [`time_strided`] tensor.
+fn kv_time_stride(x: &Tensor) -> Result<usize> {
+    let d = x.dim(3)?;
+    Ok(x.stride()[1] / d)
+}
+
+fn with_f32_from_start<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        anyhow::bail!("attention kernel: tensor not on the CPU");
+    };
+    let (b, g, total, d) = x.dims4()?;
+    let stride = layout.stride()[1];
+    let start = layout.start_offset();
+    let end = start + (b * g).saturating_sub(1) * stride + total * d;
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
 #[derive(Clone, Copy)]
 struct Shape {
     b: usize,
@@ -81,6 +118,8 @@ struct Shape {
     t: usize,
     total: usize,
     d: usize,
+    /// Time steps from one (row, KV head) block of K/V to the next (`total` when contiguous).
+    kv_stride: usize,
 }
 
 fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
@@ -123,6 +162,7 @@ fn run(
         t,
         total,
         d,
+        kv_stride,
     } = *s;
     let prefix = mask.map(|m| visible_prefix(m, mask_rows * t, total));
     let mut out = vec![0f32; b * g * r * d];
@@ -131,8 +171,8 @@ fn run(
         .for_each(|(head, out_head)| {
             let bi = head / g;
             let q_head = &q[head * r * d..(head + 1) * r * d];
-            let k_head = &k[head * total * d..(head + 1) * total * d];
-            let v_head = &v[head * total * d..(head + 1) * total * d];
+            let kv = head * kv_stride * d..(head * kv_stride + total) * d;
+            let (k_head, v_head) = (&k[kv.clone()], &v[kv]);
             let mask_base = if mask_rows == 1 { 0 } else { bi * t };
             out_head
                 .par_chunks_mut(BLOCK_ROWS * d)
@@ -367,6 +407,45 @@ mod tests {
         );
         // Decoding with every key visible: no mask.
         check(2, 2, 4, 1, 33, None);
+    }
+
+    #[test]
+    fn reads_a_cache_with_spare_capacity_in_place_with_the_same_result() {
+        // K/V as a KV cache holds them: 45 filled time steps of a 64-step buffer.
+        let (b, g, t, total, cap, d) = (3, 2, 5, 45, 64, 16);
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (b, g, 2 * t, d), &dev).unwrap();
+        let kbuf = Tensor::randn(0f32, 1.0, (b, g, cap, d), &dev).unwrap();
+        let vbuf = Tensor::randn(0f32, 1.0, (b, g, cap, d), &dev).unwrap();
+        let (k, v) = (
+            kbuf.narrow(2, 0, total).unwrap(),
+            vbuf.narrow(2, 0, total).unwrap(),
+        );
+        assert!(!k.is_contiguous());
+        let m = mask(&[vec![], vec![3], vec![]], t, total);
+        let strided = super::attention(&q, &k, &v, Some(&m)).unwrap().unwrap();
+        let (kc, vc) = (k.contiguous().unwrap(), v.contiguous().unwrap());
+        let copied = super::attention(&q, &kc, &vc, Some(&m)).unwrap().unwrap();
+        let same = strided
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(copied.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "in-place and copied K/V must give identical bits");
+        // K contiguous, V strided: still correct.
+        let mixed = super::attention(&q, &kc, &v, Some(&m)).unwrap().unwrap();
+        let diff: f32 = (mixed - copied)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0);
     }
 
     #[test]

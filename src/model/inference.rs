@@ -148,6 +148,7 @@ pub fn greedy_generate(
             ids: next.iter().map(|&t| vec![t]).collect(),
             positions: positions.iter().map(|&p| vec![p]).collect(),
             valid: vec![vec![true]; n],
+            packing: None,
         };
         hidden = model.forward(&step, Some(&mut cache))?;
     }

@@ -85,7 +85,10 @@ impl Linear {
             dims[dims.len() - 1],
         );
         let x2 = x.reshape((rows, inp))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        let mut y = match super::small_matmul::matmul_t(&x2, &self.weight)? {
+            Some(y) => y,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -109,6 +112,20 @@ pub struct TokenBatch {
     pub ids: Vec<Vec<u32>>,
     pub positions: Vec<Vec<u32>>,
     pub valid: Vec<Vec<bool>>,
+    /// Rows that pack several sequences, each a trunk and branches (see [`PackSlot`]); `None`:
+    /// every row is one causal sequence.
+    pub packing: Option<Vec<Vec<PackSlot>>>,
+}
+
+/// Where a token of a packed row belongs: sequence `seq` of the row, and in it the trunk
+/// (`branch` 0) or the `branch`-th continuation of the trunk. A packed token attends to the
+/// cached keys and to its own sequence's trunk and own branch, at positions not after its own:
+/// one forward scores many documents' answer choices, each as if run alone after the cache.
+/// The packed keys stay in the cache only as padding (no later token sees them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackSlot {
+    pub seq: u32,
+    pub branch: u32,
 }
 
 impl TokenBatch {
@@ -128,6 +145,7 @@ impl TokenBatch {
             ids: vec![],
             positions: vec![],
             valid: vec![],
+            packing: None,
         };
         for (s, &p0) in seqs.iter().zip(start) {
             let lead = if left { t - s.len() } else { 0 };
@@ -368,7 +386,10 @@ impl LlamaModel {
                         c.key_valid.push(vec![]);
                     }
                     c.key_positions[row].extend(p);
-                    c.key_valid[row].extend(v);
+                    // Packed keys are private to this forward: a later token would see a
+                    // mixture of sequences.
+                    let packed = batch.packing.is_some();
+                    c.key_valid[row].extend(v.iter().map(|&ok| ok && !packed));
                 }
             }
             None => {
@@ -386,7 +407,10 @@ impl LlamaModel {
         let dims = hidden.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let h = hidden.reshape((rows, self.cfg.hidden_size))?;
-        let logits = h.matmul(&w.t()?)?;
+        let logits = match super::small_matmul::matmul_t(&h, w)? {
+            Some(y) => y,
+            None => h.matmul(&w.t()?)?,
+        };
         let logits = if logits.dtype() == DType::F64 {
             logits
         } else {
@@ -594,10 +618,12 @@ impl LlamaModel {
                 (kp, kv)
             })
             .collect();
-        let uniform = rows
-            .iter()
-            .zip(&batch.positions)
-            .all(|(r, p)| r == &rows[0] && p == &batch.positions[0]);
+        let uniform = batch.packing.is_none()
+            && rows
+                .iter()
+                .zip(&batch.positions)
+                .all(|(r, p)| r == &rows[0] && p == &batch.positions[0]);
+        let cached = prev_pos[0].len();
         let used = if uniform { 1 } else { rows.len() };
         // A large finite negative (not -inf): a query that sees no key (left padding) must get
         // a harmless uniform row, not NaN that would leak into later layers.
@@ -611,10 +637,20 @@ impl LlamaModel {
         let mut any_masked = false;
         for r in 0..used {
             let (kp, kv) = &rows[r];
-            for &qp in &batch.positions[r] {
-                for (&p, &ok) in kp.iter().zip(kv) {
-                    let visible =
-                        ok && p <= qp && window.is_none_or(|w| (qp as i64 - p as i64) < w);
+            let slots = batch.packing.as_ref().map(|p| &p[r]);
+            for (qi, &qp) in batch.positions[r].iter().enumerate() {
+                for (ki, (&p, &ok)) in kp.iter().zip(kv).enumerate() {
+                    let same_branch = || match slots {
+                        Some(s) if ki >= cached => {
+                            let (q, k) = (s[qi], s[ki - cached]);
+                            q.seq == k.seq && (k.branch == 0 || k.branch == q.branch)
+                        }
+                        _ => true,
+                    };
+                    let visible = ok
+                        && p <= qp
+                        && window.is_none_or(|w| (qp as i64 - p as i64) < w)
+                        && same_branch();
                     any_masked |= !visible;
                     data.push(if visible { 0f32 } else { neg });
                 }

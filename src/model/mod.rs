@@ -12,6 +12,7 @@ pub mod lora;
 pub mod ops;
 pub mod pretrained;
 pub mod rope;
+pub mod small_matmul;
 pub mod source;
 pub mod tiny;
 pub mod tokenizer;
@@ -19,7 +20,7 @@ pub mod weights;
 
 pub use config::{Architecture, ModelConfig};
 pub use kv_cache::KvCache;
-pub use llama::{LlamaModel, Mode, TokenBatch};
+pub use llama::{LlamaModel, Mode, PackSlot, TokenBatch};
 pub use lora::{LoraAdapter, LoraConfig, LoraPair, TargetModule};
 pub use pretrained::{parse_device, parse_dtype, ModelFiles, Pretrained};
 pub use tokenizer::{ChatMessage, ModelTokenizer};

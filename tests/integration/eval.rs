@@ -402,6 +402,7 @@ fn reference_generations(
                 ids: cols(&full.ids),
                 positions: cols(&full.positions),
                 valid: full.valid.iter().map(|r| r[start..end].to_vec()).collect(),
+                packing: None,
             };
             let hidden = net.forward(&part, Some(&mut cache)).unwrap();
             last = Some(
@@ -450,6 +451,7 @@ fn reference_generations(
                 ids: tokens.iter().map(|&t| vec![t]).collect(),
                 positions: cache.next_positions().iter().map(|&p| vec![p]).collect(),
                 valid: vec![vec![true]; tokens.len()],
+                packing: None,
             };
             last = net
                 .forward(&step, Some(&mut cache))
@@ -776,4 +778,60 @@ fn shared_shots_are_one_set_per_task_and_prefill_far_fewer_tokens() {
         (total_f, total_s) = (total_f + f, total_s + s);
     }
     assert!(total_s * 3 < total_f, "{total_s} vs {total_f}");
+}
+
+/// MMLU in the shared-shot mode: a screening sample holds about one document per subject, so the
+/// subjects share one description and one shot set drawn from every subject's dev rows, and
+/// that prefix is prefilled once for all of them (with lm-eval's shots each subject pays for
+/// its own description and shots on every document).
+#[test]
+fn mmlu_subjects_share_one_prefix_in_the_shared_shot_mode() {
+    let Some(dir) = common::tiny_model(&TinySpec::llama(7)) else {
+        return;
+    };
+    let store = TaskStore::new(common::shared_tasks_dir());
+    let base = Pretrained::load(dir.path(), None, &candle_core::Device::Cpu).unwrap();
+    let net = base.model(Mode::Inference, None).unwrap();
+    let docs = DocSet::sampled(Pool::Search, Some(3), 0);
+    let run = |mode: FewshotMode| {
+        let tasks = "mmlu_anatomy,mmlu_astronomy,mmlu_virology";
+        let mut config = EvalConfig::new(parse_task_list(tasks).unwrap());
+        config.fewshot_mode = mode;
+        let mut evaluator = paft::eval::Evaluator::new(
+            Pretrained::load(dir.path(), None, &candle_core::Device::Cpu).unwrap(),
+            store.clone(),
+            config,
+        )
+        .unwrap();
+        let result = evaluator.evaluate(&net, docs).unwrap();
+        let suite = evaluator.suite(docs).unwrap();
+        let prefixes: Vec<Vec<u32>> = suite
+            .tasks
+            .iter()
+            .map(|t| t.shared_prefix.clone())
+            .collect();
+        let shots: Vec<Vec<usize>> = suite.tasks.iter().map(|t| t.shots[0].clone()).collect();
+        (result, prefixes, shots)
+    };
+    let (faithful, _, _) = run(FewshotMode::PerDocument);
+    let (shared, prefixes, shots) = run(FewshotMode::Shared);
+    assert_eq!(shared.tasks.len(), 3);
+    // One prefix and one shot set for every subject (5 of the pooled dev rows, not each
+    // subject's first five).
+    assert!(prefixes[0].len() > 100, "{} tokens", prefixes[0].len());
+    assert!(prefixes.iter().all(|p| p == &prefixes[0]));
+    assert!(
+        shots.iter().all(|s| s == &shots[0] && s.len() == 5),
+        "{shots:?}"
+    );
+    assert_ne!(shots[0], vec![0, 1, 2, 3, 4]);
+    // Paid once: the later subjects prefill less than the prefix itself.
+    let prefilled: Vec<u64> = shared.tasks.iter().map(|t| t.tokens.prefilled).collect();
+    assert!(prefilled[0] > prefixes[0].len() as u64, "{prefilled:?}");
+    for p in &prefilled[1..] {
+        assert!(*p < prefixes[0].len() as u64, "{prefilled:?}");
+    }
+    let f: u64 = faithful.tasks.iter().map(|t| t.tokens.prefilled).sum();
+    let s: u64 = prefilled.iter().sum();
+    assert!(s * 2 < f, "shared {s} vs per-document {f} tokens");
 }

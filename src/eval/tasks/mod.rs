@@ -17,6 +17,9 @@ use super::task::{Benchmark, Task};
 pub struct TaskOptions {
     /// TruthfulQA mc2 with the leaderboard's true set (answers before the first false one).
     pub legacy_mc2_true_set: bool,
+    /// MMLU's shots drawn from every subject's dev rows under one description (the shared-shot
+    /// mode's, so that all of MMLU shares one prefix).
+    pub mmlu_pooled_shots: bool,
 }
 
 /// A task name or group as given on the command line.
@@ -75,7 +78,7 @@ pub fn load_tasks(
         match b {
             Benchmark::Mmlu if whole_mmlu || !subjects.is_empty() => {
                 let only = (!whole_mmlu).then_some(subjects.as_slice());
-                let loaded = mmlu::load(store, only)?;
+                let loaded = mmlu::load(store, only, opts.mmlu_pooled_shots)?;
                 if let Some(only) = only {
                     for s in only {
                         if !loaded.iter().any(|t| t.name == format!("mmlu_{s}")) {
