@@ -206,22 +206,26 @@ impl PreparedSuite {
         let mut last_base: Option<Prefilled> = None;
         for t in &self.tasks {
             let task_start = Instant::now();
-            let reused = last_base
-                .as_ref()
-                .is_some_and(|b| !b.is_empty() && b.tokens() == t.shared_prefix.as_slice());
-            if !reused {
+            // Prefilled unless the last task's prefix is the same (or the task has no selected
+            // documents: an MMLU subject the sample missed runs nothing).
+            let fresh = !t.requests.is_empty()
+                && last_base
+                    .as_ref()
+                    .is_none_or(|b| b.tokens() != t.shared_prefix.as_slice());
+            if fresh {
+                let empty = Prefilled::empty(model.model);
                 last_base = Some(engine::prefill(
                     model.model,
-                    &Prefilled::empty(model.model),
+                    &empty,
                     &t.shared_prefix,
                     model.pad_id,
                 )?);
             }
-            let base = last_base.as_ref().expect("set above");
+            let base = last_base.get_or_insert_with(|| Prefilled::empty(model.model));
             let (responses, mut tokens) =
                 run_task(t, model, base, self.config.batch_size.max(1), on_doc)
                     .with_context(|| format!("evaluating {}", t.task.name()))?;
-            if !reused {
+            if fresh {
                 tokens.prefilled += t.shared_prefix.len() as u64;
                 tokens.saved = tokens.saved.saturating_sub(t.shared_prefix.len() as u64);
             }

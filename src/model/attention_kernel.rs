@@ -88,7 +88,8 @@ fn time_strided(x: &Tensor) -> Result<Tensor> {
     let (_, g, _, d) = x.dims4()?;
     let st = x.stride();
     let (_, _, t, _) = x.dims4()?;
-    let ok = st[3] == 1 && st[2] == d && st[1].is_multiple_of(d) && st[1] >= t * d && st[0] == g * st[1];
+    let ok =
+        st[3] == 1 && st[2] == d && st[1].is_multiple_of(d) && st[1] >= t * d && st[0] == g * st[1];
     Ok(if ok { x.clone() } else { x.contiguous()? })
 }
 
