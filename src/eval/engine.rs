@@ -399,7 +399,9 @@ pub fn generate_until(
     let mut cache = model.new_cache();
     // Room for a whole generation after each rebuild, so decode steps append in place.
     let spare = requests.iter().map(|r| r.max_gen_toks).max().unwrap_or(0) + 1;
+    let (mut steps, mut admit_s, mut decode_s) = (0u64, 0f64, 0f64);
     loop {
+        let t0 = std::time::Instant::now();
         let (admitted, fresh) = admit(model, base, requests, &mut pending, settings, rows.len())?;
         if !admitted.is_empty() || (cache_rows.len() < cache.batch_size() && !rows.is_empty()) {
             let mut sources: Vec<(&KvCache, usize)> =
@@ -422,7 +424,11 @@ pub fn generate_until(
         if rows.is_empty() {
             break;
         }
+        let t1 = std::time::Instant::now();
+        admit_s += (t1 - t0).as_secs_f64();
         let next = decode_step(model, &rows, &mut cache)?;
+        decode_s += t1.elapsed().as_secs_f64();
+        steps += 1;
         work.generated += rows.len() as u64;
         let mut keep = vec![];
         for (slot, (row, tok)) in rows.iter_mut().zip(next).enumerate() {
@@ -444,6 +450,7 @@ pub fn generate_until(
             cache_rows = keep.iter().map(|&s| cache_rows[s]).collect();
         }
     }
+    tracing::debug!(steps, admit_s, decode_s, "generation");
     Ok((texts, work))
 }
 

@@ -123,14 +123,16 @@ struct Shape {
     kv_stride: usize,
 }
 
-fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+/// `f` on the f32 elements of a contiguous CPU tensor, in place (the hand-written kernels
+/// read candle's storage directly rather than copying it out).
+pub(crate) fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        anyhow::bail!("attention kernel: tensor not on the CPU");
+        anyhow::bail!("hand-written kernel: tensor not on the CPU");
     };
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| anyhow::anyhow!("attention kernel: tensor not contiguous"))?;
+        .ok_or_else(|| anyhow::anyhow!("hand-written kernel: tensor not contiguous"))?;
     f(&cpu.as_slice::<f32>()?[start..end])
 }
 
@@ -328,6 +330,17 @@ fn exp(x: f32) -> f32 {
 mod tests {
     use candle_core::{DType, Device, Tensor, D};
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     /// The composed reference: softmax(q·kᵀ + mask)·v.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (b, g, r, _) = q.dims4().unwrap();
@@ -370,14 +383,7 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (b, g, total, d), &dev).unwrap();
         let got = super::attention(&q, &k, &v, m.as_ref()).unwrap().unwrap();
         let want = composed(&q, &k, &v, m.as_ref());
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&got, &want);
         assert!(
             diff < 1e-5,
             "b{b} g{g} rep{n_rep} t{t} T{total}: max |Δ| {diff}"
@@ -438,15 +444,7 @@ mod tests {
         assert!(same, "in-place and copied K/V must give identical bits");
         // K contiguous, V strided: still correct.
         let mixed = super::attention(&q, &kc, &v, Some(&m)).unwrap().unwrap();
-        let diff: f32 = (mixed - copied)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(max_abs_diff(&mixed, &copied), 0.0);
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! everything else returns `None` and the caller uses candle's matmul.
 
 use anyhow::Result;
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
+
+use super::attention_kernel::with_f32;
 use rayon::prelude::*;
 
 /// Up to this many rows of `x` take the row-dot path.
@@ -74,17 +76,6 @@ fn avx2_fma() -> bool {
     {
         false
     }
-}
-
-fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        anyhow::bail!("small matmul: tensor not on the CPU");
-    };
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| anyhow::anyhow!("small matmul: tensor not contiguous"))?;
-    f(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// Σ a[i]·b[i] in four 8-lane FMA accumulators (independent chains keep both FMA ports busy).

@@ -9,8 +9,8 @@ use paft::eval::fewshot::{shot_plan, FewshotMode, DEFAULT_FEWSHOT_SEED};
 use paft::eval::task::Requests;
 use paft::eval::tasks::load_tasks;
 use paft::eval::{
-    parse_task_list, DocSet, EvalConfig, EvalModel, Pool, PreparedSuite, Selection, TaskOptions,
-    TaskStore,
+    parse_task_list, DocSet, EvalConfig, EvalModel, Pool, PreparedSuite, Selection, SuiteResult,
+    TaskOptions, TaskStore,
 };
 use paft::model::{tiny::TinySpec, Mode, Pretrained};
 use serde_json::Value;
@@ -711,6 +711,36 @@ fn fetch_tasks_from_a_local_hub_and_evaluate() {
     );
 }
 
+/// A prepared task as the few-shot tests look at it: name, shots per document, shared prefix.
+type PreparedShots = (String, Vec<Vec<usize>>, Vec<u32>);
+
+/// Evaluates the tiny model at `dir` on `tasks` in a few-shot `mode`; returns the result and the
+/// prepared suite's tasks.
+fn evaluate_in_mode(
+    dir: &Path,
+    tasks: &str,
+    docs: DocSet,
+    mode: FewshotMode,
+) -> (SuiteResult, Vec<PreparedShots>) {
+    let load = || Pretrained::load(dir, None, &candle_core::Device::Cpu).unwrap();
+    let net = load().model(Mode::Inference, None).unwrap();
+    let mut config = EvalConfig::new(parse_task_list(tasks).unwrap());
+    config.fewshot_mode = mode;
+    let store = TaskStore::new(common::shared_tasks_dir());
+    let mut evaluator = paft::eval::Evaluator::new(load(), store, config).unwrap();
+    let result = evaluator.evaluate(&net, docs).unwrap();
+    let suite = evaluator.suite(docs).unwrap();
+    let prepared = suite
+        .tasks
+        .iter()
+        .map(|t| {
+            let name = t.task.name().to_string();
+            (name, t.shots.clone(), t.shared_prefix.clone())
+        })
+        .collect();
+    (result, prepared)
+}
+
 /// Shared-shot screening: one shot set per task, never a scored document (Winogrande draws its
 /// shots from the evaluation split itself), the shots' prefix prefilled once, so a document
 /// costs a fraction of the tokens it costs with lm-eval's per-document shots.
@@ -719,32 +749,13 @@ fn shared_shots_are_one_set_per_task_and_prefill_far_fewer_tokens() {
     let Some(dir) = common::tiny_model(&TinySpec::llama(7)) else {
         return;
     };
-    let store = TaskStore::new(common::shared_tasks_dir());
-    let base = Pretrained::load(dir.path(), None, &candle_core::Device::Cpu).unwrap();
-    let net = base.model(Mode::Inference, None).unwrap();
     let docs = DocSet::sampled(Pool::Search, Some(6), 0);
-    let run = |mode: FewshotMode| {
-        let mut config = EvalConfig::new(parse_task_list("arc_challenge,winogrande").unwrap());
-        config.fewshot_mode = mode;
-        let mut evaluator = paft::eval::Evaluator::new(
-            Pretrained::load(dir.path(), None, &candle_core::Device::Cpu).unwrap(),
-            store.clone(),
-            config,
-        )
-        .unwrap();
-        let result = evaluator.evaluate(&net, docs).unwrap();
-        let suite = evaluator.suite(docs).unwrap();
-        let shots: Vec<(String, Vec<Vec<usize>>)> = suite
-            .tasks
-            .iter()
-            .map(|t| (t.task.name().to_string(), t.shots.clone()))
-            .collect();
-        (result, shots)
-    };
-    let (faithful, faithful_shots) = run(FewshotMode::PerDocument);
-    let (shared, shared_shots) = run(FewshotMode::Shared);
+    let tasks = "arc_challenge,winogrande";
+    let (faithful, faithful_shots) =
+        evaluate_in_mode(dir.path(), tasks, docs, FewshotMode::PerDocument);
+    let (shared, shared_shots) = evaluate_in_mode(dir.path(), tasks, docs, FewshotMode::Shared);
     let split = paft::eval::PoolSplit::default();
-    for ((name, per_doc), (_, one)) in faithful_shots.iter().zip(&shared_shots) {
+    for ((name, per_doc, _), (_, one, _)) in faithful_shots.iter().zip(&shared_shots) {
         assert!(
             one.iter().all(|s| s == &one[0] && !s.is_empty()),
             "{name}: {one:?}"
@@ -789,32 +800,12 @@ fn mmlu_subjects_share_one_prefix_in_the_shared_shot_mode() {
     let Some(dir) = common::tiny_model(&TinySpec::llama(7)) else {
         return;
     };
-    let store = TaskStore::new(common::shared_tasks_dir());
-    let base = Pretrained::load(dir.path(), None, &candle_core::Device::Cpu).unwrap();
-    let net = base.model(Mode::Inference, None).unwrap();
     let docs = DocSet::sampled(Pool::Search, Some(3), 0);
-    let run = |mode: FewshotMode| {
-        let tasks = "mmlu_anatomy,mmlu_astronomy,mmlu_virology";
-        let mut config = EvalConfig::new(parse_task_list(tasks).unwrap());
-        config.fewshot_mode = mode;
-        let mut evaluator = paft::eval::Evaluator::new(
-            Pretrained::load(dir.path(), None, &candle_core::Device::Cpu).unwrap(),
-            store.clone(),
-            config,
-        )
-        .unwrap();
-        let result = evaluator.evaluate(&net, docs).unwrap();
-        let suite = evaluator.suite(docs).unwrap();
-        let prefixes: Vec<Vec<u32>> = suite
-            .tasks
-            .iter()
-            .map(|t| t.shared_prefix.clone())
-            .collect();
-        let shots: Vec<Vec<usize>> = suite.tasks.iter().map(|t| t.shots[0].clone()).collect();
-        (result, prefixes, shots)
-    };
-    let (faithful, _, _) = run(FewshotMode::PerDocument);
-    let (shared, prefixes, shots) = run(FewshotMode::Shared);
+    let tasks = "mmlu_anatomy,mmlu_astronomy,mmlu_virology";
+    let (faithful, _) = evaluate_in_mode(dir.path(), tasks, docs, FewshotMode::PerDocument);
+    let (shared, prepared) = evaluate_in_mode(dir.path(), tasks, docs, FewshotMode::Shared);
+    let prefixes: Vec<&Vec<u32>> = prepared.iter().map(|t| &t.2).collect();
+    let shots: Vec<&Vec<usize>> = prepared.iter().map(|t| &t.1[0]).collect();
     assert_eq!(shared.tasks.len(), 3);
     // One prefix and one shot set for every subject (5 of the pooled dev rows, not each
     // subject's first five).
@@ -824,7 +815,7 @@ fn mmlu_subjects_share_one_prefix_in_the_shared_shot_mode() {
         shots.iter().all(|s| s == &shots[0] && s.len() == 5),
         "{shots:?}"
     );
-    assert_ne!(shots[0], vec![0, 1, 2, 3, 4]);
+    assert_ne!(shots[0], &vec![0, 1, 2, 3, 4]);
     // Paid once: the later subjects prefill less than the prefix itself.
     let prefilled: Vec<u64> = shared.tasks.iter().map(|t| t.tokens.prefilled).collect();
     assert!(prefilled[0] > prefixes[0].len() as u64, "{prefilled:?}");
