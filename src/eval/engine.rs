@@ -403,7 +403,26 @@ pub fn generate_until(
     loop {
         let t0 = std::time::Instant::now();
         let (admitted, fresh) = admit(model, base, requests, &mut pending, settings, rows.len())?;
-        if !admitted.is_empty() || (cache_rows.len() < cache.batch_size() && !rows.is_empty()) {
+        // Refill the finished rows' places in the cache in place (one row copied each) when
+        // there is one per admitted document and each fits; else re-stack every row.
+        let holes: Vec<usize> = (0..cache.batch_size())
+            .filter(|r| !cache_rows.contains(r))
+            .collect();
+        let mut refilled = false;
+        if !admitted.is_empty() && holes.len() == admitted.len() {
+            refilled = true;
+            for (k, &hole) in holes.iter().enumerate() {
+                if !cache.write_row(hole, &fresh, k)? {
+                    refilled = false;
+                    break;
+                }
+            }
+        }
+        if refilled {
+            cache_rows.extend(&holes);
+        } else if !admitted.is_empty()
+            || (cache_rows.len() < cache.batch_size() && !rows.is_empty())
+        {
             let mut sources: Vec<(&KvCache, usize)> =
                 cache_rows.iter().map(|&r| (&cache, r)).collect();
             sources.extend((0..admitted.len()).map(|r| (&fresh, r)));
@@ -423,6 +442,18 @@ pub fn generate_until(
         }
         if rows.is_empty() {
             break;
+        }
+        if refilled {
+            // Decode feeds the cache's rows in order.
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            order.sort_by_key(|&i| cache_rows[i]);
+            let mut old: Vec<Option<Row>> =
+                std::mem::take(&mut rows).into_iter().map(Some).collect();
+            rows = order
+                .iter()
+                .map(|&i| old[i].take().expect("each row once"))
+                .collect();
+            cache_rows = (0..rows.len()).collect();
         }
         let t1 = std::time::Instant::now();
         admit_s += (t1 - t0).as_secs_f64();

@@ -54,7 +54,8 @@ pub fn attention(
     let (k, v) = (time_strided(k)?, time_strided(v)?);
     let (k_stride, v_stride) = (kv_time_stride(&k)?, kv_time_stride(&v)?);
     if k_stride != v_stride {
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        // Dense copies have the same stride (T), so this recurses once.
+        let (k, v) = (k.force_contiguous()?, v.force_contiguous()?);
         return attention(q, &k, &v, mask);
     }
     let q = q.contiguous()?;
@@ -82,30 +83,53 @@ pub fn attention(
     })
 }
 
-/// `x (b, g, T, d)` itself when each (row, head) is a contiguous run of `T·d` values at a
-/// fixed stride (contiguous, or a narrow along time of a contiguous buffer); else a copy.
-fn time_strided(x: &Tensor) -> Result<Tensor> {
-    let (_, g, _, d) = x.dims4()?;
+/// Elements from one (row, KV head) block of `x (b, g, T, d)` to the next, when each block is a
+/// contiguous run of `T·d` values and the blocks sit at one fixed stride (a contiguous tensor,
+/// or a narrow along time of a contiguous buffer). Strides of size-1 dimensions are arbitrary
+/// in candle (a "contiguous" tensor may carry any), so only the dimensions that index more than
+/// one block count.
+fn block_stride(x: &Tensor) -> Result<Option<usize>> {
+    let (b, g, t, d) = x.dims4()?;
     let st = x.stride();
-    let (_, _, t, _) = x.dims4()?;
-    let ok =
-        st[3] == 1 && st[2] == d && st[1].is_multiple_of(d) && st[1] >= t * d && st[0] == g * st[1];
-    Ok(if ok { x.clone() } else { x.contiguous()? })
+    let dense_block = (d <= 1 || st[3] == 1) && (t <= 1 || st[2] == d);
+    let stride = match (b > 1, g > 1) {
+        (_, true) => st[1],
+        (true, false) => st[0],
+        (false, false) => t * d,
+    };
+    let fixed = !(b > 1 && g > 1) || st[0] == g * st[1];
+    Ok(
+        (dense_block && fixed && stride >= t * d && d > 0 && stride.is_multiple_of(d))
+            .then_some(stride),
+    )
+}
+
+/// `x` itself when its blocks are at a fixed stride ([`block_stride`]), else a dense copy.
+fn time_strided(x: &Tensor) -> Result<Tensor> {
+    Ok(match block_stride(x)? {
+        Some(_) => x.clone(),
+        None => x.force_contiguous()?,
+    })
 }
 
 /// Time steps between consecutive (row, head) blocks of a [`time_strided`] tensor.
 fn kv_time_stride(x: &Tensor) -> Result<usize> {
     let d = x.dim(3)?;
-    Ok(x.stride()[1] / d)
+    let stride =
+        block_stride(x)?.ok_or_else(|| anyhow::anyhow!("K/V blocks not at a fixed stride"))?;
+    Ok(stride / d)
 }
 
+/// `f` on the elements of a [`time_strided`] tensor from its first block's start to its last
+/// block's end.
 fn with_f32_from_start<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let (b, g, total, d) = x.dims4()?;
+    let stride =
+        block_stride(x)?.ok_or_else(|| anyhow::anyhow!("K/V blocks not at a fixed stride"))?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         anyhow::bail!("attention kernel: tensor not on the CPU");
     };
-    let (b, g, total, d) = x.dims4()?;
-    let stride = layout.stride()[1];
     let start = layout.start_offset();
     let end = start + (b * g).saturating_sub(1) * stride + total * d;
     f(&cpu.as_slice::<f32>()?[start..end])
@@ -458,6 +482,27 @@ mod tests {
         assert!(worst < 3e-7, "max relative error {worst}");
         assert_eq!(super::exp(-1e30), 0.0);
         assert_eq!(super::exp(0.0), 1.0);
+    }
+
+    /// One KV head: candle calls a transposed `(b, T, 1, d)` tensor contiguous whatever its
+    /// size-1 dimension's stride, which the kernel must not read as the block stride (it once
+    /// recursed forever on such a V).
+    #[test]
+    fn one_kv_head_with_any_size_one_stride() {
+        let dev = Device::Cpu;
+        for b in [1, 2] {
+            let q = Tensor::randn(0f32, 1.0, (b, 1, 6, 8), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, 1, 6, 8), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, 6, 1, 8), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            assert!(v.is_contiguous(), "candle ignores the size-1 stride");
+            let m = mask(&[vec![], vec![2]][..b], 6, 6);
+            let got = super::attention(&q, &k, &v, Some(&m)).unwrap().unwrap();
+            let want = composed(&q, &k, &v.force_contiguous().unwrap(), Some(&m));
+            assert!(max_abs_diff(&got, &want) < 1e-5, "batch {b}");
+        }
     }
 
     #[test]

@@ -207,6 +207,58 @@ impl KvCache {
         })
     }
 
+    /// Overwrites row `slot` with row `src_row` of `src` (its keys from the first real one),
+    /// right-aligned to this cache's length; the columns before it become padding. Continuous
+    /// batching refills a finished row this way, copying one row instead of re-stacking all.
+    /// Returns false, changing nothing, when the row does not fit (longer than this cache, or
+    /// buffers shared with another cache): re-stack instead.
+    pub(crate) fn write_row(&mut self, slot: usize, src: &KvCache, src_row: usize) -> Result<bool> {
+        if slot >= self.batch_size() || src_row >= src.batch_size() {
+            bail!(
+                "cache rows {slot} / {src_row} out of range ({} / {})",
+                self.batch_size(),
+                src.batch_size()
+            );
+        }
+        if src.layers.len() != self.layers.len() {
+            bail!("caches of models with different layer counts");
+        }
+        let valid = &src.key_valid[src_row];
+        let first = valid.iter().position(|&v| v).unwrap_or(valid.len());
+        let (len, span) = (self.len(), first..valid.len());
+        let fits = span.len() <= len
+            && self
+                .layers
+                .iter()
+                .zip(&src.layers)
+                .all(|(d, s)| match (d, s) {
+                    (Some(d), Some(s)) => d.owned && d.len == len && s.len >= span.end,
+                    (_, None) => span.is_empty(),
+                    (None, Some(_)) => false,
+                });
+        if !fits {
+            return Ok(false);
+        }
+        let offset = len - span.len();
+        for (dst, src) in self.layers.iter_mut().zip(&src.layers) {
+            let (Some(dst), Some(src)) = (dst.as_mut(), src.as_ref()) else {
+                continue;
+            };
+            for (d, s) in [(&dst.k, &src.k), (&dst.v, &src.v)] {
+                let part = s.narrow(0, src_row, 1)?.narrow(2, span.start, span.len())?;
+                d.narrow(0, slot, 1)?
+                    .slice_set(&part.contiguous()?, 2, offset)?;
+            }
+        }
+        let mut positions = vec![0; offset];
+        positions.extend_from_slice(&src.key_positions[src_row][span.clone()]);
+        let mut valid = vec![false; offset];
+        valid.extend_from_slice(&src.key_valid[src_row][span]);
+        self.key_positions[slot] = positions;
+        self.key_valid[slot] = valid;
+        Ok(true)
+    }
+
     /// Copies a batch-1 cache into `n` rows.
     pub fn fork(&self, n: usize) -> Result<Self> {
         if self.batch_size() != 1 {
@@ -256,4 +308,71 @@ fn stack_layer(
         len: width,
         owned: true,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device};
+
+    use super::*;
+    use crate::model::tiny::TinySpec;
+    use crate::model::{LlamaModel, Mode, TokenBatch};
+
+    fn model() -> LlamaModel {
+        let spec = TinySpec::llama(3);
+        let cfg = spec.config(64).unwrap();
+        let weights = spec.weights(&cfg, DType::F32, &Device::Cpu).unwrap();
+        LlamaModel::from_weights(&cfg, &weights, None, Mode::Inference).unwrap()
+    }
+
+    /// A cache of left-padded rows of the given token sequences.
+    fn cache_of(model: &LlamaModel, seqs: &[Vec<u32>]) -> KvCache {
+        let mut cache = model.new_cache();
+        let batch = TokenBatch::left_padded(seqs, &vec![0; seqs.len()], 0);
+        model.forward(&batch, Some(&mut cache)).unwrap();
+        cache
+    }
+
+    /// A row's real keys and values of every layer, with their positions.
+    fn contents(cache: &KvCache, row: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+        let one = KvCache::stack(&[(cache, row)], 0).unwrap();
+        let kv = one
+            .layers
+            .iter()
+            .flatten()
+            .flat_map(|l| [&l.k, &l.v])
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (kv, one.key_positions[0].clone())
+    }
+
+    #[test]
+    fn a_written_row_holds_the_source_row_right_aligned() {
+        let model = model();
+        let seqs = [vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9], vec![10, 11, 12, 13]];
+        let c = cache_of(&model, &seqs);
+        let all = [(&c, 0), (&c, 1), (&c, 2)];
+        let stacked = KvCache::stack(&all, 4).unwrap();
+        let mut cache = KvCache::stack(&all, 4).unwrap();
+        let fresh = cache_of(&model, &[vec![20, 21], vec![22, 23, 24, 25, 26]]);
+        assert!(cache.write_row(1, &fresh, 1).unwrap());
+        assert_eq!(contents(&cache, 1), contents(&fresh, 1));
+        assert_eq!(contents(&cache, 0), contents(&stacked, 0));
+        assert_eq!(contents(&cache, 2), contents(&stacked, 2));
+        // Right-aligned: padding before, the row's keys at the end.
+        assert_eq!(
+            cache.key_valid[1],
+            vec![false, true, true, true, true, true]
+        );
+        assert_eq!(cache.next_positions()[1], 5);
+        // A row longer than the cache does not fit: nothing changes.
+        let long = cache_of(&model, &[vec![1; 9]]);
+        let before = contents(&cache, 2);
+        assert!(!cache.write_row(2, &long, 0).unwrap());
+        assert_eq!(contents(&cache, 2), before);
+        // A cache sharing its buffers with another (a clone) is not written through.
+        let mut shared = stacked.clone();
+        assert!(!shared.write_row(0, &fresh, 0).unwrap());
+        assert!(cache.write_row(7, &fresh, 0).is_err());
+    }
 }
