@@ -87,6 +87,38 @@ pub fn macro_mean(parts: &[Estimate]) -> Option<Estimate> {
     Some(Estimate { value, stderr })
 }
 
+/// Spearman's rank correlation of `a` and `b` (ties get their average rank, as
+/// `scipy.stats.spearmanr`); NaN when either is constant. The benchmarks that compare candidate
+/// rankings use it.
+pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+/// Ranks with ties averaged (1-based).
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+            j += 1;
+        }
+        for &k in &idx[i..=j] {
+            r[k] = (i + j) as f64 / 2.0 + 1.0;
+        }
+        i = j + 1;
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +178,15 @@ mod tests {
         assert!(m.stderr.is_nan(), "{m:?}");
         assert!(macro_mean(&[one]).unwrap().stderr.is_nan());
         assert!(macro_mean(&[]).is_none());
+    }
+
+    #[test]
+    fn spearman_averages_ties_and_reads_order_only() {
+        assert!((super::spearman(&[1.0, 2.0, 3.0], &[10.0, 40.0, 90.0]) - 1.0).abs() < 1e-12);
+        assert!((super::spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
+        // scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138
+        let r = super::spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]);
+        assert!((r - 0.9486832980505138).abs() < 1e-12, "{r}");
+        assert!(super::spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
     }
 }

@@ -447,12 +447,7 @@ pub fn generate_until(
             // Decode feeds the cache's rows in order.
             let mut order: Vec<usize> = (0..rows.len()).collect();
             order.sort_by_key(|&i| cache_rows[i]);
-            let mut old: Vec<Option<Row>> =
-                std::mem::take(&mut rows).into_iter().map(Some).collect();
-            rows = order
-                .iter()
-                .map(|&i| old[i].take().expect("each row once"))
-                .collect();
+            rows = select(std::mem::take(&mut rows), &order);
             cache_rows = (0..rows.len()).collect();
         }
         let t1 = std::time::Instant::now();
@@ -472,17 +467,21 @@ pub fn generate_until(
             }
         }
         if keep.len() < rows.len() {
-            let mut old: Vec<Option<Row>> =
-                std::mem::take(&mut rows).into_iter().map(Some).collect();
-            rows = keep
-                .iter()
-                .map(|&s| old[s].take().expect("each slot kept once"))
-                .collect();
+            rows = select(std::mem::take(&mut rows), &keep);
             cache_rows = keep.iter().map(|&s| cache_rows[s]).collect();
         }
     }
     tracing::debug!(steps, admit_s, decode_s, "generation");
     Ok((texts, work))
+}
+
+/// The rows at `order` (distinct indices), in that order.
+fn select(rows: Vec<Row>, order: &[usize]) -> Vec<Row> {
+    let mut rows: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
+    order
+        .iter()
+        .map(|&i| rows[i].take().expect("each row selected once"))
+        .collect()
 }
 
 /// Prefills pending documents into the free slots of a batch of `active` rows: each one's
