@@ -3,10 +3,12 @@
 //!
 //! A general GEMM repacks the weight into panels on every call; at a handful of rows that
 //! repacking costs more than the products themselves (profiled: 44% of GSM8K generation in
-//! gemm's packing, 15% in its microkernels). Here each weight row is read once, in place, and
-//! dotted with every input row while it is in L1, so a decode step costs about one pass over the
-//! weights. Each output element is one dot product whose summation order does not depend on the
-//! other rows, so a row's result is the same whatever it is batched with.
+//! gemm's packing, 15% in its microkernels). Here a few weight rows at a time are read once, in
+//! place, and dotted with up to four input rows while they are in L1, so a decode step costs
+//! about one pass over the weights. Each output element is one dot product whose summation
+//! order does not depend on the other rows, so a row's result is the same whatever it is batched
+//! with. Measured on SmolLM2-135M's matrices (2 cores): one pass at 8 rows 41 ms (one dot at a
+//! time: 183 ms; gemm: 94 ms); the row-dot path stays ahead of gemm up to about 24 rows.
 //!
 //! CPU, f32, contiguous and not part of a backward graph only, on x86-64 with AVX2 and FMA;
 //! everything else returns `None` and the caller uses candle's matmul.
@@ -17,8 +19,8 @@ use candle_core::{Device, Tensor};
 use super::attention_kernel::with_f32;
 use rayon::prelude::*;
 
-/// Up to this many rows of `x` take the row-dot path.
-pub const MAX_ROWS: usize = 16;
+/// Up to this many rows of `x` take the row-dot path (gemm is faster beyond: measured).
+pub const MAX_ROWS: usize = 24;
 
 /// Weight rows per parallel task: enough work per task to amortise scheduling.
 const OUT_BLOCK: usize = 64;
@@ -49,12 +51,18 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
                 .enumerate()
                 .for_each(|(blk, chunk)| {
                     let o0 = blk * OUT_BLOCK;
-                    for (j, col) in chunk.chunks_mut(rows).enumerate() {
-                        let w_row = &ws[(o0 + j) * inp..(o0 + j + 1) * inp];
-                        for (m, y) in col.iter_mut().enumerate() {
-                            // SAFETY: avx2_fma() checked the CPU has the features.
-                            *y = unsafe { dot_avx2(&xs[m * inp..(m + 1) * inp], w_row) };
-                        }
+                    let w_rows = &ws[o0 * inp..(o0 + chunk.len() / rows) * inp];
+                    // Rows in blocks of 4, then 2, then 1: no block repeats a row.
+                    let mut m = 0;
+                    while m < rows {
+                        // SAFETY: avx2_fma() checked the CPU has the features.
+                        m += unsafe {
+                            match rows - m {
+                                4.. => fill::<4, 2>(xs, m, w_rows, inp, rows, chunk),
+                                2 | 3 => fill::<2, 4>(xs, m, w_rows, inp, rows, chunk),
+                                _ => fill::<1, 8>(xs, m, w_rows, inp, rows, chunk),
+                            }
+                        };
                     }
                 });
             Ok(yt)
@@ -78,49 +86,99 @@ fn avx2_fma() -> bool {
     }
 }
 
-/// Σ a[i]·b[i] in four 8-lane FMA accumulators (independent chains keep both FMA ports busy).
+/// Input rows `m..m + X` of `xs` against every weight row of `w_rows`, into `chunk` (laid out
+/// `(weight row, input row)` with `rows` input rows), `W` weight rows at a time: each weight
+/// vector loaded serves `X` products and each input vector `W`, in `X·W = 8` independent
+/// accumulators, so the loop is bound by the FMA units rather than by loads (one dot at a time
+/// needs two loads per FMA) or by one accumulator's latency. Returns `X`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 32 <= n {
-        for (k, s) in acc.iter_mut().enumerate() {
-            let off = i + 8 * k;
-            *s = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(off)),
-                _mm256_loadu_ps(pb.add(off)),
-                *s,
-            );
+unsafe fn fill<const X: usize, const W: usize>(
+    xs: &[f32],
+    m: usize,
+    w_rows: &[f32],
+    inp: usize,
+    rows: usize,
+    chunk: &mut [f32],
+) -> usize {
+    let xb: [&[f32]; X] = std::array::from_fn(|a| &xs[(m + a) * inp..(m + a + 1) * inp]);
+    let n_out = w_rows.len() / inp;
+    for j in (0..n_out).step_by(W) {
+        let c = (n_out - j).min(W);
+        // A partial block repeats its last weight row; those products are dropped.
+        let wb = std::array::from_fn(|b| {
+            let r = j + b.min(c - 1);
+            &w_rows[r * inp..(r + 1) * inp]
+        });
+        let dots = dots_avx2::<X, W>(&xb, &wb);
+        for (a, row) in dots.iter().enumerate() {
+            for (b, &d) in row.iter().enumerate().take(c) {
+                chunk[(j + b) * rows + m + a] = d;
+            }
         }
-        i += 32;
     }
-    while i + 8 <= n {
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i)),
-            _mm256_loadu_ps(pb.add(i)),
-            acc[0],
-        );
-        i += 8;
-    }
-    let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-    let mut total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    while i < n {
-        total += a[i] * b[i];
-        i += 1;
-    }
-    total
+    X
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_avx2(_a: &[f32], _b: &[f32]) -> f32 {
+unsafe fn fill<const X: usize, const W: usize>(
+    _xs: &[f32],
+    _m: usize,
+    _w_rows: &[f32],
+    _inp: usize,
+    _rows: usize,
+    _chunk: &mut [f32],
+) -> usize {
     unreachable!("avx2_fma() is false off x86-64")
+}
+
+/// `dots[a][b] = Σ x[a][i]·w[b][i]`. Each product has its own 8-lane FMA chain, reduced in a
+/// fixed order, then a scalar tail: the same operations in whichever block it is computed, so a
+/// row's result does not depend on the rows batched with it. Pointers advance by pointer
+/// arithmetic: checked index arithmetic (the dev profile's overflow checks) kept the
+/// accumulators on the stack.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const X: usize, const W: usize>(
+    x: &[&[f32]; X],
+    w: &[&[f32]; W],
+) -> [[f32; W]; X] {
+    use std::arch::x86_64::*;
+    let n = w[0].len();
+    let mut acc = [[_mm256_setzero_ps(); W]; X];
+    let mut px: [*const f32; X] = std::array::from_fn(|a| x[a].as_ptr());
+    let mut pw: [*const f32; W] = std::array::from_fn(|b| w[b].as_ptr());
+    for _ in 0..n / 8 {
+        let mut wv = [_mm256_setzero_ps(); W];
+        for b in 0..W {
+            wv[b] = _mm256_loadu_ps(pw[b]);
+        }
+        for a in 0..X {
+            let xv = _mm256_loadu_ps(px[a]);
+            for b in 0..W {
+                acc[a][b] = _mm256_fmadd_ps(xv, wv[b], acc[a][b]);
+            }
+            px[a] = px[a].add(8);
+        }
+        for p in pw.iter_mut() {
+            *p = p.add(8);
+        }
+    }
+    let done = n - n % 8;
+    let mut dots = [[0f32; W]; X];
+    for a in 0..X {
+        for b in 0..W {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][b]);
+            let mut total = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            for k in done..n {
+                total += x[a][k] * w[b][k];
+            }
+            dots[a][b] = total;
+        }
+    }
+    dots
 }
 
 #[cfg(test)]
@@ -136,7 +194,7 @@ mod tests {
     #[test]
     fn matches_candle_matmul_at_every_small_row_count() {
         let dev = Device::Cpu;
-        // 77 inputs: four-accumulator blocks, an 8-lane tail and a scalar tail.
+        // 77 inputs: an 8-lane loop and a scalar tail.
         let w = Tensor::randn(0f32, 1.0, (300, 77), &dev).unwrap();
         for rows in 1..=super::MAX_ROWS {
             let x = Tensor::randn(0f32, 1.0, (rows, 77), &dev).unwrap();
@@ -153,15 +211,13 @@ mod tests {
     #[test]
     fn a_row_gets_the_same_bits_whatever_it_is_batched_with() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (130, 64), &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (9, 64), &dev).unwrap();
+        // Odd counts of weight rows and of inputs (partial blocks of 2, 4 and 8 weight rows),
+        // input rows in blocks of 4, 2 and 1, an 8-lane loop and a scalar tail.
+        let w = Tensor::randn(0f32, 1.0, (131, 67), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (11, 67), &dev).unwrap();
         let Some(all) = super::matmul_t(&x, &w).unwrap() else {
             return;
         };
-        let one = super::matmul_t(&x.narrow(0, 4, 1).unwrap(), &w)
-            .unwrap()
-            .unwrap();
-        let row = all.narrow(0, 4, 1).unwrap();
         let bits = |t: &Tensor| -> Vec<u32> {
             t.flatten_all()
                 .unwrap()
@@ -171,7 +227,22 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect()
         };
-        assert_eq!(bits(&one), bits(&row));
+        for (m, len) in [
+            (0, 1),
+            (4, 1),
+            (8, 1),
+            (10, 1),
+            (3, 2),
+            (5, 3),
+            (1, 8),
+            (2, 9),
+        ] {
+            let part = super::matmul_t(&x.narrow(0, m, len).unwrap(), &w)
+                .unwrap()
+                .unwrap();
+            let same = all.narrow(0, m, len).unwrap();
+            assert_eq!(bits(&part), bits(&same), "rows {m}..{}", m + len);
+        }
     }
 
     #[test]
