@@ -7,6 +7,8 @@
 #                                  # PYTHON_LMEVAL (default scripts/.venv-lmeval/bin/python) runs the lm-eval side;
 #                                  # CPUS (default: all) pins both to the same cores.
 #   benchmarks/run.sh train        # seconds per optimizer step, paft vs TRL 1.16 + PEFT (torch CPU): SmolLM2-135M f32, LoRA r16,
+#                                  # then paft's training memory: peak RSS and its excess per 512-token sequence, SFT and DPO,
+#                                  # LoRA and full, without and with gradient checkpointing (MEMORY=0 skips; MEMORY_STEPS, default 1),
 #                                  # batch 4 x 512, SFT and DPO (reference log-probs precomputed on both sides). PYTHON_TRL
 #                                  # (default scripts/.venv-trl/bin/python) runs TRL; CPUS pins both to the same cores.
 #                                  # paft's micro-batches: SFT_PER_FORWARD sequences (default 4), DPO_PAIRS_PER_FORWARD
@@ -109,6 +111,23 @@ PY
       taskset -c "$CPUS" "$PYT" benchmarks/trl_step.py --model "$MODEL" --threads "$THREADS" --steps 3 --dpo-ref precomputed | tee -a "$log"
     done
     python3 benchmarks/ratio.py "$log"
+    # Training memory, each configuration in its own process (its own peak): one 512-token
+    # sequence per forward for SFT, one pair (two sequences) for DPO; LoRA and full fine-tuning;
+    # without and with gradient checkpointing. MEMORY=0 skips it.
+    if [ "${MEMORY:-1}" = 1 ]; then
+      mem=$OUT/train-memory.jsonl
+      : > "$mem"
+      for objective in sft dpo; do
+        for trainable in lora full; do
+          for ckpt in "" --gradient-checkpointing; do
+            taskset -c "$CPUS" cargo bench --profile dev --quiet --bench train_step -- --model "$MODEL" \
+              --steps "${MEMORY_STEPS:-1}" --objectives $objective --sft-sequences-per-forward 1 \
+              --dpo-pairs-per-forward 1 $([ $trainable = full ] && echo --full) $ckpt | tee -a "$mem"
+          done
+        done
+      done
+      python3 benchmarks/train_memory.py "$mem"
+    fi
     ;;
   search)
     log=$OUT/search.jsonl

@@ -3,10 +3,15 @@
 //! clipping; SFT: 4 × 512 random ids with the loss on the last 256; DPO: 4 pairs of 256 prompt and
 //! 256 completion ids, reference log-probs precomputed once (paft's only mode; TRL's
 //! `--dpo-ref precomputed`). A step is forward, backward and the AdamW update; the first step is
-//! a warm-up. Prints one JSON line per objective, like trl_step.py.
+//! a warm-up. Prints one JSON line per objective, like trl_step.py, with memory: the resident set
+//! before the first step (weights, trainable copies, optimizer state), its peak, and the peak's
+//! excess over it per sequence in a forward (activations and gradients: what a 512-token sequence
+//! costs). `--full` trains every weight instead of LoRA; `--gradient-checkpointing` recomputes
+//! each layer in the backward pass. Run one objective per process for its own peak.
 //!
 //! cargo bench --profile dev --bench train_step -- --model DIR [--steps 3] [--objectives sft,dpo]
-//!     [--dpo-pairs-per-forward 1|2|4] [--sft-sequences-per-forward 1|2|4]
+//!     [--dpo-pairs-per-forward 1|2|4] [--sft-sequences-per-forward 1|2|4] [--full]
+//!     [--gradient-checkpointing]
 
 use std::time::Instant;
 
@@ -43,6 +48,20 @@ fn refs(v: &[TokenizedSequence]) -> Vec<&TokenizedSequence> {
     v.iter().collect()
 }
 
+/// A `/proc/self/status` field in GB (`VmRSS`: now, `VmHWM`: the peak so far).
+fn status_gb(field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .with_context(|| format!("no {field} in /proc/self/status"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024.0 / 1e9)
+}
+
 fn main() -> Result<()> {
     paft::memory::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
@@ -60,6 +79,8 @@ fn main() -> Result<()> {
         [1, 2, 4].contains(&pairs_per_forward) && [1, 2, 4].contains(&sequences_per_forward),
         "--dpo-pairs-per-forward and --sft-sequences-per-forward must be 1, 2 or 4"
     );
+    let full = args.iter().any(|a| a == "--full");
+    let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
     let threads = rayon::current_num_threads();
     let pre = Pretrained::load(model_dir.as_ref(), Some(DType::F32), &Device::Cpu)?;
     let vocab = pre.config.vocab_size as u32;
@@ -83,7 +104,11 @@ fn main() -> Result<()> {
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     for objective in objectives.split(',') {
-        let params = Trainable::lora(&pre.config, &pre.weights, &lora, None, 0)?;
+        let params = if full {
+            Trainable::full(&pre.config, &pre.weights)?
+        } else {
+            Trainable::lora(&pre.config, &pre.weights, &lora, None, 0)?
+        };
         let mut opt = AdamW::new(
             &params.vars,
             AdamWParams {
@@ -93,7 +118,9 @@ fn main() -> Result<()> {
                 weight_decay: 0.0,
             },
         )?;
-        let model = params.model(Mode::Differentiable)?;
+        let model = params
+            .model(Mode::Differentiable)?
+            .with_gradient_checkpointing(checkpointing)?;
         let (sft, chosen, rejected): (Vec<_>, Vec<_>, Vec<_>) = (
             (0..4)
                 .map(|_| random_seq(&mut rng, vocab, 256, 256))
@@ -113,6 +140,7 @@ fn main() -> Result<()> {
         } else {
             None
         };
+        let baseline = status_gb("VmRSS")?;
         let mut times = vec![];
         for step in 0..=steps {
             let t0 = Instant::now();
@@ -150,10 +178,11 @@ fn main() -> Result<()> {
                     }
                 };
                 let loss = (loss / micro.len() as f64)?;
-                for (g, new) in grads
-                    .iter_mut()
-                    .zip(collect_grads(&params.vars, &loss.backward()?))
-                {
+                let mut store = loss.backward()?;
+                let trainable: Vec<&candle_core::Tensor> =
+                    params.vars.iter().map(|v| v.as_tensor()).collect();
+                model.backward_checkpoints(&mut store, &trainable)?;
+                for (g, new) in grads.iter_mut().zip(collect_grads(&params.vars, &store)) {
                     *g = match (g.take(), new) {
                         (Some(x), Some(y)) => Some((x + y)?),
                         (x, y) => x.or(y),
@@ -166,15 +195,28 @@ fn main() -> Result<()> {
             }
         }
         let mean = times.iter().sum::<f64>() / times.len() as f64;
+        let per_forward = if objective == "sft" {
+            sequences_per_forward
+        } else {
+            2 * pairs_per_forward
+        };
+        let peak = status_gb("VmHWM")?;
         println!(
-            "{{\"impl\":\"paft\",\"objective\":\"{objective}\",\"threads\":{threads},\"seconds_per_step\":{mean:.3},\"steps\":{},\"sequences_per_forward\":{},\"each\":{:?}}}",
-            times.len(),
-            if objective == "sft" {
-                sequences_per_forward
-            } else {
-                2 * pairs_per_forward
-            },
-            times
+            "{}",
+            serde_json::json!({
+                "impl": "paft",
+                "objective": objective,
+                "threads": threads,
+                "seconds_per_step": (mean * 1000.0).round() / 1000.0,
+                "steps": times.len(),
+                "sequences_per_forward": per_forward,
+                "each": times,
+                "trainable": if full { "full" } else { "lora" },
+                "gradient_checkpointing": checkpointing,
+                "rss_before_gb": (baseline * 1000.0).round() / 1000.0,
+                "peak_rss_gb": (peak * 1000.0).round() / 1000.0,
+                "peak_excess_gb_per_sequence": ((peak - baseline) / per_forward as f64 * 1000.0).round() / 1000.0,
+            })
         );
     }
     Ok(())

@@ -95,6 +95,9 @@ pub struct TrainFlags {
     /// DPO reference model (default: the base model).
     #[arg(long)]
     pub reference_model: Option<String>,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: Option<String>,
 }
 
 impl TrainFlags {
@@ -137,6 +140,7 @@ impl TrainFlags {
             ("label_smoothing", &self.label_smoothing),
             ("reference_free", &self.reference_free),
             ("reference_model", &self.reference_model),
+            ("gradient_checkpointing", &self.gradient_checkpointing),
         ];
         for (key, value) in pairs {
             if let Some(v) = value {

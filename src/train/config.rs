@@ -91,6 +91,10 @@ pub struct TrainConfig {
     pub reference_free: bool,
     /// DPO reference model (default: the base model).
     pub reference_model: Option<String>,
+    /// Keep only each decoder layer's input during the forward pass and run the layer again
+    /// in the backward pass: activation memory per sequence falls from every layer's
+    /// intermediates to one layer's, for about one more forward per step.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -141,6 +145,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             reference_free: false,
             reference_model: None,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -467,7 +467,11 @@ impl Trainer {
         let start = if resume { self.restore()? } else { 0 };
         let metrics_path = self.cfg.output.join("metrics.jsonl");
         keep_metrics_up_to(&metrics_path, start)?;
-        let model = self.params.model(Mode::Differentiable)?;
+        let model = self
+            .params
+            .model(Mode::Differentiable)?
+            .with_gradient_checkpointing(self.cfg.gradient_checkpointing)?;
+        let trainable: Vec<&Tensor> = self.params.vars.iter().map(|v| v.as_tensor()).collect();
         let lengths = self.data.lengths();
         let mut plans: BTreeMap<u64, Vec<Vec<usize>>> = BTreeMap::new();
         let accum = self.cfg.grad_accum as u64;
@@ -513,7 +517,8 @@ impl Trainer {
                 for (k, v) in m {
                     *extra.entry(k).or_default() += v / accum as f64;
                 }
-                let store = (loss / accum as f64)?.backward()?;
+                let mut store = (loss / accum as f64)?.backward()?;
+                model.backward_checkpoints(&mut store, &trainable)?;
                 for (g, new) in grads
                     .iter_mut()
                     .zip(collect_grads(&self.params.vars, &store))

@@ -234,3 +234,76 @@ fn inference_and_differentiable_modes_agree() {
     let diff = common::max_abs_diff(&ha, &hb);
     assert!(diff < 1e-4, "modes differ by {diff}");
 }
+
+/// Gradient checkpointing recomputes each layer in the backward pass; the gradients of every
+/// weight and LoRA factor equal the plain path's (f32, LoRA dropout on, two forwards in one loss
+/// as DPO's chosen and rejected), and without the recomputation the layers would get none.
+#[test]
+fn checkpointed_gradients_equal_the_plain_ones() {
+    let second = TokenBatch::right_padded(&[vec![9, 4, 77, 31, 2], vec![50, 6, 13]], &[0, 0], 0);
+    let two_forwards = |model: &LlamaModel| -> Tensor {
+        model.reseed_dropout(7);
+        let h = model.forward(&second, None).unwrap();
+        let extra = model.logits(&h).unwrap().sqr().unwrap().mean_all().unwrap();
+        (loss(model).to_dtype(DType::F32).unwrap() + (extra * 1e-3).unwrap()).unwrap()
+    };
+    for spec in [TinySpec::llama(5), TinySpec::qwen2(6)] {
+        let cfg = spec.config(VOCAB).unwrap();
+        let weights = spec.weights(&cfg, DType::F32, &Device::Cpu).unwrap();
+        let mut vars: BTreeMap<String, Var> = weights
+            .iter()
+            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let mut lora = lora_adapter(&mut vars, &cfg);
+        lora.config.dropout = 0.1;
+        let tracked: WeightMap = vars
+            .iter()
+            .filter(|(n, _)| !n.contains(".lora_"))
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let build =
+            || LlamaModel::from_weights(&cfg, &tracked, Some(&lora), Mode::Differentiable).unwrap();
+        let plain = two_forwards(&build()).backward().unwrap();
+        let model = build().with_gradient_checkpointing(true).unwrap();
+        let mut grads = two_forwards(&model).backward().unwrap();
+        let q = vars["model.layers.0.self_attn.q_proj.weight"].as_tensor();
+        assert!(
+            grads.get(q).is_none(),
+            "layers must not be in the loss's own graph"
+        );
+        let params: Vec<&Tensor> = vars.values().map(|v| v.as_tensor()).collect();
+        model.backward_checkpoints(&mut grads, &params).unwrap();
+        let mut worst = 0f64;
+        for (name, var) in &vars {
+            let want = plain.get(var.as_tensor()).unwrap();
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{:?}: no gradient for `{name}`", spec.architecture));
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            let rel = (diff
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap())
+                / scale.to_scalar::<f64>().unwrap().max(f64::MIN_POSITIVE);
+            assert!(
+                rel <= 1e-6,
+                "{:?} `{name}`: relative difference {rel:.2e}",
+                spec.architecture
+            );
+            worst = worst.max(rel);
+        }
+        eprintln!(
+            "{:?}: {} gradients, worst relative difference {worst:.2e}",
+            spec.architecture,
+            vars.len()
+        );
+    }
+}
