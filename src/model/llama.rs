@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::ModelConfig;
+use super::dispatch::{kernel_for, Kernel, Op};
 use super::kv_cache::{KvCache, LayerKv};
 use super::lora::{LoraAdapter, TargetModule};
 use super::weights::WeightMap;
@@ -571,10 +572,8 @@ impl LlamaModel {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
-        match self.mode {
-            Mode::Inference if x.dtype() != DType::F64 => {
-                Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
-            }
+        match kernel_for(Op::RmsNorm, x, self.mode) {
+            Kernel::Candle => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?),
             _ => {
                 // As transformers: normalise in f32, cast back, then scale.
                 let dt = x.dtype();
@@ -656,9 +655,9 @@ impl LlamaModel {
         // head are stacked along the time axis.
         let n_rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
-        let fused = match self.mode {
-            Mode::Inference => super::attention_kernel::attention(&q, &k, &v, mask)?,
-            Mode::Differentiable => None,
+        let fused = match kernel_for(Op::Attention, &q, self.mode) {
+            Kernel::PaftCpu => super::attention_kernel::attention(&q, &k, &v, mask)?,
+            _ => None,
         };
         let out = match fused {
             Some(out) => out,
@@ -685,10 +684,8 @@ impl LlamaModel {
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        match self.mode {
-            Mode::Inference if x.dtype() != DType::F64 => {
-                Ok(candle_nn::rotary_emb::rope(x, cos, sin)?)
-            }
+        match kernel_for(Op::Rope, x, self.mode) {
+            Kernel::Candle => Ok(candle_nn::rotary_emb::rope(x, cos, sin)?),
             _ => {
                 // x·cos + rotate_half(x)·sin with cos/sin of shape (t, d/2) or (b, t, d/2).
                 let cos = Tensor::cat(&[cos, cos], D::Minus1)?;

@@ -3,6 +3,7 @@
 
 pub mod attention_kernel;
 pub mod config;
+pub mod dispatch;
 pub mod gguf;
 pub mod hub;
 pub mod inference;

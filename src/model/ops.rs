@@ -8,16 +8,18 @@
 
 use anyhow::Result;
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Device, Layout, Shape, Tensor,
-    WithDType, D,
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType, D,
 };
 use num_traits::Float;
+
+use super::dispatch::{kernel_for, Kernel, Op};
+use super::llama::Mode;
 use rayon::prelude::*;
 
 /// `softmax(scores + mask)` over the last axis, differentiable in `scores`. `mask` is additive and
 /// broadcasts to `scores` (e.g. `(b|1, 1, 1, t, T)` against `(b, h, r, t, T)`); it gets no gradient.
 pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    if !fused(scores) {
+    if !fused(Op::MaskedSoftmax, scores) {
         let x = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores.clone(),
@@ -35,7 +37,7 @@ pub fn masked_softmax(scores: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> 
 /// `log_softmax(logits)[i, targets[i]]` for `logits (n, V)` and u32 `targets (n,)`: the
 /// `(n,)` log-probabilities of the target tokens, differentiable in `logits`.
 pub fn target_log_probs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if !fused(logits) {
+    if !fused(Op::TargetLogProbs, logits) {
         let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
         return Ok(logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?);
     }
@@ -69,9 +71,8 @@ macro_rules! on_float {
     };
 }
 
-fn fused(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu)
-        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+fn fused(op: Op, x: &Tensor) -> bool {
+    kernel_for(op, x, Mode::Differentiable) == Kernel::PaftCpu
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
@@ -280,7 +281,7 @@ impl CustomOp3 for TargetLogProbsGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Var};
+    use candle_core::{DType, Device, Var};
 
     fn grads_of(
         f: impl Fn(&Tensor) -> Result<Tensor>,

@@ -17,6 +17,8 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use super::attention_kernel::with_f32;
+use super::dispatch::{kernel_for, Kernel, Op};
+use super::llama::Mode;
 use rayon::prelude::*;
 
 /// Up to this many rows of `x` take the row-dot path (gemm is faster beyond: measured).
@@ -32,10 +34,9 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let eligible = rows <= MAX_ROWS
         && rows > 0
         && inp == w_in
-        && x.dtype() == candle_core::DType::F32
-        && w.dtype() == candle_core::DType::F32
-        && x.device().is_cpu()
-        && w.device().is_cpu()
+        && x.dtype() == w.dtype()
+        && x.device().same_device(w.device())
+        && kernel_for(Op::SmallMatmul, x, Mode::Inference) == Kernel::PaftCpu
         && w.is_contiguous()
         && !x.track_op()
         && !w.track_op()
