@@ -7,11 +7,14 @@
 //! before the first step (weights, trainable copies, optimizer state), its peak, and the peak's
 //! excess over it per sequence in a forward (activations and gradients: what a 512-token sequence
 //! costs). `--full` trains every weight instead of LoRA; `--gradient-checkpointing` recomputes
-//! each layer in the backward pass. Run one objective per process for its own peak.
+//! each layer in the backward pass; `--mixed-precision bf16|fp16` runs the passes in that dtype
+//! with f32 trained parameters and optimizer state (the model is cast again after each update, as
+//! the trainer does; fp16's loss scaling is not applied here). Run one objective per process for
+//! its own peak.
 //!
 //! cargo bench --profile dev --bench train_step -- --model DIR [--steps 3] [--objectives sft,dpo]
 //!     [--dpo-pairs-per-forward 1|2|4] [--sft-sequences-per-forward 1|2|4] [--full]
-//!     [--gradient-checkpointing]
+//!     [--gradient-checkpointing] [--mixed-precision bf16|fp16]
 
 use std::time::Instant;
 
@@ -81,8 +84,18 @@ fn main() -> Result<()> {
     );
     let full = args.iter().any(|a| a == "--full");
     let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
+    let mixed = arg(&args, "--mixed-precision").unwrap_or("no".into());
+    let compute = match mixed.as_str() {
+        "no" => DType::F32,
+        "bf16" => DType::BF16,
+        "fp16" => DType::F16,
+        other => anyhow::bail!("--mixed-precision {other}: expected no, bf16 or fp16"),
+    };
     let threads = rayon::current_num_threads();
-    let pre = Pretrained::load(model_dir.as_ref(), Some(DType::F32), &Device::Cpu)?;
+    // As the trainer: full fine-tuning keeps f32 master weights, LoRA's frozen base is held in
+    // the compute dtype.
+    let frozen = if full { DType::F32 } else { compute };
+    let pre = Pretrained::load(model_dir.as_ref(), Some(frozen), &Device::Cpu)?;
     let vocab = pre.config.vocab_size as u32;
     let lora = LoraConfig {
         r: 16,
@@ -105,9 +118,9 @@ fn main() -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     for objective in objectives.split(',') {
         let params = if full {
-            Trainable::full(&pre.config, &pre.weights)?
+            Trainable::full(&pre.config, &pre.weights, compute)?
         } else {
-            Trainable::lora(&pre.config, &pre.weights, &lora, None, 0)?
+            Trainable::lora(&pre.config, &pre.weights, &lora, None, 0, DType::F32)?
         };
         let mut opt = AdamW::new(
             &params.vars,
@@ -118,9 +131,12 @@ fn main() -> Result<()> {
                 weight_decay: 0.0,
             },
         )?;
-        let model = params
-            .model(Mode::Differentiable)?
-            .with_gradient_checkpointing(checkpointing)?;
+        let build = || -> Result<_> {
+            params
+                .model(Mode::Differentiable)?
+                .with_gradient_checkpointing(checkpointing)
+        };
+        let mut model = build()?;
         let (sft, chosen, rejected): (Vec<_>, Vec<_>, Vec<_>) = (
             (0..4)
                 .map(|_| random_seq(&mut rng, vocab, 256, 256))
@@ -134,7 +150,17 @@ fn main() -> Result<()> {
         );
         let pad = pre.pad_token_id();
         let reference = if objective == "dpo" {
-            let net = pre.model(Mode::Differentiable, None)?;
+            let weights = pre
+                .weights
+                .iter()
+                .map(|(n, t)| Ok((n.clone(), t.to_dtype(compute)?)))
+                .collect::<Result<paft::model::WeightMap>>()?;
+            let net = paft::model::LlamaModel::from_weights(
+                &pre.config,
+                &weights,
+                None,
+                Mode::Differentiable,
+            )?;
             let (c, r) = pair_logps(&net, &refs(&chosen), &refs(&rejected), pad)?;
             Some((c.detach(), r.detach()))
         } else {
@@ -144,6 +170,9 @@ fn main() -> Result<()> {
         let mut times = vec![];
         for step in 0..=steps {
             let t0 = Instant::now();
+            if step > 0 && params.model_is_a_snapshot() {
+                model = build()?;
+            }
             // Either objective may split the batch into micro-batches and accumulate: the mean of their
             // losses, so the gradient equals the 4-pair batch's.
             let micro: Vec<(usize, usize)> = match objective {
@@ -213,6 +242,7 @@ fn main() -> Result<()> {
                 "each": times,
                 "trainable": if full { "full" } else { "lora" },
                 "gradient_checkpointing": checkpointing,
+                "mixed_precision": mixed,
                 "rss_before_gb": (baseline * 1000.0).round() / 1000.0,
                 "peak_rss_gb": (peak * 1000.0).round() / 1000.0,
                 "peak_excess_gb_per_sequence": ((peak - baseline) / per_forward as f64 * 1000.0).round() / 1000.0,

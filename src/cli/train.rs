@@ -98,6 +98,9 @@ pub struct TrainFlags {
     /// Recompute each decoder layer in the backward pass instead of keeping its activations.
     #[arg(long)]
     pub gradient_checkpointing: Option<String>,
+    /// no | bf16 | fp16: passes in that dtype, trained parameters and optimizer state in f32.
+    #[arg(long)]
+    pub mixed_precision: Option<String>,
 }
 
 impl TrainFlags {
@@ -141,6 +144,7 @@ impl TrainFlags {
             ("reference_free", &self.reference_free),
             ("reference_model", &self.reference_model),
             ("gradient_checkpointing", &self.gradient_checkpointing),
+            ("mixed_precision", &self.mixed_precision),
         ];
         for (key, value) in pairs {
             if let Some(v) = value {

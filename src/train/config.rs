@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::optimizer::Schedule;
+use super::precision::MixedPrecision;
 use crate::data::Truncation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -95,6 +96,10 @@ pub struct TrainConfig {
     /// in the backward pass: activation memory per sequence falls from every layer's
     /// intermediates to one layer's, for about one more forward per step.
     pub gradient_checkpointing: bool,
+    /// `bf16` or `fp16`: forward and backward passes in that dtype, the trained parameters and
+    /// the optimizer's state in `dtype` (which must then be f32); `fp16` adds dynamic loss
+    /// scaling. `no`: everything in `dtype`.
+    pub mixed_precision: MixedPrecision,
 }
 
 impl Default for TrainConfig {
@@ -146,6 +151,7 @@ impl Default for TrainConfig {
             reference_free: false,
             reference_model: None,
             gradient_checkpointing: false,
+            mixed_precision: MixedPrecision::No,
         }
     }
 }
@@ -218,6 +224,15 @@ impl TrainConfig {
                     self.max_steps
                 );
             }
+        }
+        if self.mixed_precision != MixedPrecision::No
+            && crate::model::parse_dtype(&self.dtype)? != candle_core::DType::F32
+        {
+            bail!(
+                "`mixed_precision` keeps the trained parameters and optimizer state in `dtype`, \
+                 which must then be f32 (got `{}`)",
+                self.dtype
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!("`lora_dropout` must be in [0, 1)");

@@ -14,7 +14,9 @@ pub mod config;
 pub mod objective;
 pub mod optimizer;
 pub mod params;
+pub mod precision;
 pub mod trainer;
 
 pub use config::{L1Mode, Objective, TrainConfig};
+pub use precision::MixedPrecision;
 pub use trainer::Trainer;

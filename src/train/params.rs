@@ -20,6 +20,10 @@ pub struct Trainable {
     /// Whether AdamW's weight decay applies (transformers' rule: not to norms and biases).
     pub decay: Vec<bool>,
     pub lora: Option<LoraConfig>,
+    /// The dtype the model computes in; the parameters are cast to it for each forward when
+    /// it is not theirs (mixed precision), which keeps the gradients flowing to them in their
+    /// own dtype.
+    pub compute: DType,
 }
 
 fn decays(name: &str) -> bool {
@@ -27,7 +31,9 @@ fn decays(name: &str) -> bool {
 }
 
 impl Trainable {
-    pub fn full(config: &ModelConfig, weights: &WeightMap) -> Result<Self> {
+    /// Every weight trained, in the dtype of `weights` (the master weights), the model
+    /// computing in `compute`.
+    pub fn full(config: &ModelConfig, weights: &WeightMap, compute: DType) -> Result<Self> {
         let mut names: Vec<String> = weights.keys().cloned().collect();
         names.sort();
         let vars = names
@@ -41,20 +47,23 @@ impl Trainable {
             names,
             vars,
             lora: None,
+            compute,
         })
     }
 
-    /// LoRA factors: from `init` when given, else PEFT's initialisation (A kaiming-uniform with
-    /// a = √5, B = 0) from a seeded generator.
+    /// LoRA factors in `dtype` on the frozen `weights` (whose dtype the model computes in):
+    /// from `init` when given, else PEFT's initialisation (A kaiming-uniform with a = √5, B = 0)
+    /// from a seeded generator.
     pub fn lora(
         config: &ModelConfig,
         weights: &WeightMap,
         lora: &LoraConfig,
         init: Option<&LoraAdapter>,
         seed: u64,
+        dtype: DType,
     ) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let dtype = weights["model.embed_tokens.weight"].dtype();
+        let compute = weights["model.embed_tokens.weight"].dtype();
         let dev = weights["model.embed_tokens.weight"].device().clone();
         let mut names = vec![];
         let mut vars = vec![];
@@ -91,6 +100,7 @@ impl Trainable {
             names,
             vars,
             lora: Some(lora.clone()),
+            compute,
         })
     }
 
@@ -113,9 +123,12 @@ impl Trainable {
         })
     }
 
-    /// The model with the current parameters, differentiable in them.
+    /// The model with the current parameters, differentiable in them. In the parameters' own
+    /// dtype it shares their storage and sees every update; cast to another (mixed precision)
+    /// it holds the values of the moment: build it again after each optimizer step.
     pub fn model(&self, mode: Mode) -> Result<LlamaModel> {
         match self.adapter() {
+            // from_weights casts the factors to the frozen weights' dtype.
             Some(adapter) => {
                 LlamaModel::from_weights(&self.config, &self.base, Some(&adapter), mode)
             }
@@ -124,11 +137,16 @@ impl Trainable {
                     .names
                     .iter()
                     .zip(&self.vars)
-                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                    .collect();
+                    .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_dtype(self.compute)?)))
+                    .collect::<Result<_>>()?;
                 LlamaModel::from_weights(&self.config, &weights, None, mode)
             }
         }
+    }
+
+    /// Whether [`Self::model`] holds copies that go stale at each update (mixed precision).
+    pub fn model_is_a_snapshot(&self) -> bool {
+        self.dtype() != self.compute
     }
 
     /// The frozen reference for parameter `i` in the L1 term: θ₀ (full) or 0 (LoRA factors).

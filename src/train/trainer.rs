@@ -15,6 +15,7 @@ use super::config::{L1Mode, Objective, TrainConfig};
 use super::objective::{dpo_loss, orpo_loss, pair_logps, sft_loss, DpoParams};
 use super::optimizer::{clip_grads, collect_grads, grad_norm, learning_rate, AdamW, AdamWParams};
 use super::params::Trainable;
+use super::precision::{LossScaler, ScaledStep};
 use crate::data::examples::{parse_preference, parse_sft, resolve_dataset};
 use crate::data::{
     length_grouped_batches, training_rows, PreferencePair, Tokenization, TokenizedSequence,
@@ -125,6 +126,12 @@ struct RunState {
     step: u64,
     objective: Objective,
     config: TrainConfig,
+    /// AdamW steps taken: fewer than `step` when fp16 loss scaling skipped some (absent in
+    /// checkpoints from before loss scaling: equal to `step`).
+    #[serde(default)]
+    optimizer_step: Option<u64>,
+    #[serde(default)]
+    loss_scaler: Option<LossScaler>,
 }
 
 pub struct Trainer {
@@ -136,6 +143,8 @@ pub struct Trainer {
     /// DPO: the reference model's summed log-probs per example (chosen, rejected).
     reference: Option<Vec<(f64, f64)>>,
     optimizer: AdamW,
+    /// fp16 mixed precision's dynamic loss scale.
+    scaler: Option<LossScaler>,
     pad_id: u32,
 }
 
@@ -156,12 +165,17 @@ fn lora_config(cfg: &TrainConfig) -> Result<LoraConfig> {
 impl Trainer {
     pub fn new(cfg: TrainConfig, objective: Objective) -> Result<Self> {
         let device = model::parse_device(&cfg.device)?;
+        // The trained parameters and the optimizer's state are in `dtype`; the passes in the
+        // mixed-precision dtype when there is one. LoRA's frozen base is only ever computed
+        // with, so it is held in the compute dtype (half the memory under bf16).
         let dtype = model::parse_dtype(&cfg.dtype)?;
+        let compute = cfg.mixed_precision.compute_dtype().unwrap_or(dtype);
+        let frozen = if cfg.lora_r == 0 { dtype } else { compute };
         let dir = model::source::resolve_model(&cfg.model, None)?;
-        let pre = Pretrained::load(&dir, Some(dtype), &device)?;
+        let pre = Pretrained::load(&dir, Some(frozen), &device)?;
         let data = load_dataset(&cfg, objective, &pre)?;
         let params = if cfg.lora_r == 0 {
-            Trainable::full(&pre.config, &pre.weights)?
+            Trainable::full(&pre.config, &pre.weights, compute)?
         } else {
             let init = cfg
                 .lora_init
@@ -174,6 +188,7 @@ impl Trainer {
                 &lora_config(&cfg)?,
                 init.as_ref(),
                 cfg.seed,
+                dtype,
             )?
         };
         let optimizer = AdamW::new(
@@ -194,8 +209,12 @@ impl Trainer {
             data,
             reference: None,
             optimizer,
+            scaler: None,
             pad_id,
         };
+        if t.cfg.mixed_precision.scales_loss() {
+            t.scaler = Some(LossScaler::default());
+        }
         if objective == Objective::Dpo && !t.cfg.reference_free {
             t.reference = Some(t.reference_logps()?);
         }
@@ -213,15 +232,27 @@ impl Trainer {
                 let dir = model::source::resolve_model(spec, None)?;
                 owned = Pretrained::load(
                     &dir,
-                    Some(self.params.dtype()),
+                    Some(self.params.compute),
                     self.pre.weights.values().next().unwrap().device(),
                 )?;
                 &owned
             }
             None => &self.pre,
         };
-        // The policy's code path, so an unchanged policy has exactly zero rewards, as in TRL.
-        let net = reference.model(Mode::Differentiable, None)?;
+        // The policy's code path and compute dtype, so an unchanged policy has exactly zero
+        // rewards, as in TRL.
+        let weights = reference
+            .weights
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), t.to_dtype(self.params.compute)?)))
+            .collect::<Result<model::WeightMap>>()?;
+        let net = model::LlamaModel::from_weights(
+            &reference.config,
+            &weights,
+            None,
+            Mode::Differentiable,
+        )
+        .with_context(|| format!("reference model {}", reference.dir.display()))?;
         let bar = crate::progress::bar(pairs.len() as u64, "reference");
         let mut out = vec![];
         for chunk in pairs.chunks(self.cfg.batch_size) {
@@ -398,6 +429,8 @@ impl Trainer {
             step,
             objective: self.objective,
             config: self.cfg.clone(),
+            optimizer_step: Some(self.optimizer.step),
+            loss_scaler: self.scaler,
         };
         std::fs::write(
             dir.path().join("state.json"),
@@ -454,8 +487,17 @@ impl Trainer {
         self.optimizer.load_state(
             &self.params.names,
             &load("optimizer.safetensors")?,
-            state.step,
+            state.optimizer_step.unwrap_or(state.step),
         )?;
+        if self.scaler.is_some() {
+            self.scaler = Some(state.loss_scaler.with_context(|| {
+                format!(
+                    "{}: the checkpoint has no loss scale (not an fp16 run); resume it with the \
+                     mixed_precision it was started with",
+                    dir.display()
+                )
+            })?);
+        }
         tracing::info!("resuming from {} (step {})", dir.display(), state.step);
         Ok(state.step)
     }
@@ -467,11 +509,20 @@ impl Trainer {
         let start = if resume { self.restore()? } else { 0 };
         let metrics_path = self.cfg.output.join("metrics.jsonl");
         keep_metrics_up_to(&metrics_path, start)?;
-        let model = self
+        let checkpointing = self.cfg.gradient_checkpointing;
+        let build = |p: &Trainable| {
+            p.model(Mode::Differentiable)?
+                .with_gradient_checkpointing(checkpointing)
+        };
+        let mut model = build(&self.params)?;
+        // Clones share the variables' ids (and storage), so gradients are found under them.
+        let trainable: Vec<Tensor> = self
             .params
-            .model(Mode::Differentiable)?
-            .with_gradient_checkpointing(self.cfg.gradient_checkpointing)?;
-        let trainable: Vec<&Tensor> = self.params.vars.iter().map(|v| v.as_tensor()).collect();
+            .vars
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let trainable: Vec<&Tensor> = trainable.iter().collect();
         let lengths = self.data.lengths();
         let mut plans: BTreeMap<u64, Vec<Vec<usize>>> = BTreeMap::new();
         let accum = self.cfg.grad_accum as u64;
@@ -486,6 +537,10 @@ impl Trainer {
             .open(&metrics_path)?;
         for step in start + 1..=self.cfg.max_steps {
             let t0 = Instant::now();
+            if step > start + 1 && self.params.model_is_a_snapshot() {
+                // Mixed precision: the model holds the parameters cast before the last update.
+                model = build(&self.params)?;
+            }
             let mut grads: Vec<Option<Tensor>> = vec![None; self.params.vars.len()];
             let mut loss_sum = 0f64;
             let mut tokens = 0usize;
@@ -517,7 +572,11 @@ impl Trainer {
                 for (k, v) in m {
                     *extra.entry(k).or_default() += v / accum as f64;
                 }
-                let mut store = (loss / accum as f64)?.backward()?;
+                let mut loss = (loss / accum as f64)?;
+                if let Some(scaler) = &self.scaler {
+                    loss = scaler.scale_loss(&loss)?;
+                }
+                let mut store = loss.backward()?;
                 model.backward_checkpoints(&mut store, &trainable)?;
                 for (g, new) in grads
                     .iter_mut()
@@ -529,30 +588,42 @@ impl Trainer {
                     };
                 }
             }
-            let norm = grad_norm(&grads)?;
-            clip_grads(&mut grads, norm, self.cfg.max_grad_norm)?;
-            let refit = self.is_refit_step(step);
+            let mut norm = grad_norm(&grads)?;
+            let mut skipped_at = None;
+            if let Some(scaler) = &mut self.scaler {
+                match scaler.unscale(&mut grads, norm)? {
+                    ScaledStep::Apply { grad_norm } => norm = grad_norm,
+                    ScaledStep::Skip { scale } => skipped_at = Some(scale),
+                }
+            }
+            // The schedule follows the optimizer's steps, so a skipped fp16 step does not
+            // advance it (as Accelerate's scheduler does).
             let lr = match self.cfg.l1_refit_lr {
-                Some(lr) if refit => lr,
+                Some(lr) if self.is_refit_step(step) => lr,
                 _ => learning_rate(
                     self.cfg.lr,
                     self.cfg.schedule,
                     self.cfg.warmup_steps,
-                    step,
+                    self.optimizer.step + 1,
                     self.cfg.max_steps,
                 ),
             };
-            let frozen = refit.then(|| self.zero_delta_masks()).transpose()?;
-            self.optimizer
-                .step(&self.params.vars, &grads, &self.params.decay, lr)?;
-            match frozen {
-                Some(frozen) => self.keep_zeros(&frozen)?,
-                None => self.l1_proximal(lr)?,
+            match skipped_at {
+                None => self.update(step, &mut grads, norm, lr)?,
+                Some(scale) => tracing::warn!(
+                    "step {step}: gradients overflow fp16 at loss scale {scale}; step skipped, \
+                     scale now {}",
+                    scale / 2.0
+                ),
             }
             let secs = t0.elapsed().as_secs_f64();
             let loss = loss_sum / accum as f64;
             let mut line = json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                                   "tokens": tokens, "tokens_per_s": tokens as f64 / secs, "seconds": secs});
+            if let Some(scaler) = &self.scaler {
+                line["loss_scale"] = json!(skipped_at.unwrap_or(scaler.scale));
+                line["skipped"] = json!(skipped_at.is_some());
+            }
             for (k, v) in &extra {
                 line[*k] = json!(v);
             }
@@ -570,6 +641,27 @@ impl Trainer {
         }
         bar.finish_and_clear();
         self.save_result()
+    }
+
+    /// Clip, AdamW, then the L1 step (or, in the refit, the zeros put back).
+    fn update(
+        &mut self,
+        step: u64,
+        grads: &mut [Option<Tensor>],
+        norm: f64,
+        lr: f64,
+    ) -> Result<()> {
+        clip_grads(grads, norm, self.cfg.max_grad_norm)?;
+        let frozen = self
+            .is_refit_step(step)
+            .then(|| self.zero_delta_masks())
+            .transpose()?;
+        self.optimizer
+            .step(&self.params.vars, grads, &self.params.decay, lr)?;
+        match frozen {
+            Some(frozen) => self.keep_zeros(&frozen),
+            None => self.l1_proximal(lr),
+        }
     }
 
     /// The trained model: a PEFT adapter (`adapter/`) or a Hugging Face directory (`model/`).

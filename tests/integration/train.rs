@@ -43,9 +43,9 @@ fn trainable(lora: bool) -> Trainable {
     if lora {
         let adapter =
             LoraAdapter::load(&fixture("train/lora_init"), DType::F32, &Device::Cpu).unwrap();
-        Trainable::lora(&cfg, &w, &adapter.config, Some(&adapter), 0).unwrap()
+        Trainable::lora(&cfg, &w, &adapter.config, Some(&adapter), 0, DType::F32).unwrap()
     } else {
-        Trainable::full(&cfg, &w).unwrap()
+        Trainable::full(&cfg, &w, DType::F32).unwrap()
     }
 }
 
@@ -863,4 +863,203 @@ fn killed_and_resumed(
         .values()
         .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
         .collect()
+}
+
+// ------------------------------------------------------------------ mixed precision
+
+fn metrics(run: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The saved tensors of a run's result (adapter or full model), by name.
+fn result_tensors(run: &std::path::Path) -> BTreeMap<String, Tensor> {
+    let file = [
+        "adapter/adapter_model.safetensors",
+        "model/model.safetensors",
+    ]
+    .iter()
+    .map(|f| run.join(f))
+    .find(|p| p.exists())
+    .expect("a trained result");
+    candle_core::safetensors::load(&file, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// ‖a − b‖ over ‖b − start‖ (the update's size), over all tensors: how far the mixed-precision
+/// run's update is from the f32 one's, relative to the update.
+fn update_error(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    start: Option<&BTreeMap<String, Tensor>>,
+) -> f64 {
+    let (mut diff, mut moved) = (0f64, 0f64);
+    for (name, tb) in b {
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (va, vb) = (flat(&a[name]), flat(tb));
+        let v0 = start.map_or(vec![0f32; vb.len()], |s| flat(&s[name]));
+        for ((x, y), z) in va.iter().zip(&vb).zip(&v0) {
+            diff += ((x - y) as f64).powi(2);
+            moved += ((y - z) as f64).powi(2);
+        }
+    }
+    assert!(moved > 0.0, "the f32 run did not move");
+    (diff / moved).sqrt()
+}
+
+#[test]
+fn mixed_precision_keeps_f32_parameters_and_follows_the_f32_run() {
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(23)) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = sft_rows_file(tmp.path(), 16);
+    let base = SafetensorsFiles::open_dir(model.path())
+        .unwrap()
+        .load_all(None, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect::<BTreeMap<_, _>>();
+    for rank in ["4", "0"] {
+        let mut ends = vec![];
+        for mixed in ["no", "bf16", "fp16"] {
+            let out = tmp.path().join(format!("r{rank}-{mixed}"));
+            let args = [
+                "--lora-r",
+                rank,
+                "--max-steps",
+                "4",
+                "--save-every",
+                "4",
+                "--max-length",
+                "256",
+                "--truncation",
+                "keep_start",
+                "--mixed-precision",
+                mixed,
+            ];
+            let res = train_cmd("sft", model.path(), &data, &out, &args)
+                .output()
+                .unwrap();
+            crate::common::expect_success(&res);
+            let saved = result_tensors(&out);
+            // The trained parameters and AdamW's moments stay f32 whatever the passes ran in.
+            assert!(saved.values().all(|t| t.dtype() == DType::F32), "{mixed}");
+            let ckpt = out.join("checkpoints/step-000004");
+            for f in ["params.safetensors", "optimizer.safetensors"] {
+                let t = candle_core::safetensors::load(ckpt.join(f), &Device::Cpu).unwrap();
+                assert!(t.values().all(|t| t.dtype() == DType::F32), "{mixed} {f}");
+            }
+            let m = metrics(&out);
+            assert_eq!(m.len(), 4);
+            // Only fp16 scales the loss, from GradScaler's 2^16.
+            assert_eq!(
+                m[0].get("loss_scale").and_then(Value::as_f64),
+                (mixed == "fp16").then_some(65536.0)
+            );
+            ends.push((m[0]["loss"].as_f64().unwrap(), saved));
+        }
+        let start = (rank == "0").then_some(&base);
+        for (i, mixed) in [(1, "bf16"), (2, "fp16")] {
+            // The same first loss to the passes' precision, and the same update to a few
+            // percent; not the same bits (the passes really ran in 16 bits).
+            let (l32, l16) = (ends[0].0, ends[i].0);
+            assert!(
+                (l16 - l32).abs() < 0.02 * l32,
+                "r{rank} {mixed}: loss {l16} vs f32 {l32}"
+            );
+            let err = update_error(&ends[i].1, &ends[0].1, start);
+            eprintln!("r{rank} {mixed}: loss {l16} vs {l32}, update error {err}");
+            assert!(
+                err < 0.1,
+                "r{rank} {mixed}: update off by {err} of its size"
+            );
+            assert!(err > 0.0, "r{rank} {mixed}: identical to the f32 run");
+        }
+    }
+}
+
+#[test]
+fn mixed_precision_dpo_starts_at_zero_rewards_and_resumes_exactly() {
+    let Some(model) = crate::common::tiny_model(&paft::model::tiny::TinySpec::llama(24)) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // DPO under bf16: the reference runs in the policy's compute dtype, so the untrained policy
+    // (LoRA B = 0, and full fine-tuning's cast master weights) has exactly zero rewards.
+    let pref = write_lines(
+        tmp.path(),
+        "pref.jsonl",
+        &shared_rows("data/train/preference/hh_harmless.jsonl", 8),
+    );
+    for rank in ["4", "0"] {
+        let out = tmp.path().join(format!("dpo-r{rank}"));
+        let args = [
+            "--lora-r",
+            rank,
+            "--max-steps",
+            "1",
+            "--max-length",
+            "256",
+            "--truncation",
+            "keep_start",
+            "--mixed-precision",
+            "bf16",
+        ];
+        let res = train_cmd("dpo", model.path(), &pref, &out, &args)
+            .output()
+            .unwrap();
+        crate::common::expect_success(&res);
+        let m = &metrics(&out)[0];
+        assert_eq!(m["rewards/chosen"].as_f64(), Some(0.0), "r{rank}: {m}");
+        assert_eq!(m["rewards/rejected"].as_f64(), Some(0.0), "r{rank}: {m}");
+    }
+
+    // A killed fp16 run resumes bit-identically: the loss scale is part of the checkpoint.
+    let data = sft_rows_file(tmp.path(), 24);
+    let args = [
+        "--max-steps",
+        "8",
+        "--save-every",
+        "2",
+        "--max-length",
+        "256",
+        "--truncation",
+        "keep_start",
+        "--mixed-precision",
+        "fp16",
+    ];
+    let (full, part) = (tmp.path().join("fp16-full"), tmp.path().join("fp16-part"));
+    killed_and_resumed(model.path(), &data, &full, &part, &args);
+    let state: Value = serde_json::from_slice(
+        &std::fs::read(part.join("checkpoints/step-000008/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["loss_scaler"]["scale"].as_f64(),
+        Some(65536.0),
+        "{state}"
+    );
+    assert_eq!(state["optimizer_step"].as_u64(), Some(8), "{state}");
+
+    // Mixed precision with 16-bit trained parameters is refused before anything loads.
+    let res = train_cmd(
+        "sft",
+        model.path(),
+        &data,
+        &tmp.path().join("bad"),
+        &["--mixed-precision", "bf16", "--dtype", "bf16"],
+    )
+    .output()
+    .unwrap();
+    let err = crate::common::expect_clean_failure(&res);
+    assert!(
+        err.contains("mixed_precision") && err.contains("f32"),
+        "{err}"
+    );
 }
