@@ -8,7 +8,8 @@
 #                                  # CPUS (default: all) pins both to the same cores.
 #   benchmarks/run.sh train        # seconds per optimizer step, paft vs TRL 1.16 + PEFT (torch CPU): SmolLM2-135M f32, LoRA r16,
 #                                  # then paft's training memory: peak RSS and its excess per 512-token sequence, SFT and DPO,
-#                                  # LoRA and full, without and with gradient checkpointing (MEMORY=0 skips; MEMORY_STEPS, default 1),
+#                                  # LoRA and full, without and with gradient checkpointing, and checkpointed with mixed precision
+#                                  # (MIXED, default bf16; MIXED= skips) (MEMORY=0 skips; MEMORY_STEPS, default 1),
 #                                  # batch 4 x 512, SFT and DPO (reference log-probs precomputed on both sides). PYTHON_TRL
 #                                  # (default scripts/.venv-trl/bin/python) runs TRL; CPUS pins both to the same cores.
 #                                  # paft's micro-batches: SFT_PER_FORWARD sequences (default 4), DPO_PAIRS_PER_FORWARD
@@ -123,6 +124,13 @@ PY
             taskset -c "$CPUS" cargo bench --profile dev --quiet --bench train_step -- --model "$MODEL" \
               --steps "${MEMORY_STEPS:-1}" --objectives $objective --sft-sequences-per-forward 1 \
               --dpo-pairs-per-forward 1 $([ $trainable = full ] && echo --full) $ckpt | tee -a "$mem"
+          done
+          # Mixed precision (checkpointed): MIXED="" skips it.
+          for mixed in ${MIXED-bf16}; do
+            taskset -c "$CPUS" cargo bench --profile dev --quiet --bench train_step -- --model "$MODEL" \
+              --steps "${MEMORY_STEPS:-1}" --objectives $objective --sft-sequences-per-forward 1 \
+              --dpo-pairs-per-forward 1 $([ $trainable = full ] && echo --full) --gradient-checkpointing \
+              --mixed-precision "$mixed" | tee -a "$mem"
           done
         done
       done

@@ -484,7 +484,7 @@ pub fn run_search(
     Ok(summary)
 }
 
-/// The scorer of a space: the evaluator on the space's tasks, pools and few-shot mode.
+/// The scorer of a space: the evaluator on the space's tasks, pools, few-shot mode and dtype.
 pub(crate) fn open_scorer(
     space: &SearchSpace,
     inputs: MergeInputs,
@@ -494,7 +494,7 @@ pub(crate) fn open_scorer(
     let mut eval = EvalConfig::new(parse_task_list(&space.budget.tasks)?);
     eval.split = space.pools;
     eval.fewshot_mode = space.budget.fewshot;
-    CandidateScorer::new(
+    Ok(CandidateScorer::new(
         inputs,
         TaskStore::new(tasks_dir.to_path_buf()),
         eval,
@@ -503,7 +503,8 @@ pub(crate) fn open_scorer(
         space.alignment_tax.as_ref(),
         device,
         space.seed,
-    )
+    )?
+    .with_dtype(space.budget.dtype))
 }
 
 /// The device as `--device` spells it, for a job to open the same kind.

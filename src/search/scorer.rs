@@ -75,6 +75,8 @@ pub struct CandidateScorer {
     tax_sets: Option<AlignmentTaxSets>,
     subset_seed: u64,
     device: Device,
+    /// The dtype candidates are evaluated in.
+    dtype: DType,
     seed: u64,
 }
 
@@ -128,8 +130,15 @@ impl CandidateScorer {
             tax_sets,
             subset_seed,
             device,
+            dtype: DType::F32,
             seed,
         })
+    }
+
+    /// Evaluates candidates in `dtype` (default f32): merged in f32, then cast.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     pub fn base(&self) -> &Pretrained {
@@ -168,10 +177,11 @@ impl CandidateScorer {
         let config = c.merge_config(&self.inputs.base, self.inputs.models())?;
         // Into the previous candidate's buffers (its model is gone by now); `net` is dropped
         // before the next call.
-        let weights = if self.device.is_cpu() {
+        let weights = if self.device.is_cpu() && self.dtype == DType::F32 {
             self.merger.merge_reusing(&config, self.seed)?
         } else {
-            self.merge(c)?
+            self.merger
+                .merge(&config, self.seed, self.dtype, &self.device)?
         };
         let net = LlamaModel::from_weights(&self.base().config, &weights, None, Mode::Inference)?;
         drop(weights);

@@ -108,6 +108,8 @@ pub struct Budget {
     pub subset_seed: u64,
     /// Few-shot mode of every evaluation the search makes.
     pub fewshot: FewshotMode,
+    /// The dtype every candidate is evaluated in (merging itself accumulates in f32).
+    pub dtype: candle_core::DType,
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +204,13 @@ struct RawSubset {
     /// `per_document` (lm-eval's shots) or `shared` (one set per task: faster screening).
     #[serde(default)]
     fewshot: FewshotMode,
+    /// `f32` (default), `bf16` or `f16`: the dtype candidates are evaluated in.
+    #[serde(default = "default_dtype")]
+    dtype: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
 }
 
 /// `[objective]`: `metric = "probability" | "accuracy"` (default probability: smooth in the
@@ -443,6 +452,7 @@ impl SearchSpace {
         if !(s.promote > 0.0 && s.promote <= 1.0) {
             bail!("[subset] promote must be in (0, 1], got {}", s.promote);
         }
+        let dtype = crate::model::parse_dtype(&s.dtype).context("[subset] dtype")?;
         Ok(Self {
             name: raw.name.unwrap_or_else(|| default_name.to_string()),
             methods,
@@ -464,6 +474,7 @@ impl SearchSpace {
                 finalists: s.finalists,
                 subset_seed: s.seed,
                 fewshot: s.fewshot,
+                dtype,
             },
         })
     }

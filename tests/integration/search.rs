@@ -220,3 +220,50 @@ fn bad_search_spaces_are_clear_errors() {
         assert!(err.contains(expect), "{err}");
     }
 }
+
+#[test]
+fn a_search_evaluates_its_candidates_in_the_spaces_dtype() {
+    let Some(m) = tiny_models() else { return };
+    let work = tempfile::tempdir().unwrap();
+    let small = SPACE
+        .replace("evaluations = 7", "evaluations = 2")
+        .replace("rungs = [5]", "rungs = []");
+    let mut first = vec![];
+    for dtype in ["f32", "bf16"] {
+        let space = work.path().join(format!("{dtype}.toml"));
+        std::fs::write(
+            &space,
+            small.replace("[subset]", &format!("[subset]\ndtype = \"{dtype}\"")),
+        )
+        .unwrap();
+        let out = work.path().join(dtype);
+        crate::common::expect_success(&search_cmd(&m, &space, &out).output().unwrap());
+        first.push(journal(&out).remove(0));
+    }
+    // The same first candidate, scored in bf16: close to f32 but not the same numbers.
+    let (a, b) = (&first[0], &first[1]);
+    assert_eq!(a.key, b.key);
+    assert!(
+        (a.objective - b.objective).abs() < 0.05,
+        "{} vs {}",
+        a.objective,
+        b.objective
+    );
+    assert!(
+        a.objective != b.objective,
+        "bf16 scored exactly as f32: the dtype was not used"
+    );
+
+    let space = work.path().join("bad.toml");
+    std::fs::write(
+        &space,
+        small.replace("[subset]", "[subset]\ndtype = \"int8\""),
+    )
+    .unwrap();
+    let err = expect_clean_failure(
+        &search_cmd(&m, &space, &work.path().join("bad"))
+            .output()
+            .unwrap(),
+    );
+    assert!(err.contains("dtype") && err.contains("int8"), "{err}");
+}
