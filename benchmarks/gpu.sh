@@ -7,7 +7,8 @@
 #   benchmarks/gpu.sh
 #
 # Stages: import SmolLM2-135M from the shared GGUF; evaluate the six tasks at DOCS (default 50)
-# documents per task with lm-eval's shots; STEPS (default 10) LoRA SFT and DPO steps; a TIES merge
+# documents per task with lm-eval's shots; STEPS (default 10) LoRA SFT and DPO steps, in f32 and
+# with bf16 mixed precision, and the evaluation again in bf16; a TIES merge
 # of the two adapters (the merge runs on the CPU by design); `paft parallel` of the demo's
 # experiment with SFT on cuda:0 and DPO on cuda:1 when two GPUs exist (else both on cuda:0); a
 # 4-candidate search (search-spaces/demo-ties.toml). Env: PAFT_SHARED (default ../shared), OUT
@@ -98,6 +99,16 @@ stage sft gpu "$BIN" train sft --config configs/train-sft.toml --model "$model" 
 stage dpo gpu "$BIN" train dpo --config configs/train-dpo.toml --model "$model" --output "$OUT/dpo" \
   --dataset "$SHARED/data/train/preference/hh_harmless.jsonl" --max-steps "$STEPS" --save-every 0 \
   --device cuda:0
+# The same two runs with bf16 passes and f32 LoRA factors and optimizer state, and the
+# evaluation in bf16: what a user runs on a GPU.
+stage sft-bf16 gpu "$BIN" train sft --config configs/train-sft.toml --model "$model" --output "$OUT/sft-bf16" \
+  --dataset "$SHARED/data/train/sft/mixed_qa.jsonl" --max-steps "$STEPS" --save-every 0 --device cuda:0 \
+  --mixed-precision bf16
+stage dpo-bf16 gpu "$BIN" train dpo --config configs/train-dpo.toml --model "$model" --output "$OUT/dpo-bf16" \
+  --dataset "$SHARED/data/train/preference/hh_harmless.jsonl" --max-steps "$STEPS" --save-every 0 \
+  --device cuda:0 --mixed-precision bf16
+stage eval-bf16 gpu "$BIN" eval --model "$model" --tasks leaderboard --sample "$DOCS" --device cuda:0 \
+  --dtype bf16 --tasks-dir "$SHARED/data/leaderboard" --output "$OUT/eval-bf16"
 cat >"$OUT/ties.yml" <<EOF
 merge_method: ties
 base_model: $model
