@@ -80,6 +80,11 @@ pub enum Command {
         /// warning each, as mergekit ignores them).
         #[arg(long)]
         strict: bool,
+        /// Tensors larger than this (as f32) merge a block of this size at a time, read
+        /// straight from the inputs, when their method allows (task arithmetic, TIES, DARE):
+        /// memory stays bounded however large the largest tensor is.
+        #[arg(long, default_value = "64MB")]
+        block_size: String,
     },
     /// Sparsity of a fine-tune's task vector (δ = model − base), per tensor and overall.
     InspectDelta {
@@ -207,11 +212,13 @@ pub fn run(cli: Cli) -> Result<()> {
             seed,
             out_shard_size,
             strict,
+            block_size,
         } => {
             let cfg = crate::merge::MergeConfig::from_file_with(&config, strict)?;
             let opts = crate::merge::MergeOptions {
                 seed,
                 max_shard_bytes: model::weights::parse_size(&out_shard_size)?,
+                block_entries: (model::weights::parse_size(&block_size)? / 4).max(1),
             };
             let out = crate::merge::run_merge(&cfg, &out_dir, &opts)?;
             tracing::info!(

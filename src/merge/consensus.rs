@@ -10,16 +10,16 @@ pub enum SignRule {
 }
 
 /// Per entry: +1 or −1 (ties go to +, as in mergekit).
-pub fn elect_signs(weighted: &[Vec<f32>], rule: SignRule) -> Vec<f32> {
-    let n = weighted.first().map_or(0, Vec::len);
+pub fn elect_signs<D: AsRef<[f32]>>(weighted: &[D], rule: SignRule) -> Vec<f32> {
+    let n = weighted.first().map_or(0, |d| d.as_ref().len());
     (0..n).map(|j| elect_sign(weighted, j, rule)).collect()
 }
 
 /// The elected sign of entry `j`: +1 or −1 (ties go to +, as in mergekit).
-pub fn elect_sign(weighted: &[Vec<f32>], j: usize, rule: SignRule) -> f32 {
+pub fn elect_sign<D: AsRef<[f32]>>(weighted: &[D], j: usize, rule: SignRule) -> f32 {
     let score: f32 = match rule {
-        SignRule::Sum => weighted.iter().map(|d| d[j]).sum(),
-        SignRule::Count => weighted.iter().map(|d| sign(d[j])).sum(),
+        SignRule::Sum => weighted.iter().map(|d| d.as_ref()[j]).sum(),
+        SignRule::Count => weighted.iter().map(|d| sign(d.as_ref()[j])).sum(),
     };
     if score >= 0.0 {
         1.0

@@ -2,6 +2,7 @@
 //! tensors are merged in parallel (rayon, a bounded window at a time) and streamed into shards of
 //! a directory that appears only when complete.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -10,10 +11,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
+use super::blocks::{merge_in_blocks, merges_in_blocks, BlockInputs, StoredValues};
 use super::config::{MergeConfig, ModelRef};
 use super::methods::{merge_tensor_into, MergeScratch, TensorInputs};
 use crate::model::pretrained::copy_tokenizer_files;
-use crate::model::weights::{parse_size, AtomicDir, ShardedWriter};
+use crate::model::weights::{parse_size, AtomicDir, PlannedTensor, ShardedWriter};
 use crate::model::{parse_dtype, source, LoraAdapter, ModelFiles};
 
 /// One merge input: a full model, or a base with a LoRA adapter whose delta is formed per tensor.
@@ -60,13 +62,17 @@ impl MergeInput {
         }
     }
 
-    /// The tensor θ as f32 values (base + s·B·A for an adapter).
-    pub fn tensor(&self, name: &str) -> Result<Vec<f32>> {
+    /// The tensor θ as f32 values (base + s·B·A for an adapter): read in place from the
+    /// file when it stores f32, else converted. [`Self::release`] it once merged.
+    pub fn tensor(&self, name: &str) -> Result<Cow<'_, [f32]>> {
         let load = |f: &ModelFiles| -> Result<Tensor> {
             f.checkpoint.load(name, Some(DType::F32), &Device::Cpu)
         };
         let t = match self {
-            Self::Full(f) => load(f)?,
+            Self::Full(f) => match f.checkpoint.f32_slice(name)? {
+                Some(values) => return Ok(Cow::Borrowed(values)),
+                None => load(f)?,
+            },
             Self::Adapter {
                 base,
                 adapter,
@@ -86,7 +92,12 @@ impl MergeInput {
                 }
             }
         };
-        Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        Ok(Cow::Owned(t.flatten_all()?.to_vec1::<f32>()?))
+    }
+
+    /// Drops the pages of a tensor read in place from this process's resident set.
+    pub fn release(&self, name: &str) -> Result<()> {
+        self.files().checkpoint.release(name)
     }
 }
 
@@ -135,13 +146,20 @@ pub(crate) fn output_dtype(
 pub struct MergeOptions {
     pub seed: u64,
     pub max_shard_bytes: usize,
+    /// Tensors of more entries than this merge a block of this many entries at a time, when
+    /// their method can (the task-arithmetic family; see `blocks`).
+    pub block_entries: usize,
 }
+
+/// 16M entries: 64 MB per f32 block.
+pub const DEFAULT_BLOCK_ENTRIES: usize = 16 << 20;
 
 impl Default for MergeOptions {
     fn default() -> Self {
         Self {
             seed: 0,
             max_shard_bytes: parse_size("5GB").expect("constant"),
+            block_entries: DEFAULT_BLOCK_ENTRIES,
         }
     }
 }
@@ -210,7 +228,7 @@ pub(crate) fn merge_at(
 
 /// [`merge_at`] into `out`, with reusable buffers.
 #[allow(clippy::too_many_arguments)]
-fn merge_at_into(
+pub(crate) fn merge_at_into(
     config: &MergeConfig,
     name: &str,
     base: Option<&[f32]>,
@@ -311,44 +329,184 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
     copy_tokenizer_files(&ref_files.dir, dir.path())?;
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
 
-    let mut writer = ShardedWriter::new(dir.path(), opts.max_shard_bytes);
-    let bar = crate::progress::bar(names.len() as u64, "merging");
-    // A window of tensors at a time bounds memory to ~window × (models + 1) tensors.
-    let window = rayon::current_num_threads().max(1);
-    for chunk in names.chunks(window) {
-        let merged: Vec<Result<Tensor>> = chunk
-            .par_iter()
-            .map(|name| -> Result<Tensor> {
-                // Methods that merge the base like any other model have it among `models`.
-                let base_values = base
-                    .as_ref()
-                    .filter(|_| config.method.uses_base())
-                    .map(|b| b.tensor(name))
-                    .transpose()?;
-                let model_values = models
-                    .iter()
-                    .map(|m| m.tensor(name))
-                    .collect::<Result<Vec<_>>>()?;
-                let shape = ref_files.checkpoint.shape(name)?;
-                let inputs: Vec<&[f32]> = model_values.iter().map(Vec::as_slice).collect();
-                let out = merge_one(
-                    config,
-                    name,
-                    base_values.as_deref(),
-                    inputs,
-                    &shape,
-                    num_layers,
-                    opts.seed,
-                )?;
-                Ok(Tensor::from_vec(out, shape, &Device::Cpu)?.to_dtype(out_dtype)?)
+    let plan = names
+        .iter()
+        .map(|name| {
+            Ok(PlannedTensor {
+                name: name.clone(),
+                dtype: out_dtype,
+                shape: ref_files.checkpoint.shape(name)?,
             })
-            .collect();
-        for (name, t) in chunk.iter().zip(merged) {
-            writer.add(name.clone(), t?)?;
-            bar.inc(1);
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut writer = ShardedWriter::new(dir.path(), opts.max_shard_bytes, plan)?;
+    let bar = crate::progress::bar(names.len() as u64, "merging");
+    let all_inputs: Vec<&MergeInput> = base
+        .iter()
+        .filter(|_| config.method.uses_base())
+        .chain(&models)
+        .collect();
+    // A large tensor whose method merges entry by entry streams a block at a time straight
+    // from the inputs' mappings to the writer.
+    let base_input = base.as_ref().filter(|_| config.method.uses_base());
+    let large = |name: &str| {
+        ref_files
+            .checkpoint
+            .shape(name)
+            .is_ok_and(|s| s.iter().product::<usize>() > opts.block_entries)
+    };
+    let streams = |name: &String| {
+        large(name)
+            && block_inputs(config, name, num_layers, base_input, &models)
+                .is_ok_and(|b| b.is_some())
+    };
+    let stream = |name: &String, writer: &mut ShardedWriter| -> Result<()> {
+        let inputs = block_inputs(config, name, num_layers, base_input, &models)?
+            .expect("checked by `streams`");
+        let global = config.global_params(name, layer_of(name), num_layers)?;
+        merge_in_blocks(
+            config.method,
+            &global,
+            &inputs,
+            |i| tensor_rng(opts.seed, name, i),
+            opts.block_entries,
+            |block| writer.write_f32(name, block),
+        )
+        .with_context(|| format!("tensor `{name}`"))
+    };
+    let windows = Windows {
+        streams: &streams,
+        stream,
+    };
+    merge_in_windows(
+        &names,
+        |n| n.as_str(),
+        &mut writer,
+        &bar,
+        windows,
+        |name, out, scratch| {
+            // Methods that merge the base like any other model have it among `models`.
+            let base_values = base
+                .as_ref()
+                .filter(|_| config.method.uses_base())
+                .map(|b| b.tensor(name))
+                .transpose()?;
+            let model_values = models
+                .iter()
+                .map(|m| m.tensor(name))
+                .collect::<Result<Vec<_>>>()?;
+            let shape = ref_files.checkpoint.shape(name)?;
+            out.resize(shape.iter().product(), 0.0);
+            let inputs: Vec<&[f32]> = model_values.iter().map(|v| &**v).collect();
+            merge_one_into(
+                config,
+                name,
+                base_values.as_deref(),
+                inputs,
+                &shape,
+                num_layers,
+                opts.seed,
+                out,
+                scratch,
+            )?;
+            for input in &all_inputs {
+                input.release(name)?;
+            }
+            Ok(())
+        },
+    )?;
+    writer.finish()?;
+    dir.commit()
+}
+
+/// The inputs of tensor `name` read block-wise from the checkpoints' mappings, when its method
+/// merges entry by entry and every input is a full checkpoint stored as f32, bf16 or f16.
+fn block_inputs<'a>(
+    config: &MergeConfig,
+    name: &'a str,
+    num_layers: usize,
+    base: Option<&'a MergeInput>,
+    models: &'a [MergeInput],
+) -> Result<Option<BlockInputs<'a>>> {
+    let layer = layer_of(name);
+    let params = config.model_params(name, layer, num_layers)?;
+    let global = config.global_params(name, layer, num_layers)?;
+    let Some(MergeInput::Full(b)) = base else {
+        return Ok(None);
+    };
+    if !merges_in_blocks(config.method, &global, &params) {
+        return Ok(None);
+    }
+    let Some(base_values) = StoredValues::open(&b.checkpoint, name)? else {
+        return Ok(None);
+    };
+    let mut model_values = vec![];
+    for m in models {
+        let MergeInput::Full(f) = m else {
+            return Ok(None);
+        };
+        match StoredValues::open(&f.checkpoint, name)? {
+            Some(v) => model_values.push(v),
+            None => return Ok(None),
         }
     }
-    writer.finish()?;
+    Ok(Some(BlockInputs {
+        name,
+        base: base_values,
+        models: model_values,
+        params,
+    }))
+}
+
+/// Which jobs bypass the windows, and how: merged block by block straight into the writer.
+pub(crate) struct Windows<'a, J, S> {
+    pub streams: &'a (dyn Fn(&J) -> bool + Sync),
+    pub stream: S,
+}
+
+/// Merges the tensors `jobs` names (in order) a window of threads at a time into the writer,
+/// each slot reusing its output and scratch buffers from window to window: memory is bounded
+/// by a window of tensors and no fresh pages are touched once the largest tensor has been seen.
+/// Jobs that `windows.streams` picks are merged on their own by `windows.stream`.
+pub(crate) fn merge_in_windows<J: Sync, S>(
+    jobs: &[J],
+    name_of: impl Fn(&J) -> &str,
+    writer: &mut ShardedWriter,
+    bar: &indicatif::ProgressBar,
+    mut windows: Windows<'_, J, S>,
+    merge: impl Fn(&J, &mut Vec<f32>, &mut MergeScratch) -> Result<()> + Sync,
+) -> Result<()>
+where
+    S: FnMut(&J, &mut ShardedWriter) -> Result<()>,
+{
+    let window = rayon::current_num_threads().max(1);
+    let mut slots: Vec<(Vec<f32>, MergeScratch)> =
+        (0..window).map(|_| Default::default()).collect();
+    let mut i = 0;
+    while i < jobs.len() {
+        if (windows.streams)(&jobs[i]) {
+            (windows.stream)(&jobs[i], writer)?;
+            bar.inc(1);
+            i += 1;
+            continue;
+        }
+        let end = (i..jobs.len())
+            .take(window)
+            .take_while(|&j| j == i || !(windows.streams)(&jobs[j]))
+            .last()
+            .map_or(i + 1, |j| j + 1);
+        let chunk = &jobs[i..end];
+        slots[..chunk.len()]
+            .par_iter_mut()
+            .zip(chunk)
+            .map(|((out, scratch), job)| merge(job, out, scratch))
+            .collect::<Result<()>>()?;
+        for (job, (out, _)) in chunk.iter().zip(&slots) {
+            writer.write_f32(name_of(job), out)?;
+            bar.inc(1);
+        }
+        i = end;
+    }
     bar.finish_and_clear();
-    dir.commit()
+    Ok(())
 }

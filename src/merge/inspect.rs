@@ -93,8 +93,14 @@ pub fn inspect_delta(base: &ModelRef, model: &ModelRef) -> Result<DeltaReport> {
     let mut tensors = vec![];
     for name in &names {
         let (theta0, theta) = (b.tensor(name)?, m.tensor(name)?);
-        let delta: Vec<f32> = theta.iter().zip(&theta0).map(|(a, b)| a - b).collect();
+        let delta: Vec<f32> = theta
+            .iter()
+            .zip(theta0.iter())
+            .map(|(a, b)| a - b)
+            .collect();
         tensors.push(DeltaStats::of(name, &delta));
+        b.release(name)?;
+        m.release(name)?;
         bar.inc(1);
     }
     bar.finish_and_clear();

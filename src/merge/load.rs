@@ -19,7 +19,10 @@ pub fn load_f32(r: &ModelRef, config: &ModelConfig) -> Result<WeightMap> {
         .map(|(n, _)| {
             let shape = input.files().checkpoint.shape(&n)?;
             let values = input.tensor(&n).with_context(|| format!("model {r}"))?;
-            Ok((n, Tensor::from_vec(values, shape, &Device::Cpu)?))
+            let t = Tensor::from_slice(&values, shape, &Device::Cpu)?;
+            drop(values);
+            input.release(&n)?;
+            Ok((n, t))
         })
         .collect()
 }

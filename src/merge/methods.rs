@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 
 use super::consensus::{elect_sign, sign, SignRule};
 use super::selective;
-use super::sparsify::{sparsify_with, Rescale, Sparsifier};
+use super::sparsify::{sparsify, Rescale, Sparsifier};
 pub use super::spec::MergeMethod;
 use super::spec::{Algorithm, ParamDefault, Pruning};
 use super::spherical;
@@ -226,7 +226,7 @@ impl TensorInputs<'_> {
     }
 }
 
-fn sparsifier(p: Pruning, m: &ModelParams) -> Sparsifier {
+pub(crate) fn sparsifier(p: Pruning, m: &ModelParams) -> Sparsifier {
     if m.density >= 1.0 {
         return Sparsifier::None; // density 1 (the default) means no pruning
     }
@@ -245,12 +245,10 @@ fn sparsifier(p: Pruning, m: &ModelParams) -> Sparsifier {
     }
 }
 
-/// Buffers one merge worker reuses from tensor to tensor: the models' task vectors and the
-/// magnitudes TIES selects its top-k from.
+/// Buffers one merge worker reuses from tensor to tensor: the models' task vectors.
 #[derive(Debug, Default)]
 pub struct MergeScratch {
-    deltas: Vec<Vec<f32>>,
-    mags: Vec<f32>,
+    pub(crate) deltas: Vec<Vec<f32>>,
 }
 
 /// Merges one tensor. `rng(i)` is the random stream for model `i` of this tensor.
@@ -407,21 +405,37 @@ fn task_arithmetic(
     {
         delta.clear();
         delta.extend(m.iter().zip(base).map(|(a, b)| a - b));
-        sparsify_with(
+        sparsify(
             delta,
             input.row_len,
             sparsifier(pruning, p),
             global.rescale,
             &mut rng(i),
-            &mut scratch.mags,
         );
         let w = p.weight as f32;
         delta.iter_mut().for_each(|x| *x *= w);
     }
-    let weighted = &scratch.deltas;
-    let weights: Vec<f32> = input.params.iter().map(|p| p.weight as f32).collect();
-    let lambda = global.lambda as f32;
+    let weighted: Vec<&[f32]> = scratch.deltas.iter().map(Vec::as_slice).collect();
     out.copy_from_slice(base);
+    mix_into(&weighted, &input.params, global, consensus, out);
+}
+
+/// Adds the weighted (sparsified) task vectors to `out` (which holds the base): summed, or
+/// only those agreeing with the elected sign under consensus; divided by the weights that took
+/// part when `normalize`; scaled by λ. Entry by entry, so a block of the tensor merges alone.
+pub(crate) fn mix_into(
+    weighted: &[&[f32]],
+    params: &[ModelParams],
+    global: &GlobalParams,
+    consensus: bool,
+    out: &mut [f32],
+) {
+    let weights: Vec<f32> = params.iter().map(|p| p.weight as f32).collect();
+    let lambda = global.lambda as f32;
+    if let ([a, b], [wa, wb], true) = (weighted, weights.as_slice(), consensus) {
+        mix_two_with_consensus([a, b], [*wa, *wb], global, lambda, out);
+        return;
+    }
     if consensus {
         for (j, o) in out.iter_mut().enumerate() {
             let elected = elect_sign(weighted, j, global.sign_rule);
@@ -447,6 +461,35 @@ fn task_arithmetic(
             }
             *o += mix * lambda;
         }
+    }
+}
+
+/// [`mix_into`]'s consensus for two task vectors (PAFT's SFT and preference deltas), written
+/// so that it vectorises: the same operations in the same order, so the same bits. Adding the
+/// +0.0 of a dropped entry leaves the sum as it was (it never holds −0.0: a kept entry is
+/// non-zero and the sum starts at +0.0).
+fn mix_two_with_consensus(
+    [a, b]: [&[f32]; 2],
+    [wa, wb]: [f32; 2],
+    global: &GlobalParams,
+    lambda: f32,
+    out: &mut [f32],
+) {
+    let count_rule = global.sign_rule == SignRule::Count;
+    let normalize = global.normalize;
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        let (sx, sy) = (sign(x), sign(y));
+        let score = if count_rule { sx + sy } else { x + y };
+        let elected = if score >= 0.0 { 1.0 } else { -1.0 };
+        let (kx, ky) = (sx == elected, sy == elected);
+        let mut mix = 0f32 + if kx { x } else { 0.0 };
+        mix += if ky { y } else { 0.0 };
+        let mut div = 0f32 + if kx { wa } else { 0.0 };
+        div += if ky { wb } else { 0.0 };
+        if normalize {
+            mix /= if div == 0.0 { 1.0 } else { div };
+        }
+        *o += mix * lambda;
     }
 }
 

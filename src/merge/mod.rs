@@ -3,6 +3,7 @@
 //!
 //! `config` reads mergekit YAML, `engine` streams a merge to disk, `inspect` measures deltas.
 
+mod blocks;
 pub mod config;
 pub mod consensus;
 pub mod engine;

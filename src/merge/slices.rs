@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use super::config::MergeConfig;
-use super::engine::{merge_at, output_dtype, MergeInput, MergeOptions};
+use super::engine::{
+    merge_at_into, merge_in_windows, output_dtype, MergeInput, MergeOptions, Windows,
+};
 use crate::model::pretrained::copy_tokenizer_files;
-use crate::model::weights::{AtomicDir, ShardedWriter};
+use crate::model::weights::{AtomicDir, PlannedTensor, ShardedWriter};
 
 /// One output tensor: which slice's view merges it, the input name in each source, and its
 /// position in the slice (layer index, slice length) for layer gradients.
@@ -144,42 +144,63 @@ pub(crate) fn run_slices(config: &MergeConfig, out: &Path, opts: &MergeOptions) 
     cfg.write(&dir.path().join("config.json"))?;
     copy_tokenizer_files(&ref_files.dir, dir.path())?;
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
-    let mut writer = ShardedWriter::new(dir.path(), opts.max_shard_bytes);
+    let plan = planned
+        .iter()
+        .zip(&shapes)
+        .map(|(p, shape)| PlannedTensor {
+            name: p.out.clone(),
+            dtype: out_dtype,
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut writer = ShardedWriter::new(dir.path(), opts.max_shard_bytes, plan)?;
     let bar = crate::progress::bar(planned.len() as u64, "merging");
-    let window = rayon::current_num_threads().max(1);
     let jobs: Vec<(&Planned, &Vec<usize>)> = planned.iter().zip(&shapes).collect();
-    for chunk in jobs.chunks(window) {
-        let merged: Vec<Result<Tensor>> =
-            chunk
-                .par_iter()
-                .map(|(p, shape)| -> Result<Tensor> {
-                    let values = config.slices[p.view]
-                        .sources
-                        .iter()
-                        .zip(&p.inputs)
-                        .map(|(s, name)| inputs[&s.model.to_string()].tensor(name))
-                        .collect::<Result<Vec<_>>>()?;
-                    let models: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
-                    let (layer, n) = p.position.map_or((None, 1), |(i, n)| (Some(i), n));
-                    let merged = merge_at(
-                        &views[p.view],
-                        &p.out,
-                        None,
-                        models,
-                        shape,
-                        layer,
-                        n,
-                        opts.seed,
-                    )?;
-                    Ok(Tensor::from_vec(merged, shape.as_slice(), &Device::Cpu)?
-                        .to_dtype(out_dtype)?)
-                })
+    // Slices merge whole tensors (no block-wise path yet).
+    let windows = Windows {
+        streams: &|_: &(&Planned, &Vec<usize>)| false,
+        stream: |_: &(&Planned, &Vec<usize>), _: &mut ShardedWriter| -> Result<()> {
+            unreachable!("no slice tensor streams")
+        },
+    };
+    merge_in_windows(
+        &jobs,
+        |(p, _)| p.out.as_str(),
+        &mut writer,
+        &bar,
+        windows,
+        |(p, shape), out, scratch| {
+            let sources: Vec<(&MergeInput, &String)> = config.slices[p.view]
+                .sources
+                .iter()
+                .zip(&p.inputs)
+                .map(|(s, name)| (&inputs[&s.model.to_string()], name))
                 .collect();
-        for ((p, _), t) in chunk.iter().zip(merged) {
-            writer.add(p.out.clone(), t?)?;
-            bar.inc(1);
-        }
-    }
+            let values = sources
+                .iter()
+                .map(|(input, name)| input.tensor(name))
+                .collect::<Result<Vec<_>>>()?;
+            let models: Vec<&[f32]> = values.iter().map(|v| &**v).collect();
+            let (layer, n) = p.position.map_or((None, 1), |(i, n)| (Some(i), n));
+            out.resize(shape.iter().product(), 0.0);
+            merge_at_into(
+                &views[p.view],
+                &p.out,
+                None,
+                models,
+                shape,
+                layer,
+                n,
+                opts.seed,
+                out,
+                scratch,
+            )?;
+            for (input, name) in &sources {
+                input.release(name)?;
+            }
+            Ok(())
+        },
+    )?;
     writer.finish()?;
     bar.finish_and_clear();
     dir.commit()

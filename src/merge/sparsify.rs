@@ -32,42 +32,126 @@ pub enum Rescale {
     Exact,
 }
 
-fn keep_count(density: f64, n: usize) -> usize {
+pub(crate) fn keep_count(density: f64, n: usize) -> usize {
     if density <= 0.0 {
         return 0;
     }
     ((density * n as f64) as usize).clamp(1, n)
 }
 
-/// Zeroes all but the `k` largest |δ| (ties broken by lower index), in place: the k-th largest
-/// magnitude is found by selection in `mags` (reused across calls), then one pass keeps what is
-/// above it and the first entries equal to it.
-fn keep_top_k(delta: &mut [f32], k: usize, mags: &mut Vec<f32>) {
-    let n = delta.len();
-    if k >= n {
-        return;
-    }
-    if k == 0 {
-        delta.fill(0.0);
-        return;
-    }
-    mags.clear();
-    mags.extend(delta.iter().map(|x| x.abs()));
-    // k-th largest = (n-k)-th smallest
-    let (_, &mut threshold, _) = mags.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
-    let above = delta.iter().filter(|x| x.abs() > threshold).count();
-    let mut ties = k - above;
-    for x in delta.iter_mut() {
-        let m = x.abs();
-        if m > threshold {
-            continue;
+/// Which entries TIES' top-k keeps: those whose |δ| is above the k-th largest magnitude, and
+/// the first `ties` (in index order) equal to it. Magnitudes compare by the bits of |δ|, which
+/// orders them as `f32::total_cmp` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TopK {
+    All,
+    Nothing,
+    Threshold { key: u32, ties: usize },
+}
+
+fn magnitude_key(x: f32) -> u32 {
+    x.abs().to_bits()
+}
+
+impl TopK {
+    /// The top-k of `n` values that `pass` feeds, a block at a time and twice, to a callback:
+    /// a histogram of the high 16 bits of each |δ| finds the threshold's bin, a second pass
+    /// over that bin's low bits the threshold itself. Two reads and 512 KB of counters, where a
+    /// selection needs a copy of the whole tensor.
+    pub(crate) fn find<E>(
+        n: usize,
+        k: usize,
+        mut pass: impl FnMut(&mut dyn FnMut(&[f32])) -> Result<(), E>,
+    ) -> Result<TopK, E> {
+        if k >= n {
+            return Ok(TopK::All);
         }
-        if m == threshold && ties > 0 {
-            ties -= 1;
-            continue;
+        if k == 0 {
+            return Ok(TopK::Nothing);
         }
-        *x = 0.0;
+        // The threshold is the (n − k)-th smallest magnitude (0-based).
+        let rank = (n - k) as u64;
+        let mut high = vec![0u64; 1 << 16];
+        pass(&mut |xs| {
+            for &x in xs {
+                high[(magnitude_key(x) >> 16) as usize] += 1;
+            }
+        })?;
+        let (bin, below) = nth_bucket(&high, rank);
+        let mut low = vec![0u64; 1 << 16];
+        pass(&mut |xs| {
+            for &x in xs {
+                let key = magnitude_key(x);
+                if (key >> 16) as usize == bin {
+                    low[(key & 0xffff) as usize] += 1;
+                }
+            }
+        })?;
+        let (lo, below_lo) = nth_bucket(&low, rank - below);
+        let key = ((bin as u32) << 16) | lo as u32;
+        // Entries at or below the threshold: everything before its bin, its bin up to it.
+        let at_or_below = below + below_lo + low[lo];
+        let above = n - at_or_below as usize;
+        Ok(TopK::Threshold {
+            key,
+            ties: k - above,
+        })
     }
+
+    /// Zeroes what the top-k drops, in a block of the tensor; blocks must come in index order,
+    /// the same `ties_left` (start: [`Self::ties`]) carried from one to the next.
+    pub(crate) fn apply(&self, block: &mut [f32], ties_left: &mut usize) {
+        match *self {
+            TopK::All => {}
+            TopK::Nothing => block.fill(0.0),
+            TopK::Threshold { key, .. } => {
+                for x in block.iter_mut() {
+                    let m = magnitude_key(*x);
+                    if m > key {
+                        continue;
+                    }
+                    if m == key && *ties_left > 0 {
+                        *ties_left -= 1;
+                        continue;
+                    }
+                    *x = 0.0;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn ties(&self) -> usize {
+        match *self {
+            TopK::Threshold { ties, .. } => ties,
+            _ => 0,
+        }
+    }
+}
+
+/// The bucket holding the `rank`-th smallest entry (0-based) of a histogram, and how many
+/// entries lie in the buckets before it.
+fn nth_bucket(counts: &[u64], rank: u64) -> (usize, u64) {
+    let mut below = 0;
+    for (b, &c) in counts.iter().enumerate() {
+        if below + c > rank {
+            return (b, below);
+        }
+        below += c;
+    }
+    unreachable!("rank {rank} beyond the {below} counted entries")
+}
+
+/// Zeroes all but the `k` largest |δ| (ties broken by lower index), in place.
+fn keep_top_k(delta: &mut [f32], k: usize) {
+    let top = TopK::find(delta.len(), k, |f| {
+        f(delta);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let top = match top {
+        Ok(t) => t,
+        Err(never) => match never {},
+    };
+    top.apply(delta, &mut top.ties());
 }
 
 /// Ascending-magnitude ranks (0-based), ties broken by index.
@@ -89,19 +173,6 @@ pub fn sparsify(
     rescale: Rescale,
     rng: &mut impl Rng,
 ) {
-    sparsify_with(delta, row_len, sparsifier, rescale, rng, &mut vec![]);
-}
-
-/// [`sparsify`] with a reusable buffer for the magnitudes of TIES' top-k, so that pruning
-/// tensor after tensor (candidate after candidate) does not allocate.
-pub fn sparsify_with(
-    delta: &mut [f32],
-    row_len: usize,
-    sparsifier: Sparsifier,
-    rescale: Rescale,
-    rng: &mut impl Rng,
-    mags: &mut Vec<f32>,
-) {
     let n = delta.len();
     if n == 0 {
         return;
@@ -114,7 +185,7 @@ pub fn sparsify_with(
     match sparsifier {
         Sparsifier::None => return,
         Sparsifier::Magnitude { density } => {
-            keep_top_k(delta, keep_count(density, n), mags);
+            keep_top_k(delta, keep_count(density, n));
             if rescale == Rescale::Exact && density > 0.0 {
                 scale(delta, 1.0 / density);
             }
@@ -192,7 +263,7 @@ fn apply_mask(delta: &mut [f32], mask: &[bool]) {
     }
 }
 
-fn scale(delta: &mut [f32], s: f64) {
+pub(crate) fn scale(delta: &mut [f32], s: f64) {
     for x in delta.iter_mut() {
         *x = (*x as f64 * s) as f32;
     }
@@ -233,26 +304,54 @@ mod tests {
     }
 
     #[test]
-    fn magnitude_pruning_equals_sorting_with_ties_and_reused_buffer() {
+    fn magnitude_pruning_equals_sorting_with_ties_whole_or_in_blocks() {
         let mut r = rng();
-        let mut mags = vec![];
+        let mut cases: Vec<Vec<f32>> = vec![];
         for (n, levels) in [(1, 3), (7, 2), (50, 5), (1000, 9), (1000, 1000)] {
             // Few distinct magnitudes of both signs, so many entries tie at the threshold.
-            let orig: Vec<f32> = (0..n)
-                .map(|_| r.random_range(-levels..=levels) as f32 / 4.0)
-                .collect();
+            cases.push(
+                (0..n)
+                    .map(|_| r.random_range(-levels..=levels) as f32 / 4.0)
+                    .collect(),
+            );
+        }
+        // Magnitudes over many exponents (many histogram bins), and values that share their
+        // high bits but not their low ones (one bin, resolved by the second pass).
+        cases.push(
+            (0..3000)
+                .map(|_| r.random::<f32>().powi(9) * r.random_range(-1.0f32..1.0))
+                .collect(),
+        );
+        cases.push(
+            (0..3000)
+                .map(|i| 1.0 + (i % 97) as f32 * f32::EPSILON)
+                .collect(),
+        );
+        for orig in &cases {
+            let n = orig.len();
             for density in [0.0, 0.1, 0.33, 0.5, 0.9, 1.0] {
+                let want = top_k_by_sorting(orig, keep_count(density, n));
                 let mut d = orig.clone();
-                sparsify_with(
+                sparsify(
                     &mut d,
                     n,
                     Sparsifier::Magnitude { density },
                     Rescale::None,
                     &mut rng(),
-                    &mut mags,
                 );
-                let want = top_k_by_sorting(&orig, keep_count(density, n));
                 assert_eq!(d, want, "n {n}, density {density}");
+                // The same selection with the tensor fed a block at a time.
+                for block in [1, 7, 256] {
+                    let top = TopK::find(n, keep_count(density, n), |f| {
+                        orig.chunks(block).for_each(|c| f(c));
+                        Ok::<(), ()>(())
+                    })
+                    .unwrap();
+                    let mut d = orig.clone();
+                    let mut ties = top.ties();
+                    d.chunks_mut(block).for_each(|c| top.apply(c, &mut ties));
+                    assert_eq!(d, want, "n {n}, density {density}, blocks of {block}");
+                }
             }
         }
     }

@@ -183,22 +183,70 @@ impl SafetensorsFiles {
         let bytes = &f.mmap[base + start..base + end];
         let t = Tensor::from_raw_buffer(bytes, src, &info.shape, device)
             .with_context(|| format!("{}: cannot read tensor `{name}`", f.path.display()))?;
-        // The bytes are copied out: let the kernel drop these pages from our resident set, so
-        // streaming through checkpoints costs one tensor of memory, not the whole file.
+        // The bytes are copied out.
+        self.release(name)?;
+        match dtype {
+            Some(d) if d != src => Ok(t.to_dtype(d)?),
+            _ => Ok(t),
+        }
+    }
+
+    /// The values of an f32 tensor read in place from the mapping (no copy), when the file
+    /// stores it as f32 at a 4-byte-aligned offset (safetensors' writer aligns them); None
+    /// otherwise. Call [`Self::release`] when done, so its pages leave the resident set.
+    pub fn f32_slice(&self, name: &str) -> Result<Option<&[f32]>> {
+        let (f, info) = self.entry(name)?;
+        if info.dtype != StDtype::F32 || cfg!(target_endian = "big") {
+            return Ok(None);
+        }
+        let (start, end) = info.data_offsets;
+        let base = 8 + f.header_len;
+        Ok(bytemuck::try_cast_slice(&f.mmap[base + start..base + end]).ok())
+    }
+
+    /// A tensor's stored bytes in place, with their dtype (for reading it a block at a time).
+    pub fn raw(&self, name: &str) -> Result<(DType, &[u8])> {
+        let (f, info) = self.entry(name)?;
+        let (start, end) = info.data_offsets;
+        let base = 8 + f.header_len;
+        Ok((
+            candle_dtype(info.dtype, &f.path, name)?,
+            &f.mmap[base + start..base + end],
+        ))
+    }
+
+    /// [`Self::release`] for the bytes `range` of a tensor's data.
+    pub fn release_part(&self, name: &str, range: std::ops::Range<usize>) -> Result<()> {
+        let (f, info) = self.entry(name)?;
+        let start = 8 + f.header_len + info.data_offsets.0;
+        #[cfg(unix)]
+        // SAFETY: as in `release`.
+        unsafe {
+            let _ = f.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start + range.start,
+                range.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Drops a tensor's pages from this process's resident set (they are re-read from the file
+    /// if touched again): streaming through checkpoints costs one tensor of memory, not a file.
+    pub fn release(&self, name: &str) -> Result<()> {
+        let (f, info) = self.entry(name)?;
+        let (start, end) = info.data_offsets;
         #[cfg(unix)]
         // SAFETY: the mapping is read-only and file-backed; dropped pages are re-read from the
         // file if touched again, so no data is lost and no live reference changes.
         unsafe {
             let _ = f.mmap.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
-                base + start,
+                8 + f.header_len + start,
                 end - start,
             );
         }
-        match dtype {
-            Some(d) if d != src => Ok(t.to_dtype(d)?),
-            _ => Ok(t),
-        }
+        Ok(())
     }
 
     pub fn load_all(&self, dtype: Option<DType>, device: &Device) -> Result<WeightMap> {
@@ -289,14 +337,38 @@ pub fn write_safetensors(path: &Path, mut tensors: Vec<(String, Tensor)>) -> Res
     Ok(())
 }
 
-/// Streams tensors into `model-0000i-of-0000N.safetensors` shards of at most `max_shard_bytes`
-/// (a single tensor larger than that gets a shard of its own), then writes the index.
+/// A tensor of a checkpoint about to be written: what its header entry says, before any data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl PlannedTensor {
+    fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+/// One output file: its planned tensors, in the order their data follows the header.
+struct PlannedShard {
+    tensors: Vec<PlannedTensor>,
+    temp: PathBuf,
+}
+
+/// Writes a checkpoint whose tensors are all known in advance (names, dtypes, shapes) as
+/// `model-0000i-of-0000N.safetensors` shards of at most `max_shard_bytes` (a tensor larger than
+/// that gets a shard of its own) plus the index, or one `model.safetensors`. Each shard's header
+/// is written first, so tensor data streams straight to the file as it is produced, in plan
+/// order: nothing is buffered beyond the tensor being written.
 pub struct ShardedWriter {
     dir: PathBuf,
-    max_shard_bytes: usize,
-    pending: Vec<(String, Tensor)>,
-    pending_bytes: usize,
-    shards: Vec<(PathBuf, Vec<String>)>,
+    shards: Vec<PlannedShard>,
+    /// Shard and tensor index of the next tensor to write, and the bytes of it written so far.
+    next: (usize, usize),
+    written: usize,
+    file: Option<std::io::BufWriter<File>>,
     total_bytes: usize,
 }
 
@@ -330,59 +402,202 @@ pub fn parse_size(s: &str) -> Result<usize> {
 }
 
 impl ShardedWriter {
-    pub fn new(dir: &Path, max_shard_bytes: usize) -> Self {
-        Self {
+    /// Plans the shards (the same split as transformers' `max_shard_size`: a shard is closed
+    /// when the next tensor would take it over the limit).
+    pub fn new(dir: &Path, max_shard_bytes: usize, plan: Vec<PlannedTensor>) -> Result<Self> {
+        let max = max_shard_bytes.max(1);
+        let mut shards: Vec<PlannedShard> = vec![];
+        let mut bytes = 0;
+        let mut seen = std::collections::HashSet::new();
+        for t in plan {
+            if !seen.insert(t.name.clone()) {
+                bail!("tensor `{}` is planned twice", t.name);
+            }
+            st_dtype(t.dtype)?;
+            let b = t.bytes();
+            match shards.last_mut() {
+                Some(s) if bytes + b <= max => s.tensors.push(t),
+                _ => {
+                    let temp = dir.join(format!(".shard-{}.safetensors", shards.len()));
+                    shards.push(PlannedShard {
+                        tensors: vec![t],
+                        temp,
+                    });
+                    bytes = 0;
+                }
+            }
+            bytes += b;
+        }
+        Ok(Self {
             dir: dir.to_path_buf(),
-            max_shard_bytes: max_shard_bytes.max(1),
-            pending: vec![],
-            pending_bytes: 0,
-            shards: vec![],
-            total_bytes: 0,
+            total_bytes: shards
+                .iter()
+                .flat_map(|s| &s.tensors)
+                .map(PlannedTensor::bytes)
+                .sum(),
+            shards,
+            next: (0, 0),
+            written: 0,
+            file: None,
+        })
+    }
+
+    /// Opens shard `i` and writes its header (with the `format: pt` metadata transformers
+    /// requires), in safetensors' own layout: 8-byte length, JSON padded to 8 bytes.
+    fn open_shard(&mut self, i: usize) -> Result<()> {
+        let shard = &self.shards[i];
+        let mut offset = 0;
+        let mut infos = vec![];
+        for t in &shard.tensors {
+            let n = t.bytes();
+            infos.push((
+                t.name.clone(),
+                TensorInfo {
+                    dtype: st_dtype(t.dtype)?,
+                    shape: t.shape.clone(),
+                    data_offsets: (offset, offset + n),
+                },
+            ));
+            offset += n;
+        }
+        let metadata = Metadata::new(
+            Some(HashMap::from([("format".to_string(), "pt".to_string())])),
+            infos,
+        )?;
+        let mut header = serde_json::to_string(&metadata)?.into_bytes();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        let file = File::create(&shard.temp)
+            .with_context(|| format!("cannot create {}", shard.temp.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+        use std::io::Write;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        self.file = Some(w);
+        Ok(())
+    }
+
+    /// Writes the next planned tensor's data, whole: `bytes` in its dtype, little-endian.
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let planned = self.planned(name)?.bytes();
+        if self.written != 0 || bytes.len() != planned {
+            bail!(
+                "tensor `{name}`: {} bytes written at once, {planned} planned",
+                bytes.len() + self.written
+            );
+        }
+        self.write_part(name, bytes)
+    }
+
+    /// Appends the next part of the planned tensor `name` (tensors stream in, block by block).
+    pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let planned = self.planned(name)?.bytes();
+        let (s, t) = self.next;
+        if self.written + bytes.len() > planned {
+            bail!(
+                "tensor `{name}`: {} bytes written, {planned} planned",
+                self.written + bytes.len()
+            );
+        }
+        if t == 0 && self.written == 0 {
+            self.open_shard(s)?;
+        }
+        let path = &self.shards[s].temp;
+        let file = self
+            .file
+            .as_mut()
+            .expect("opened with the shard's first tensor");
+        file.write_all(bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        self.written += bytes.len();
+        if self.written == planned {
+            self.written = 0;
+            self.next = if t + 1 == self.shards[s].tensors.len() {
+                self.close_shard()?;
+                (s + 1, 0)
+            } else {
+                (s, t + 1)
+            };
+        }
+        Ok(())
+    }
+
+    /// Writes f32 values as (the next part of) the planned tensor `name`, converted to its
+    /// planned dtype.
+    pub fn write_f32(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        match self.planned(name)?.dtype {
+            DType::F32 => self.write_part(name, bytemuck::cast_slice(values)),
+            DType::BF16 => {
+                let v: Vec<u16> = values
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
+                self.write_part(name, bytemuck::cast_slice(&v))
+            }
+            DType::F16 => {
+                let v: Vec<u16> = values
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect();
+                self.write_part(name, bytemuck::cast_slice(&v))
+            }
+            other => bail!("tensor `{name}`: cannot write f32 values as {other:?}"),
         }
     }
 
+    /// Writes a tensor (converted to its planned dtype when it differs).
     pub fn add(&mut self, name: String, tensor: Tensor) -> Result<()> {
-        let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
-        if !self.pending.is_empty() && self.pending_bytes + bytes > self.max_shard_bytes {
-            self.flush()?;
+        let dtype = self.planned(&name)?.dtype;
+        let t = tensor.to_dtype(dtype)?;
+        let bytes = safetensors::View::data(&t);
+        self.write(&name, &bytes)
+    }
+
+    fn planned(&self, name: &str) -> Result<&PlannedTensor> {
+        let (s, t) = self.next;
+        match self.shards.get(s).and_then(|sh| sh.tensors.get(t)) {
+            Some(p) if p.name == name => Ok(p),
+            Some(p) => bail!("tensor `{name}` written where `{}` was planned", p.name),
+            None => bail!("tensor `{name}` written after every planned tensor"),
         }
-        self.pending_bytes += bytes;
-        self.total_bytes += bytes;
-        self.pending.push((name, tensor));
+    }
+
+    fn close_shard(&mut self) -> Result<()> {
+        if let Some(w) = self.file.take() {
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+            }
+        }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let path = self
-            .dir
-            .join(format!(".shard-{}.safetensors", self.shards.len()));
-        let pending = std::mem::take(&mut self.pending);
-        let names = pending.iter().map(|(n, _)| n.clone()).collect();
-        write_safetensors(&path, pending)?;
-        self.shards.push((path, names));
-        self.pending_bytes = 0;
-        Ok(())
-    }
-
-    /// Names the shards and writes the index (only when there is more than one shard).
+    /// Checks that every planned tensor was written, names the shards and writes the index
+    /// (only when there is more than one shard).
     pub fn finish(mut self) -> Result<()> {
-        self.flush()?;
+        let (s, t) = self.next;
+        if let Some(missing) = self.shards.get(s).and_then(|sh| sh.tensors.get(t)) {
+            bail!(
+                "tensor `{}` was planned but never written whole",
+                missing.name
+            );
+        }
+        self.close_shard()?;
         let n = self.shards.len();
         if n <= 1 {
-            if let Some((path, _)) = self.shards.first() {
-                std::fs::rename(path, self.dir.join(SINGLE_FILE))?;
+            if let Some(shard) = self.shards.first() {
+                std::fs::rename(&shard.temp, self.dir.join(SINGLE_FILE))?;
             }
             return Ok(());
         }
         let mut weight_map = BTreeMap::new();
-        for (i, (path, names)) in self.shards.iter().enumerate() {
+        for (i, shard) in self.shards.iter().enumerate() {
             let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
-            std::fs::rename(path, self.dir.join(&file))?;
-            for name in names {
-                weight_map.insert(name.clone(), file.clone());
+            std::fs::rename(&shard.temp, self.dir.join(&file))?;
+            for t in &shard.tensors {
+                weight_map.insert(t.name.clone(), file.clone());
             }
         }
         let index = serde_json::json!({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map});
@@ -394,6 +609,19 @@ impl ShardedWriter {
     }
 }
 
+fn st_dtype(d: DType) -> Result<StDtype> {
+    Ok(match d {
+        DType::F32 => StDtype::F32,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+        DType::F64 => StDtype::F64,
+        DType::U8 => StDtype::U8,
+        DType::U32 => StDtype::U32,
+        DType::I64 => StDtype::I64,
+        other => bail!("cannot write dtype {other:?} to safetensors"),
+    })
+}
+
 /// Writes every tensor of `weights` (sorted by name, converted to `dtype` when given).
 pub fn write_weights(
     dir: &Path,
@@ -401,16 +629,23 @@ pub fn write_weights(
     dtype: Option<DType>,
     max_shard_bytes: usize,
 ) -> Result<()> {
-    let mut names: Vec<&String> = weights.keys().collect();
-    names.sort();
-    let mut writer = ShardedWriter::new(dir, max_shard_bytes);
-    for name in names {
-        let t = &weights[name];
-        let t = match dtype {
-            Some(d) if d != t.dtype() => t.to_dtype(d)?,
-            _ => t.clone(),
-        };
-        writer.add(name.clone(), t)?;
+    // safetensors' own order: wider dtypes first (so every tensor stays aligned), then by name.
+    let mut plan: Vec<PlannedTensor> = weights
+        .iter()
+        .map(|(name, t)| PlannedTensor {
+            name: name.clone(),
+            dtype: dtype.unwrap_or(t.dtype()),
+            shape: t.dims().to_vec(),
+        })
+        .collect();
+    plan.sort_by(|a, b| {
+        (b.dtype.size_in_bytes(), &a.name).cmp(&(a.dtype.size_in_bytes(), &b.name))
+    });
+    let order: Vec<String> = plan.iter().map(|p| p.name.clone()).collect();
+    let mut writer = ShardedWriter::new(dir, max_shard_bytes, plan)?;
+    for name in order {
+        let t = weights[&name].clone();
+        writer.add(name, t)?;
     }
     writer.finish()
 }
@@ -462,6 +697,50 @@ mod tests {
             files.load("t0", None, &Device::Cpu).unwrap().dtype(),
             DType::F16
         );
+    }
+
+    #[test]
+    fn the_writer_streams_parts_in_plan_order_and_refuses_anything_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let plan = |names: &[&str]| -> Vec<PlannedTensor> {
+            names
+                .iter()
+                .map(|n| PlannedTensor {
+                    name: n.to_string(),
+                    dtype: DType::F32,
+                    shape: vec![2, 3],
+                })
+                .collect()
+        };
+        let mut w = ShardedWriter::new(tmp.path(), 1000, plan(&["a", "b"])).unwrap();
+        assert!(w.write_f32("b", &[0.0; 6]).is_err(), "out of order");
+        w.write_f32("a", &[1.0, 2.0]).unwrap();
+        w.write_f32("a", &[3.0, 4.0, 5.0, 6.0]).unwrap();
+        assert!(w.write_f32("b", &[0.0; 7]).is_err(), "too long");
+        assert!(
+            w.write("b", bytemuck::cast_slice(&[0f32; 5])).is_err(),
+            "too short"
+        );
+        w.write_f32("b", &[7.0; 6]).unwrap();
+        assert!(w.write_f32("c", &[0.0]).is_err(), "not planned");
+        w.finish().unwrap();
+        let files = SafetensorsFiles::open_dir(tmp.path()).unwrap();
+        let a = files.load("a", None, &Device::Cpu).unwrap();
+        assert_eq!(
+            a.to_vec2::<f32>().unwrap(),
+            [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+        );
+        assert_eq!(files.f32_slice("b").unwrap().unwrap(), [7.0; 6]);
+
+        let other = tempfile::tempdir().unwrap();
+        let mut w = ShardedWriter::new(other.path(), 1000, plan(&["a", "b"])).unwrap();
+        w.write_f32("a", &[0.0; 6]).unwrap();
+        let err = w.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("`b`") && err.contains("never written"),
+            "{err}"
+        );
+        assert!(ShardedWriter::new(other.path(), 1000, plan(&["a", "a"])).is_err());
     }
 
     #[test]

@@ -746,3 +746,141 @@ fn merge_killed_mid_write_leaves_no_output() {
     );
     assert!(!out.exists(), "a killed merge left {}", out.display());
 }
+
+/// The bytes of every file of a model directory's checkpoint, by file name.
+fn checkpoint_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.ends_with(".safetensors") || n.ends_with(".index.json")
+        })
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn block_wise_merging_writes_the_same_bytes_as_whole_tensors() {
+    let Some(f) = fixture() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    // The fine-tunes again in bf16: blocks are converted as they are read.
+    for (src, name) in [(&f.a, "a16"), (&f.b, "b16")] {
+        let p = Pretrained::load(Path::new(src), None, &Device::Cpu).unwrap();
+        p.save(&tmp.path().join(name), Some(DType::BF16), usize::MAX)
+            .unwrap();
+    }
+    let (a16, b16) = (
+        tmp.path().join("a16").display().to_string(),
+        tmp.path().join("b16").display().to_string(),
+    );
+    let cases = [
+        (
+            "ties",
+            f.a.as_str(),
+            f.b.as_str(),
+            "{weight: 1.0, density: 0.3}",
+            "{normalize: true}",
+        ),
+        (
+            "dare_ties",
+            &f.a,
+            &f.b,
+            "{weight: 0.7, density: 0.5}",
+            "{normalize: true}",
+        ),
+        (
+            "dare_linear",
+            &f.a,
+            &f.b,
+            "{weight: 0.7, density: 0.5}",
+            "{rescale: true}",
+        ),
+        (
+            "task_arithmetic",
+            &a16,
+            &b16,
+            "{weight: 0.6}",
+            "{lambda: 1.5}",
+        ),
+        (
+            "ties",
+            &a16,
+            &b16,
+            "{weight: 0.5, density: 0.7}",
+            "{normalize: false}",
+        ),
+        // Not block-wise (L1 rescale, per-row ranks): the option changes nothing.
+        (
+            "breadcrumbs_ties",
+            &f.a,
+            &f.b,
+            "{weight: 1.0, density: 0.8, gamma: 0.01}",
+            "{}",
+        ),
+        (
+            "della",
+            &f.a,
+            &f.b,
+            "{weight: 1.0, density: 0.5, epsilon: 0.1}",
+            "{}",
+        ),
+    ];
+    for (i, (method, a, b, params, globals)) in cases.iter().enumerate() {
+        let cfg = yaml(method, &f.base, &[(a, params), (b, params)], globals).replace(
+            "dtype: float32",
+            if i == 4 {
+                "dtype: bfloat16"
+            } else {
+                "dtype: float32"
+            },
+        );
+        let cfg_path = tmp.path().join(format!("{i}.yaml"));
+        std::fs::write(&cfg_path, &cfg).unwrap();
+        let run = |out: &str, block: &str, shard: &str| {
+            let out = tmp.path().join(format!("{i}-{out}"));
+            let res = run_paft(&[
+                "--quiet",
+                "merge",
+                cfg_path.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--seed",
+                "5",
+                "--block-size",
+                block,
+                "--out-shard-size",
+                shard,
+            ]);
+            common::expect_success(&res);
+            out
+        };
+        // 4 KB blocks: every matrix of the tiny model merges in many blocks of 1024 entries.
+        let whole = run("whole", "1GB", "5GB");
+        let blocks = run("blocks", "4KB", "5GB");
+        assert_eq!(
+            checkpoint_bytes(&whole),
+            checkpoint_bytes(&blocks),
+            "{method} ({a}): block-wise output differs"
+        );
+        // Streamed into several shards: the same tensors.
+        let sharded = run("sharded", "4KB", "200KB");
+        assert!(sharded.join("model.safetensors.index.json").exists());
+        let load = |d: &Path| Pretrained::load(d, None, &Device::Cpu).unwrap();
+        let (x, y) = (load(&whole), load(&sharded));
+        assert_eq!(x.weights.len(), y.weights.len());
+        for (n, t) in &x.weights {
+            assert_eq!(t.dtype(), y.weights[n].dtype());
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                common::max_abs_diff(&f32(t), &f32(&y.weights[n])),
+                0.0,
+                "{method}: {n}"
+            );
+        }
+    }
+}
