@@ -2,6 +2,8 @@
 # Benchmarks against the peer tools, same machine, same thread count.
 #   benchmarks/run.sh prefill      # paft vs transformers: prefill tokens/s, SmolLM2-135M f32, seq 512, batch 1 and 4
 #   benchmarks/run.sh merge        # paft vs mergekit-yaml: TIES of three SmolLM2-135M-sized f32 models, wall time and peak RSS
+#   benchmarks/run.sh merge-memory # peak RSS of a TIES merge whose largest tensor is 1.07 GB: paft at --block-size 64MB,
+#                                  # 16MB and whole tensors (8GB), and mergekit-yaml
 #   benchmarks/run.sh eval         # paft eval vs lm-evaluation-harness 0.4.13: the six tasks at --limit 40 (MMLU: three
 #                                  # subjects), SmolLM2-135M f32, wall time, requests/s, tokens/s, peak RSS.
 #                                  # PYTHON_LMEVAL (default scripts/.venv-lmeval/bin/python) runs the lm-eval side;
@@ -239,6 +241,38 @@ YAML
     done
     python3 benchmarks/ratio.py "$log"
     ;;
+  merge-memory)
+    # Bounded memory: a TIES merge of three models whose tied embedding is 1.07 GB (f32), with
+    # paft's default block size, with whole tensors (--block-size 8GB), and with mergekit; peak
+    # RSS and wall time of each. Needs ~3.3 GB of disk in target/bench-assets/big.
+    big=$OUT/big
+    "$PY" benchmarks/big_tensor_models.py "$big"
+    log=$OUT/merge-memory.jsonl
+    : > "$log"
+    cat > "$OUT/big-ties.yaml" <<YAML
+merge_method: ties
+base_model: $big/base
+models:
+  - model: $big/ft1
+    parameters: {weight: 1.0, density: 0.5}
+  - model: $big/ft2
+    parameters: {weight: 1.0, density: 0.5}
+parameters: {normalize: true}
+dtype: float32
+YAML
+    for block in 64MB 16MB 8GB; do
+      rm -rf "$OUT/big-merged"
+      /usr/bin/time -v -o "$OUT/paft-time.txt" "$BIN" --quiet merge "$OUT/big-ties.yaml" "$OUT/big-merged" --block-size $block
+      awk -v threads="$THREADS" -v block="$block" '
+        /Elapsed \(wall clock\)/ { n = split($NF, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i] }
+        /Maximum resident set size/ { rss = $NF }
+        END { printf "{\"impl\":\"paft\",\"block_size\":\"%s\",\"wall_s\":%.2f,\"max_rss_kb\":%d,\"threads\":%d}\n", block, s, rss, threads }
+      ' "$OUT/paft-time.txt" | tee -a "$log"
+    done
+    rm -rf "$OUT/big-merged" "$OUT/big-mergekit" "$OUT/big-mergekit.yaml"
+    benchmarks/mergekit_ties.sh "$big/base" "$big/ft1" "$big/ft2" "$OUT/big-mergekit" | tee -a "$log"
+    rm -rf "$OUT/big-merged" "$OUT/big-mergekit"
+    ;;
   eval)
     log=$OUT/eval.jsonl
     : > "$log"
@@ -255,5 +289,5 @@ YAML
     python3 benchmarks/eval_summary.py lm-eval "$OUT/eval-lmeval/lm_eval_results.json" - "$THREADS" | tee -a "$log"
     python3 benchmarks/ratio.py "$log"
     ;;
-  *) echo "unknown benchmark '$what' (known: prefill, merge, eval, train, sparsity, search, objective, candidate, scoring)" >&2; exit 2 ;;
+  *) echo "unknown benchmark '$what' (known: prefill, merge, merge-memory, eval, train, sparsity, search, objective, candidate, scoring)" >&2; exit 2 ;;
 esac

@@ -1,8 +1,9 @@
 //! Sparsifiers: which entries of a task vector survive, and how the survivors are rescaled.
 //!
-//! Deviations from mergekit, on purpose: top-k uses selection (O(n)) instead of a full sort;
-//! TIES with `density·n < 1` keeps one entry instead of crashing; breadcrumbs with `gamma·n < 1`
-//! drops no outliers instead of silently zeroing the whole tensor.
+//! Deviations from mergekit, on purpose: top-k finds its threshold from magnitude histograms
+//! (O(n), a block at a time if need be) instead of a full sort; TIES with `density·n < 1` keeps
+//! one entry instead of crashing; breadcrumbs with `gamma·n < 1` drops no outliers instead of
+//! silently zeroing the whole tensor.
 
 use rand::Rng;
 
