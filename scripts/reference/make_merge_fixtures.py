@@ -371,6 +371,43 @@ CASES = {
         "parameters": {"weight": [1.0, 0.5]},
         "dtype": "float32",
     },
+    # slices with a base_model method: each slice's θ₀ is the base's source, layers taken from
+    # different ranges; per-source parameters, a top-level normalize
+    "ties_slices": {
+        "slices": [
+            {"sources": [
+                {"model": B, "layer_range": [0, 2]},
+                {"model": A, "layer_range": [0, 2], "parameters": {"weight": 1.0, "density": 0.5}},
+                {"model": Bm, "layer_range": [0, 2], "parameters": {"weight": 0.7, "density": 0.5}},
+            ]},
+            {"sources": [
+                {"model": B, "layer_range": [1, 2]},
+                {"model": A, "layer_range": [0, 1], "parameters": {"weight": 0.5, "density": 0.3}},
+                {"model": Bm, "layer_range": [1, 2], "parameters": {"weight": 1.0, "density": 0.3}},
+            ]},
+        ],
+        "merge_method": "ties",
+        "base_model": B,
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    },
+    # `modules:` with the one module of a plain decoder ("default"); the module's parameters
+    # override the top-level ones (lambda), the models' their own
+    "modules_task_arithmetic": {
+        "modules": {
+            "default": {
+                "models": [
+                    {"model": A, "parameters": {"weight": 0.7}},
+                    {"model": Bm, "parameters": {"weight": 0.5}},
+                ],
+                "parameters": {"lambda": 0.8},
+            }
+        },
+        "merge_method": "task_arithmetic",
+        "base_model": B,
+        "parameters": {"lambda": 2.0, "weight": 0.1},
+        "dtype": "float32",
+    },
     # parameters the method does not read (density on task_arithmetic, gamma at the top level):
     # mergekit ignores them, so the output is the `task_arithmetic` case's
     "task_arithmetic_unread_params": {

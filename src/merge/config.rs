@@ -218,6 +218,9 @@ pub struct MergeConfig {
 #[derive(Debug, Clone)]
 pub struct OutputSlice {
     pub sources: Vec<SliceSource>,
+    /// The slice's own `base_model` (else the config's); for a method with a base it must be
+    /// one of the sources, whose layers are then θ₀ of the slice.
+    pub base_model: Option<ModelRef>,
 }
 
 /// A source of a slice: `layer_range: [start, end)` of one model, with its parameters.
@@ -264,15 +267,21 @@ fn output_slices(v: &Value) -> Result<Vec<OutputSlice>> {
         let o = item
             .as_object()
             .with_context(|| format!("slices[{i}] must be a mapping with `sources`"))?;
-        if let Some(k) = o.keys().find(|k| k.as_str() != "sources") {
-            bail!("slices[{i}]: `{k}` is not supported yet (only `sources`)");
+        if let Some(k) = o
+            .keys()
+            .find(|k| !["sources", "base_model"].contains(&k.as_str()))
+        {
+            bail!("slices[{i}]: `{k}` is not supported yet (only `sources` and `base_model`)");
         }
         let sources = o
             .get("sources")
             .and_then(Value::as_array)
             .filter(|s| !s.is_empty())
             .with_context(|| format!("slices[{i}] needs a non-empty `sources` list"))?;
-        let mut slice = OutputSlice { sources: vec![] };
+        let mut slice = OutputSlice {
+            sources: vec![],
+            base_model: o.get("base_model").map(ModelRef::from_yaml).transpose()?,
+        };
         for (j, src) in sources.iter().enumerate() {
             let what = format!("slices[{i}].sources[{j}]");
             let model = ModelRef::from_yaml(
@@ -296,8 +305,9 @@ fn output_slices(v: &Value) -> Result<Vec<OutputSlice>> {
     Ok(out)
 }
 
-const TOP_LEVEL: [&str; 10] = [
+const TOP_LEVEL: [&str; 11] = [
     "merge_method",
+    "modules",
     "slices",
     "base_model",
     "models",
@@ -382,12 +392,18 @@ impl MergeConfig {
         let top = doc
             .as_object()
             .context("the config must be a YAML mapping")?;
-        if top.contains_key("modules") {
-            bail!("`modules` is not supported yet; use `models:` or `slices:`");
+        let given = ["models", "slices", "modules"].map(|k| top.contains_key(k));
+        if given.iter().filter(|&&g| g).count() != 1 {
+            bail!("give exactly one of `models:`, `slices:` and `modules:`");
         }
-        if top.contains_key("slices") == top.contains_key("models") {
-            bail!("give exactly one of `models:` and `slices:`");
-        }
+        let single_module;
+        let top = match top.get("modules") {
+            Some(modules) => {
+                single_module = default_module(top, modules)?;
+                &single_module
+            }
+            None => top,
+        };
         if let Some(k) = top.keys().find(|k| !TOP_LEVEL.contains(&k.as_str())) {
             bail!("unknown key `{k}` (known: {})", TOP_LEVEL.join(", "));
         }
@@ -402,12 +418,21 @@ impl MergeConfig {
             .map(output_slices)
             .transpose()?
             .unwrap_or_default();
-        if !slices.is_empty() && method.uses_base() {
-            bail!(
-                "`slices:` with {} (a method with a base_model) is not supported yet; use `models:`",
-                method.name()
-            );
+        if method.uses_base() {
+            for (i, slice) in slices.iter().enumerate() {
+                let Some(b) = slice.base_model.as_ref().or(base_model.as_ref()) else {
+                    bail!("slices[{i}]: {} needs a base_model", method.name());
+                };
+                if !slice.sources.iter().any(|s| &s.model == b) {
+                    bail!(
+                        "slices[{i}]: the base_model {b} must be one of the slice's sources (its \
+                         layer_range gives the slice's θ₀, as in mergekit)"
+                    );
+                }
+            }
         }
+        // With slices, the config as a whole stands for its first slice (its models, its base).
+        let base_model = base_model.or_else(|| slices.first().and_then(|s| s.base_model.clone()));
         let (models, base_params) = match slices.first() {
             Some(first) => (
                 slice_entries(first, method, base_model.as_ref()),
@@ -451,10 +476,14 @@ impl MergeConfig {
     pub(crate) fn slice_views(&self) -> Vec<MergeConfig> {
         self.slices
             .iter()
-            .map(|s| MergeConfig {
-                models: slice_entries(s, self.method, self.base_model.as_ref()),
-                slices: vec![],
-                ..self.clone()
+            .map(|s| {
+                let base = s.base_model.clone().or(self.base_model.clone());
+                MergeConfig {
+                    models: slice_entries(s, self.method, base.as_ref()),
+                    base_model: base,
+                    slices: vec![],
+                    ..self.clone()
+                }
             })
             .collect()
     }
@@ -645,16 +674,20 @@ fn model_entries(
     Ok((models, base_params))
 }
 
-/// A slice's sources as merge inputs (a base_model missing from them is added last, as for
-/// `models:`; only methods that merge the base like a model take slices).
+/// A slice's sources as merge inputs: for a method with a base, all but the base's source
+/// (the slice's θ₀); otherwise all, with a base_model missing from them added last, as for
+/// `models:`.
 fn slice_entries(
     slice: &OutputSlice,
     method: MergeMethod,
     base: Option<&ModelRef>,
 ) -> Vec<ModelEntry> {
+    let base = slice.base_model.as_ref().or(base);
+    let is_base = |m: &ModelRef| method.uses_base() && Some(m) == base;
     let mut models: Vec<ModelEntry> = slice
         .sources
         .iter()
+        .filter(|s| !is_base(&s.model))
         .map(|s| ModelEntry {
             model: s.model.clone(),
             parameters: s.parameters.clone(),
@@ -669,6 +702,63 @@ fn slice_entries(
         }
     }
     models
+}
+
+/// `modules:` as mergekit 0.1.5 reads it, for the one module paft's architectures have
+/// (`default`, mergekit's name for a plain decoder): the config with that module's `models:`
+/// or `slices:` at the top level and its `parameters` over the top-level ones (mergekit's order
+/// of precedence: model or source, module, global).
+fn default_module(
+    top: &serde_json::Map<String, Value>,
+    modules: &Value,
+) -> Result<serde_json::Map<String, Value>> {
+    let modules = modules
+        .as_object()
+        .context("`modules` must be a mapping of module names")?;
+    let module = match modules.iter().collect::<Vec<_>>().as_slice() {
+        [(name, m)] if name.as_str() == "default" => *m,
+        _ => bail!(
+            "`modules`: paft's architectures have one module, `default` (got {}); merge \
+             multi-module models with mergekit",
+            modules
+                .keys()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let module = module
+        .as_object()
+        .context("modules.default must be a mapping with `models` or `slices`")?;
+    if let Some(k) = module
+        .keys()
+        .find(|k| !["models", "slices", "parameters"].contains(&k.as_str()))
+    {
+        bail!("modules.default: unknown key `{k}` (known: models, slices, parameters)");
+    }
+    if module.contains_key("models") == module.contains_key("slices") {
+        bail!("modules.default: give exactly one of `models:` and `slices:`");
+    }
+    let mut out = top.clone();
+    out.remove("modules");
+    for k in ["models", "slices"] {
+        if let Some(v) = module.get(k) {
+            out.insert(k.to_string(), v.clone());
+        }
+    }
+    if let Some(p) = module.get("parameters").filter(|p| !p.is_null()) {
+        let p = p
+            .as_object()
+            .context("modules.default: `parameters` must be a mapping")?;
+        let mut merged = match out.get("parameters") {
+            Some(Value::Object(g)) => g.clone(),
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(other) => bail!("global: `parameters` must be a mapping, got {other}"),
+        };
+        merged.extend(p.clone());
+        out.insert("parameters".to_string(), Value::Object(merged));
+    }
+    Ok(out)
 }
 
 /// Finite, inside the parameter's domain (numbers), or one of its choices.
@@ -753,7 +843,35 @@ tokenizer_source: base
         assert!(e.contains(".nan") && e.contains("line 5"), "{e}");
         assert!(err("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}").contains("out of range"));
         assert!(err("merge_method: ties\nslices: []").contains("empty"));
-        assert!(err("merge_method: ties\nbase_model: b\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]").contains("not supported yet"));
+        // A method with a base takes each slice's θ₀ from the base's source: it must be there.
+        let e = err("merge_method: ties\nbase_model: b\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]");
+        assert!(
+            e.contains("slices[0]") && e.contains("must be one of the slice's sources"),
+            "{e}"
+        );
+        assert!(
+            err("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]")
+                .contains("needs a base_model")
+        );
+        assert!(err("merge_method: ties\nbase_model: b\nslices: [{residual_weight: 0.5, sources: [{model: b, layer_range: [0, 1]}]}]").contains("`residual_weight` is not supported yet"));
+        // `modules:` has the one module of a plain decoder, with models or slices.
+        let e = err("merge_method: linear\nmodules: {vision_tower: {models: [a]}}");
+        assert!(
+            e.contains("`default`") && e.contains("`vision_tower`"),
+            "{e}"
+        );
+        assert!(
+            err("merge_method: linear\nmodules: {default: {models: [a], slices: []}}")
+                .contains("exactly one of")
+        );
+        assert!(
+            err("merge_method: linear\nmodels: [a]\nmodules: {default: {models: [a]}}")
+                .contains("exactly one of")
+        );
+        assert!(
+            err("merge_method: linear\nmodules: {default: {models: [a], weights: 1}}")
+                .contains("unknown key `weights`")
+        );
         assert!(err(
             "merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [2, 1]}]}]"
         )
@@ -804,6 +922,53 @@ tokenizer_source: base
         // Unknown methods and malformed YAML stay errors.
         assert!(MergeConfig::from_yaml_quiet("merge_method: tie\nmodels: [a]").is_err());
         assert!(MergeConfig::from_yaml_quiet("merge_method: ties\nmodels: [a").is_err());
+    }
+
+    #[test]
+    fn a_slice_base_is_its_theta0_and_a_default_module_is_the_top_level() {
+        let c = MergeConfig::from_yaml_quiet(
+            "merge_method: ties\nparameters: {weight: 1}\nslices:\n  - base_model: b\n    sources: [{model: b, layer_range: [0, 2]}, \
+             {model: a, layer_range: [0, 2]}]\n  - base_model: c\n    sources: [{model: a, layer_range: [1, 2]}, \
+             {model: c, layer_range: [0, 1]}]",
+        )
+        .unwrap();
+        let views = c.slice_views();
+        let names = |v: &MergeConfig| {
+            v.models
+                .iter()
+                .map(|e| e.model.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            (
+                names(&views[0]),
+                views[0].base_model.as_ref().map(|b| b.to_string())
+            ),
+            (vec!["a".to_string()], Some("b".to_string()))
+        );
+        assert_eq!(
+            (
+                names(&views[1]),
+                views[1].base_model.as_ref().map(|b| b.to_string())
+            ),
+            (vec!["a".to_string()], Some("c".to_string()))
+        );
+
+        // The module's parameters override the top level's, the models' their own.
+        let m = MergeConfig::from_yaml_quiet(
+            "merge_method: task_arithmetic\nbase_model: b\nparameters: {lambda: 2.0, weight: 0.1}\n\
+             modules:\n  default:\n    models: [{model: a, parameters: {weight: 0.7}}, c]\n    parameters: {lambda: 0.8}",
+        )
+        .unwrap();
+        let g = m.global_params("model.norm.weight", None, 1).unwrap();
+        assert_eq!(g.lambda, 0.8);
+        let w: Vec<f64> = m
+            .model_params("model.norm.weight", None, 1)
+            .unwrap()
+            .iter()
+            .map(|p| p.weight)
+            .collect();
+        assert_eq!(w, [0.7, 0.1]);
     }
 
     #[test]

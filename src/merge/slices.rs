@@ -2,7 +2,9 @@
 //! after slice, each output layer merged from the same relative layer of every source of its
 //! slice; the tensors before the layers (embeddings) come from the first slice's sources, those
 //! after (final norm, head) from the last slice's, as mergekit's planner does. The layer count
-//! in config.json becomes the sum of the slices' lengths.
+//! in config.json becomes the sum of the slices' lengths. A method with a base_model (TIES,
+//! task arithmetic, …) takes each slice's θ₀ from the source that is the base (the slice's own
+//! `base_model`, else the config's), as mergekit does.
 
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
@@ -180,20 +182,29 @@ pub(crate) fn run_slices(config: &MergeConfig, out: &Path, opts: &MergeOptions) 
                 .iter()
                 .map(|(input, name)| input.tensor(name))
                 .collect::<Result<Vec<_>>>()?;
-            let models: Vec<&[f32]> = values.iter().map(|v| &**v).collect();
+            // A method with a base takes the base's source as θ₀ and merges the others.
+            let view = &views[p.view];
+            let base_at = view
+                .method
+                .uses_base()
+                .then(|| {
+                    config.slices[p.view]
+                        .sources
+                        .iter()
+                        .position(|s| Some(&s.model) == view.base_model.as_ref())
+                })
+                .flatten();
+            let base = base_at.map(|i| &*values[i]);
+            let models: Vec<&[f32]> = values
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != base_at)
+                .map(|(_, v)| &**v)
+                .collect();
             let (layer, n) = p.position.map_or((None, 1), |(i, n)| (Some(i), n));
             out.resize(shape.iter().product(), 0.0);
             merge_at_into(
-                &views[p.view],
-                &p.out,
-                None,
-                models,
-                shape,
-                layer,
-                n,
-                opts.seed,
-                out,
-                scratch,
+                view, &p.out, base, models, shape, layer, n, opts.seed, out, scratch,
             )?;
             for (input, name) in &sources {
                 input.release(name)?;
