@@ -257,6 +257,9 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 
 SchedulerType=sched/backfill
+# Test pending jobs every second (default 60 s, backfill 30 s): a job submitted while
+# slurmctld is busy would otherwise wait for the next event, e.g. another job's end.
+SchedulerParameters=sched_interval=1,bf_interval=1
 $select_note
 SelectType=$select
 SelectTypeParameters=$select_params
