@@ -341,14 +341,11 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
         .collect::<Result<Vec<_>>>()?;
     let mut writer = ShardedWriter::new(dir.path(), opts.max_shard_bytes, plan)?;
     let bar = crate::progress::bar(names.len() as u64, "merging");
-    let all_inputs: Vec<&MergeInput> = base
-        .iter()
-        .filter(|_| config.method.uses_base())
-        .chain(&models)
-        .collect();
+    // Methods that merge the base like any other model have it among `models`.
+    let base_input = base.as_ref().filter(|_| config.method.uses_base());
+    let all_inputs: Vec<&MergeInput> = base_input.into_iter().chain(&models).collect();
     // A large tensor whose method merges entry by entry streams a block at a time straight
     // from the inputs' mappings to the writer.
-    let base_input = base.as_ref().filter(|_| config.method.uses_base());
     let large = |name: &str| {
         ref_files
             .checkpoint
@@ -385,12 +382,7 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
         &bar,
         windows,
         |name, out, scratch| {
-            // Methods that merge the base like any other model have it among `models`.
-            let base_values = base
-                .as_ref()
-                .filter(|_| config.method.uses_base())
-                .map(|b| b.tensor(name))
-                .transpose()?;
+            let base_values = base_input.map(|b| b.tensor(name)).transpose()?;
             let model_values = models
                 .iter()
                 .map(|m| m.tensor(name))

@@ -144,14 +144,10 @@ fn nth_bucket(counts: &[u64], rank: u64) -> (usize, u64) {
 
 /// Zeroes all but the `k` largest |δ| (ties broken by lower index), in place.
 fn keep_top_k(delta: &mut [f32], k: usize) {
-    let top = TopK::find(delta.len(), k, |f| {
+    let Ok(top) = TopK::find(delta.len(), k, |f| {
         f(delta);
         Ok::<(), std::convert::Infallible>(())
     });
-    let top = match top {
-        Ok(t) => t,
-        Err(never) => match never {},
-    };
     top.apply(delta, &mut top.ties());
 }
 

@@ -195,13 +195,11 @@ impl SafetensorsFiles {
     /// stores it as f32 at a 4-byte-aligned offset (safetensors' writer aligns them); None
     /// otherwise. Call [`Self::release`] when done, so its pages leave the resident set.
     pub fn f32_slice(&self, name: &str) -> Result<Option<&[f32]>> {
-        let (f, info) = self.entry(name)?;
-        if info.dtype != StDtype::F32 || cfg!(target_endian = "big") {
+        let (dtype, bytes) = self.raw(name)?;
+        if dtype != DType::F32 || cfg!(target_endian = "big") {
             return Ok(None);
         }
-        let (start, end) = info.data_offsets;
-        let base = 8 + f.header_len;
-        Ok(bytemuck::try_cast_slice(&f.mmap[base + start..base + end]).ok())
+        Ok(bytemuck::try_cast_slice(bytes).ok())
     }
 
     /// A tensor's stored bytes in place, with their dtype (for reading it a block at a time).
@@ -220,7 +218,8 @@ impl SafetensorsFiles {
         let (f, info) = self.entry(name)?;
         let start = 8 + f.header_len + info.data_offsets.0;
         #[cfg(unix)]
-        // SAFETY: as in `release`.
+        // SAFETY: the mapping is read-only and file-backed; dropped pages are re-read from the
+        // file if touched again, so no data is lost and no live reference changes.
         unsafe {
             let _ = f.mmap.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
@@ -234,19 +233,8 @@ impl SafetensorsFiles {
     /// Drops a tensor's pages from this process's resident set (they are re-read from the file
     /// if touched again): streaming through checkpoints costs one tensor of memory, not a file.
     pub fn release(&self, name: &str) -> Result<()> {
-        let (f, info) = self.entry(name)?;
-        let (start, end) = info.data_offsets;
-        #[cfg(unix)]
-        // SAFETY: the mapping is read-only and file-backed; dropped pages are re-read from the
-        // file if touched again, so no data is lost and no live reference changes.
-        unsafe {
-            let _ = f.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                8 + f.header_len + start,
-                end - start,
-            );
-        }
-        Ok(())
+        let (start, end) = self.entry(name)?.1.data_offsets;
+        self.release_part(name, 0..end - start)
     }
 
     pub fn load_all(&self, dtype: Option<DType>, device: &Device) -> Result<WeightMap> {

@@ -590,6 +590,8 @@ impl Trainer {
             }
             let mut norm = grad_norm(&grads)?;
             let mut skipped_at = None;
+            // The scale this step's loss was multiplied by (the update may change it).
+            let used_scale = self.scaler.map(|s| s.scale);
             if let Some(scaler) = &mut self.scaler {
                 match scaler.unscale(&mut grads, norm)? {
                     ScaledStep::Apply { grad_norm } => norm = grad_norm,
@@ -620,8 +622,8 @@ impl Trainer {
             let loss = loss_sum / accum as f64;
             let mut line = json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                                   "tokens": tokens, "tokens_per_s": tokens as f64 / secs, "seconds": secs});
-            if let Some(scaler) = &self.scaler {
-                line["loss_scale"] = json!(skipped_at.unwrap_or(scaler.scale));
+            if let Some(scale) = used_scale {
+                line["loss_scale"] = json!(scale);
                 line["skipped"] = json!(skipped_at.is_some());
             }
             for (k, v) in &extra {
