@@ -87,7 +87,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut config = EvalConfig::new(parse_task_list(&args.tasks)?);
     let selection = match (args.limit, args.sample) {
         (Some(n), _) => Selection::Limit(n),
-        (None, Some(n)) => Selection::Sample { n, seed: args.seed },
+        (None, Some(n)) => Selection::Sample {
+            n,
+            seed: args.seed,
+            mmlu: None,
+        },
         (None, None) => Selection::All,
     };
     let docs = DocSet {

@@ -14,10 +14,14 @@ pub enum Selection {
     All,
     /// The first `n` documents of each task (each MMLU subject), as lm-eval's `--limit`.
     Limit(usize),
-    /// `n` documents per benchmark (MMLU: in total, spread over subjects), stratified.
+    /// `n` documents per benchmark (MMLU: in total, spread over subjects, or `mmlu` when
+    /// given: its 57 subjects want more than the other tasks, e.g. 285 = 5 per subject),
+    /// stratified.
     Sample {
         n: usize,
         seed: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mmlu: Option<usize>,
     },
 }
 

@@ -65,10 +65,22 @@ impl DocSet {
     /// `docs` per task (`None`: the whole pool), stratified with `seed`, from `pool`.
     pub fn sampled(pool: Pool, docs: Option<usize>, seed: u64) -> Self {
         let selection = match docs {
-            Some(n) => Selection::Sample { n, seed },
+            Some(n) => Selection::Sample {
+                n,
+                seed,
+                mmlu: None,
+            },
             None => Selection::All,
         };
         Self { pool, selection }
+    }
+
+    /// MMLU's documents in total (over its subjects) when they differ from the other tasks'.
+    pub fn with_mmlu(mut self, docs: Option<usize>) -> Self {
+        if let Selection::Sample { mmlu, .. } = &mut self.selection {
+            *mmlu = docs;
+        }
+        self
     }
 
     /// How results.json and the report describe it.
@@ -407,8 +419,13 @@ fn select_documents(
             .into_iter()
             .map(|p| p.into_iter().take(n).collect())
             .collect(),
-        Selection::Sample { n, seed } => {
+        Selection::Sample {
+            n,
+            seed,
+            mmlu: n_mmlu,
+        } => {
             let mut out = vec![vec![]; tasks.len()];
+            let n_mmlu = n_mmlu.unwrap_or(n);
             let mmlu: Vec<usize> = (0..tasks.len())
                 .filter(|&i| tasks[i].benchmark() == Benchmark::Mmlu)
                 .collect();
@@ -421,10 +438,10 @@ fn select_documents(
                     strata.push(tasks[i].name());
                 }
             }
-            if !mmlu.is_empty() && n > population.len() {
-                return Err(too_few("mmlu (all subjects)", population.len(), n));
+            if !mmlu.is_empty() && n_mmlu > population.len() {
+                return Err(too_few("mmlu (all subjects)", population.len(), n_mmlu));
             }
-            for j in stratified_sample(&strata, n, seed) {
+            for j in stratified_sample(&strata, n_mmlu, seed) {
                 let (i, d) = population[j];
                 out[i].push(d);
             }

@@ -30,6 +30,12 @@ pub struct Experiment {
     pub devices: Vec<String>,
     /// `paft train sft` keys (model and output are set by the experiment).
     pub sft: toml::Table,
+    /// Further SFT runs, each `[sft]` with these keys overridden (e.g. a sparse variant with
+    /// `l1_lambda`): trained after the parallel stage into `train/sft-<name>/`, evaluated as row
+    /// `sft-<name>` and merged with the preference run in every search space. The sequential
+    /// baseline trains from `[sft]`.
+    #[serde(default)]
+    pub sft_variants: std::collections::BTreeMap<String, toml::Table>,
     /// `paft train dpo|orpo` keys plus `objective = "dpo" | "orpo"`.
     pub pref: toml::Table,
     /// Overrides of `pref` for the sequential baseline's preference stage.
@@ -53,9 +59,25 @@ pub struct Experiment {
 #[serde(deny_unknown_fields)]
 pub struct SearchStage {
     /// Search space file (`search-spaces/*.toml`).
-    pub space: PathBuf,
+    #[serde(default)]
+    pub space: Option<PathBuf>,
+    /// Several spaces (e.g. TIES and linear), each searched for every SFT: instead of `space`.
+    #[serde(default)]
+    pub spaces: Vec<PathBuf>,
     #[serde(default)]
     pub solver: Option<crate::search::SolverKind>,
+}
+
+impl SearchStage {
+    /// The space files, in order.
+    pub fn space_files(&self) -> Result<Vec<PathBuf>> {
+        match (&self.space, self.spaces.is_empty()) {
+            (Some(one), true) => Ok(vec![one.clone()]),
+            (None, false) => Ok(self.spaces.clone()),
+            (Some(_), false) => bail!("[search] takes `space` or `spaces`, not both"),
+            (None, true) => bail!("[search] needs `space` (a search space file) or `spaces`"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -65,6 +87,10 @@ pub struct EvalStage {
     /// the full task sets.
     #[serde(default)]
     pub docs: Option<usize>,
+    /// MMLU's documents in total over its 57 subjects, when they should differ from `docs`
+    /// (e.g. 285 = 5 per subject); default `docs`.
+    #[serde(default)]
+    pub mmlu_docs: Option<usize>,
     #[serde(default)]
     pub seed: u64,
     #[serde(default)]
@@ -72,9 +98,13 @@ pub struct EvalStage {
 }
 
 impl Experiment {
+    /// Reads an experiment file; `{shared}` in it stands for the shared assets directory
+    /// (`PAFT_SHARED`, else `../shared`).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read experiment {}", path.display()))?;
+        let shared = crate::paths::shared_dir().display().to_string();
+        let text = text.replace("{shared}", &shared.replace('\\', "/"));
         Self::from_toml(&text).with_context(|| format!("invalid experiment {}", path.display()))
     }
 
@@ -87,6 +117,25 @@ impl Experiment {
         e.train_config(Stage::Sft)?;
         e.train_config(Stage::Pref)?;
         e.train_config(Stage::SequentialPref)?;
+        for name in e.sft_variants.keys() {
+            let plain = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !plain {
+                bail!("[sft_variants.{name}]: a variant's name must be letters, digits, - or _");
+            }
+            e.variant_config(name)?;
+        }
+        e.search.space_files()?;
+        if e.eval.mmlu_docs.is_some() && e.eval.docs.is_none() {
+            bail!("[eval] mmlu_docs needs `docs` (without it every task is scored in full)");
+        }
+        if !e.sft_variants.is_empty() && e.executor == ExecutorKind::Slurm {
+            bail!(
+                "[sft_variants] run locally only for now: executor = \"slurm\" does not train them"
+            );
+        }
         if let Some(spec) = &e.alignment_tax {
             spec.validate().context("[alignment_tax]")?;
         }
@@ -144,7 +193,7 @@ impl Experiment {
 
     /// The `paft train` config of a stage, with the base model and output directory filled in.
     pub fn train_config(&self, stage: Stage) -> Result<TrainConfig> {
-        let mut table = match stage {
+        let table = match stage {
             Stage::Sft => self.sft.clone(),
             Stage::Pref => self.pref.clone(),
             Stage::SequentialPref => {
@@ -153,16 +202,32 @@ impl Experiment {
                 t
             }
         };
+        self.config_from(table, stage.section(), &stage.dir(self.pref_name()))
+    }
+
+    /// The `paft train sft` config of SFT variant `name`: `[sft]` with the variant's keys over
+    /// it, trained into `train/sft-<name>/`.
+    pub fn variant_config(&self, name: &str) -> Result<TrainConfig> {
+        let Some(over) = self.sft_variants.get(name) else {
+            bail!("no SFT variant `{name}` in [sft_variants]");
+        };
+        let mut table = self.sft.clone();
+        table.extend(over.clone());
+        self.config_from(
+            table,
+            &format!("sft_variants.{name}"),
+            &format!("sft-{name}"),
+        )
+    }
+
+    fn config_from(&self, mut table: toml::Table, section: &str, dir: &str) -> Result<TrainConfig> {
         table.remove("objective");
         for key in ["model", "output"] {
             if table.contains_key(key) {
-                bail!(
-                    "[{}] must not set `{key}`: the experiment sets it",
-                    stage.section()
-                );
+                bail!("[{section}] must not set `{key}`: the experiment sets it");
             }
         }
-        let out = self.out().join("train").join(stage.dir(self.pref_name()));
+        let out = self.out().join("train").join(dir);
         table.insert("model".into(), toml::Value::String(self.base.clone()));
         table.insert(
             "output".into(),
@@ -170,9 +235,8 @@ impl Experiment {
         );
         let json = serde_json::to_value(&table)?;
         let cfg: TrainConfig =
-            serde_json::from_value(json).with_context(|| format!("[{}]", stage.section()))?;
-        cfg.validate()
-            .with_context(|| format!("[{}]", stage.section()))?;
+            serde_json::from_value(json).with_context(|| format!("[{section}]"))?;
+        cfg.validate().with_context(|| format!("[{section}]"))?;
         Ok(cfg)
     }
 }

@@ -321,12 +321,13 @@ impl<'e> RowEvaluator<'e> {
     pub(crate) fn open(exp: &'e Experiment, tasks_dir: &Path, pools: PoolSplit) -> Result<Self> {
         let tasks = match &exp.eval.tasks {
             Some(t) => t.clone(),
-            None => search_space(exp)?.0.budget.tasks,
+            None => search_spaces(exp)?.swap_remove(0).0.budget.tasks,
         };
         let base_dir = model::source::resolve_model(&exp.base, None)?;
         let mut config = EvalConfig::new(parse_task_list(&tasks)?);
         config.split = pools;
-        let docs = DocSet::sampled(Pool::Report, exp.eval.docs, exp.eval.seed);
+        let docs = DocSet::sampled(Pool::Report, exp.eval.docs, exp.eval.seed)
+            .with_mmlu(exp.eval.mmlu_docs);
         let evaluator = Evaluator::open(
             &base_dir.display().to_string(),
             TaskStore::new(tasks_dir.to_path_buf()),
@@ -360,7 +361,7 @@ impl<'e> RowEvaluator<'e> {
             .with_context(|| format!("evaluating {r}"))?;
         let dir = exp.out().join("evals").join(name);
         let config = json!({"model": r, "tasks": self.tasks, "docs_per_task": exp.eval.docs,
-                            "subset_seed": exp.eval.seed});
+                            "mmlu_docs": exp.eval.mmlu_docs, "subset_seed": exp.eval.seed});
         self.evaluator.write(&dir, docs, &result, config, true)?;
         print!("{}", result.table(name));
         if let Some(sets) = &self.tax_sets {
@@ -374,19 +375,127 @@ impl<'e> RowEvaluator<'e> {
     }
 }
 
-/// The experiment's search space (with the experiment's alignment-tax rows when it names none)
-/// and its text.
-fn search_space(exp: &Experiment) -> Result<(SearchSpace, String)> {
-    let space_text = std::fs::read_to_string(&exp.search.space)
-        .with_context(|| format!("cannot read search space {}", exp.search.space.display()))?;
-    let mut space = SearchSpace::from_toml(&space_text, "search")
-        .with_context(|| format!("invalid search space {}", exp.search.space.display()))?;
+/// One of the experiment's search spaces (with the experiment's alignment-tax rows when it names
+/// none) and its text, `{shared}` expanded.
+fn load_space(exp: &Experiment, path: &Path) -> Result<(SearchSpace, String)> {
+    let space_text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read search space {}", path.display()))?;
+    // `{shared}` as in the experiment file (the space's own alignment-tax sets).
+    let shared = crate::paths::shared_dir().display().to_string();
+    let space_text = space_text.replace("{shared}", &shared.replace('\\', "/"));
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("search");
+    let mut space = SearchSpace::from_toml(&space_text, stem)
+        .with_context(|| format!("invalid search space {}", path.display()))?;
     // Alignment-tax terms in the space's objective measure the experiment's held-out rows
     // unless the space names its own.
     if space.alignment_tax.is_none() {
         space.alignment_tax = exp.alignment_tax.clone();
     }
     Ok((space, space_text))
+}
+
+/// The experiment's search spaces. The comparison rows are scored once, on one report pool, so
+/// every space must split the tasks the same way and score the same tasks.
+fn search_spaces(exp: &Experiment) -> Result<Vec<(SearchSpace, String)>> {
+    let files = exp.search.space_files()?;
+    let spaces: Vec<(SearchSpace, String)> = files
+        .iter()
+        .map(|f| load_space(exp, f))
+        .collect::<Result<_>>()?;
+    let (first, _) = &spaces[0];
+    for ((space, _), file) in spaces.iter().zip(&files).skip(1) {
+        if space.pools != first.pools || space.budget.tasks != first.budget.tasks {
+            bail!(
+                "search space {} has other [pools] or [subset] tasks than {}: the comparison \
+                 rows are scored on one report pool, so the spaces must agree",
+                file.display(),
+                files[0].display()
+            );
+        }
+        if spaces.iter().filter(|(s, _)| s.name == space.name).count() > 1 {
+            bail!("two search spaces are named `{}`", space.name);
+        }
+    }
+    Ok(spaces)
+}
+
+/// One search of the experiment: an SFT model (`[sft]` or a variant) merged with the
+/// preference model in one space.
+struct SearchPlan {
+    /// `None` when the experiment runs a single search (row `paft`, results in the run
+    /// directory); else `<space>` for `[sft]` and `<variant>-<space>` for a variant (row
+    /// `paft-<name>`, results in `searches/<name>/`).
+    name: Option<String>,
+    sft_ref: String,
+    space: SearchSpace,
+    space_text: String,
+}
+
+impl SearchPlan {
+    fn out(&self, run: &Path) -> PathBuf {
+        match &self.name {
+            None => run.to_path_buf(),
+            Some(name) => run.join("searches").join(name),
+        }
+    }
+
+    fn stage(&self) -> String {
+        self.name
+            .as_ref()
+            .map_or("search".into(), |n| format!("search-{n}"))
+    }
+
+    fn row(&self) -> String {
+        self.name
+            .as_ref()
+            .map_or("paft".into(), |n| format!("paft-{n}"))
+    }
+}
+
+/// Every (SFT, space) pair: `[sft]` first, then the variants in name order.
+fn search_plans(
+    spaces: Vec<(SearchSpace, String)>,
+    sfts: &[(Option<String>, String)],
+) -> Vec<SearchPlan> {
+    let single = sfts.len() == 1 && spaces.len() == 1;
+    let mut plans = vec![];
+    for (variant, sft_ref) in sfts {
+        for (space, text) in &spaces {
+            let name = match variant {
+                _ if single => None,
+                None => Some(space.name.clone()),
+                Some(v) => Some(format!("{v}-{}", space.name)),
+            };
+            plans.push(SearchPlan {
+                name,
+                sft_ref: sft_ref.clone(),
+                space: space.clone(),
+                space_text: text.clone(),
+            });
+        }
+    }
+    plans
+}
+
+/// The SFT variants, each trained from the base (skipped when its stage is done).
+fn trained_variants(exp: &Experiment, marks: &StageMarks) -> Result<Vec<(String, String)>> {
+    let base_dir = model::source::resolve_model(&exp.base, None)?;
+    let mut out = vec![];
+    for name in exp.sft_variants.keys() {
+        let mut cfg = exp.variant_config(name)?;
+        cfg.model = base_dir.display().to_string();
+        let mut result = None;
+        marks.run(&format!("train-sft-{name}"), || {
+            result = Some(train_one(cfg.clone(), crate::train::Objective::Sft)?);
+            Ok(())
+        })?;
+        let result = result.unwrap_or_else(|| result_dir(&cfg));
+        out.push((name.clone(), trained_ref(&base_dir, &result)));
+    }
+    Ok(out)
 }
 
 /// `paft run`: every stage, skipping those already done. Returns what the report wrote.
@@ -399,12 +508,19 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
     let base_ref = base_dir.display().to_string();
     let pref = exp.pref_name();
 
+    // The spaces are read first, so a bad space stops the run before hours of training.
+    let spaces = search_spaces(exp)?;
     let (sft_ref, pref_ref, seq_ref) = trained_models(exp, &marks)?;
+    let variants = trained_variants(exp, &marks)?;
 
     marks.run("deltas", || {
         let dir = out.join("deltas");
         std::fs::create_dir_all(&dir)?;
-        for (name, r) in [("sft", &sft_ref), (pref, &pref_ref)] {
+        let variant_rows = variants.iter().map(|(v, r)| (format!("sft-{v}"), r));
+        let all = [("sft".to_string(), &sft_ref), (pref.to_string(), &pref_ref)]
+            .into_iter()
+            .chain(variant_rows);
+        for (name, r) in all {
             let report = inspect_delta(&ModelRef::parse(&base_ref), &ModelRef::parse(r))?;
             write_file_atomic(
                 &dir.join(format!("{name}.json")),
@@ -414,37 +530,51 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
         Ok(())
     })?;
 
-    let (space, space_text) = search_space(exp)?;
-    let inputs = MergeInputs {
-        base: base_ref.clone(),
-        sft: sft_ref.clone(),
-        pref: pref_ref.clone(),
-    };
-    marks.run("search", || {
-        let opts = SearchOptions {
-            out: out.clone(),
-            solver: exp.search.solver,
-            resume: true,
-            device: Device::Cpu,
-            tasks_dir: tasks_dir.to_path_buf(),
-            executor: executor.clone(),
-        };
-        run_search(&space, &space_text, inputs.clone(), &opts)?;
-        Ok(())
-    })?;
+    let pools = spaces[0].0.pools;
+    let sfts: Vec<(Option<String>, String)> = std::iter::once((None, sft_ref.clone()))
+        .chain(variants.iter().map(|(v, r)| (Some(v.clone()), r.clone())))
+        .collect();
+    let plans = search_plans(spaces, &sfts);
+    for plan in &plans {
+        let search_out = plan.out(&out);
+        marks.run(&plan.stage(), || {
+            let inputs = MergeInputs {
+                base: base_ref.clone(),
+                sft: plan.sft_ref.clone(),
+                pref: pref_ref.clone(),
+            };
+            let opts = SearchOptions {
+                out: search_out.clone(),
+                solver: exp.search.solver,
+                resume: true,
+                device: Device::Cpu,
+                tasks_dir: tasks_dir.to_path_buf(),
+                executor: executor.clone(),
+            };
+            run_search(&plan.space, &plan.space_text, inputs, &opts)?;
+            Ok(())
+        })?;
+    }
 
-    let best = crate::search::run::RunFiles::best_model(&out);
-    let rows = [
-        ("base", base_ref.clone()),
-        ("sft", sft_ref.clone()),
-        (pref, pref_ref.clone()),
-        ("sequential", seq_ref.clone()),
-        ("paft", best.display().to_string()),
+    let mut rows: Vec<(String, String)> = vec![
+        ("base".into(), base_ref.clone()),
+        ("sft".into(), sft_ref.clone()),
     ];
+    rows.extend(
+        variants
+            .iter()
+            .map(|(v, r)| (format!("sft-{v}"), r.clone())),
+    );
+    rows.push((pref.into(), pref_ref.clone()));
+    rows.push(("sequential".into(), seq_ref.clone()));
+    for plan in &plans {
+        let best = crate::search::run::RunFiles::best_model(&plan.out(&out));
+        rows.push((plan.row(), best.display().to_string()));
+    }
     let pending: Vec<(&str, String)> = rows
         .iter()
         .filter(|(name, _)| !marks.done(&format!("eval-{name}")))
-        .map(|(n, r)| (*n, r.clone()))
+        .map(|(n, r)| (n.as_str(), r.clone()))
         .collect();
     match &executor {
         _ if pending.is_empty() => {}
@@ -453,13 +583,13 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
                 exp,
                 cfg,
                 tasks_dir,
-                space.pools,
+                pools,
                 &pending,
                 &mut |row, secs| marks.finish(&format!("eval-{row}"), secs),
             )?;
         }
         Executor::Local => {
-            let mut rows = RowEvaluator::open(exp, tasks_dir, space.pools)?;
+            let mut rows = RowEvaluator::open(exp, tasks_dir, pools)?;
             for (name, r) in &pending {
                 marks.run(&format!("eval-{name}"), || rows.evaluate(name, r))?;
             }

@@ -189,7 +189,7 @@ mod tests {
         effective: &[(&str, u64)],
     ) -> EvaluatedRow {
         EvaluatedRow {
-            kind: RowKind::Paft,
+            kind: RowKind::Paft(None),
             spec: RowSpec {
                 name: "paft".into(),
                 results: dir.join("results.json"),

@@ -14,24 +14,31 @@ pub struct Best {
     pub label: String,
 }
 
+/// One search of the run: its journal's size, best candidate, trajectory and parameter plots.
+pub struct SearchView {
+    /// `None` for a run with one search (`journal.jsonl`), else `searches/<name>`.
+    pub name: Option<String>,
+    pub evaluations: usize,
+    pub best: Option<Best>,
+    /// Whether the journal carries `objective_stderr`.
+    pub objective_stderrs: bool,
+    pub trajectory_svg: Option<String>,
+    /// (parameter, SVG)
+    pub param_svgs: Vec<(String, String)>,
+}
+
 /// Everything the page shows; absent parts leave a one-line note instead.
 pub struct Page<'a> {
     pub run_name: &'a str,
     /// What the run can and cannot conclude, first thing on the page.
     pub conclusion: &'a str,
-    pub evaluations: usize,
-    pub best: Option<Best>,
+    pub searches: &'a [SearchView],
     pub leaderboard: &'a Cells,
     pub leaderboard_svg: Option<&'a str>,
     /// Why some ± are unavailable, one line per row (or benchmark).
     pub uncertainty_notes: &'a [String],
     pub verdicts: Option<&'a Cells>,
     pub bootstrap: BootstrapSettings,
-    /// Whether the journal carries `objective_stderr`.
-    pub objective_stderrs: bool,
-    pub trajectory_svg: Option<&'a str>,
-    /// (parameter, SVG)
-    pub param_svgs: &'a [(String, String)],
     pub sparsity: Option<&'a Cells>,
 }
 
@@ -96,13 +103,9 @@ fn inline_svg(svg: &str) -> &str {
     }
 }
 
-pub fn render(p: &Page) -> String {
-    let mut body = format!("<h1>PAFT report: {}</h1>\n", escape(p.run_name));
-    body += &format!(
-        "<p class=\"conclusion\" id=\"conclusion\">{}</p>\n",
-        escape(p.conclusion)
-    );
-    let best = match &p.best {
+/// The line under the title: the journal's size and its best candidate.
+fn search_meta(s: &SearchView) -> String {
+    let best = match &s.best {
         Some(b) => format!(
             "best objective {:.2}{} (rung {}, {}): {}",
             b.objective,
@@ -115,11 +118,70 @@ pub fn render(p: &Page) -> String {
         ),
         None => "no search evaluations yet".into(),
     };
+    let of = s
+        .name
+        .as_ref()
+        .map_or(String::new(), |n| format!("search {}: ", escape(n)));
+    format!(
+        "{of}{} evaluation{} in the search journal; {best}",
+        s.evaluations,
+        if s.evaluations == 1 { "" } else { "s" }
+    )
+}
+
+/// A search's trajectory and parameter plots (headed by its name when the run has several).
+fn search_body(s: &SearchView) -> String {
+    let mut body = String::new();
+    if let Some(name) = &s.name {
+        body += &format!("<h3>Search {}</h3>\n", escape(name));
+    }
+    match &s.trajectory_svg {
+        Some(svg) => {
+            body += &format!("<div class=\"plot\">{}</div>\n", inline_svg(svg));
+            body += if s.objective_stderrs {
+                "<p class=\"note\">Shaded: each rung's best ± 1.96·stderr. Hollow circles: \
+                 candidates within 1.96·√(se_best² + se²) of their rung's best, not \
+                 distinguishable from it on this subset.</p>\n"
+            } else {
+                "<p class=\"note\">The journal carries no objective_stderr, so candidates \
+                 cannot be told apart from noise here: a small step in the best-so-far line may \
+                 be document noise rather than a better merge.</p>\n"
+            };
+        }
+        None => body += "<p class=\"note\">No journal.jsonl in this run.</p>\n",
+    }
+    if s.name.is_none() {
+        body += "<h2>Objective vs searched parameters</h2>\n";
+    }
+    if s.param_svgs.is_empty() {
+        body += "<p class=\"note\">No parameter varied across the journal.</p>\n";
+    } else {
+        body += "<div class=\"plots\">\n";
+        for (name, svg) in &s.param_svgs {
+            body += &format!(
+                "<div class=\"plot\" title=\"{}\">{}</div>\n",
+                escape(name),
+                inline_svg(svg)
+            );
+        }
+        body += "</div>\n";
+    }
+    body
+}
+
+pub fn render(p: &Page) -> String {
+    let mut body = format!("<h1>PAFT report: {}</h1>\n", escape(p.run_name));
     body += &format!(
-        "<p class=\"meta\">{} evaluation{} in the search journal; {best}</p>\n",
-        p.evaluations,
-        if p.evaluations == 1 { "" } else { "s" }
+        "<p class=\"conclusion\" id=\"conclusion\">{}</p>\n",
+        escape(p.conclusion)
     );
+    if p.searches.is_empty() {
+        body += "<p class=\"meta\">0 evaluations in the search journal; no search evaluations \
+                 yet</p>\n";
+    }
+    for search in p.searches {
+        body += &format!("<p class=\"meta\">{}</p>\n", search_meta(search));
+    }
 
     body += "<h2>Leaderboard</h2>\n";
     if p.leaderboard.rows.is_empty() {
@@ -185,35 +247,13 @@ pub fn render(p: &Page) -> String {
     }
 
     body += "<h2>Search trajectory</h2>\n";
-    match p.trajectory_svg {
-        Some(svg) => {
-            body += &format!("<div class=\"plot\">{}</div>\n", inline_svg(svg));
-            body += if p.objective_stderrs {
-                "<p class=\"note\">Shaded: each rung's best ± 1.96·stderr. Hollow circles: \
-                 candidates within 1.96·√(se_best² + se²) of their rung's best, not \
-                 distinguishable from it on this subset.</p>\n"
-            } else {
-                "<p class=\"note\">The journal carries no objective_stderr, so candidates \
-                 cannot be told apart from noise here: a small step in the best-so-far line may \
-                 be document noise rather than a better merge.</p>\n"
-            };
-        }
-        None => body += "<p class=\"note\">No journal.jsonl in this run.</p>\n",
-    }
-
-    body += "<h2>Objective vs searched parameters</h2>\n";
-    if p.param_svgs.is_empty() {
+    if p.searches.is_empty() {
+        body += "<p class=\"note\">No journal.jsonl in this run.</p>\n";
+        body += "<h2>Objective vs searched parameters</h2>\n";
         body += "<p class=\"note\">No parameter varied across the journal.</p>\n";
-    } else {
-        body += "<div class=\"plots\">\n";
-        for (name, svg) in p.param_svgs {
-            body += &format!(
-                "<div class=\"plot\" title=\"{}\">{}</div>\n",
-                escape(name),
-                inline_svg(svg)
-            );
-        }
-        body += "</div>\n";
+    }
+    for search in p.searches {
+        body += &search_body(search);
     }
 
     body += "<h2>Delta sparsity</h2>\n";
@@ -253,19 +293,23 @@ mod tests {
         let svg = "<?xml version=\"1.0\"?><svg></svg>".to_string();
         let params = [("sft.weight".to_string(), svg.clone())];
         let notes = ["SFT: no samples".to_string()];
+        let search = SearchView {
+            name: None,
+            evaluations: 1,
+            best: None,
+            objective_stderrs: false,
+            trajectory_svg: Some(svg.clone()),
+            param_svgs: params.to_vec(),
+        };
         let html = render(&Page {
             run_name: "run & co",
             conclusion: "PAFT − sequential <is> fine",
-            evaluations: 1,
-            best: None,
+            searches: std::slice::from_ref(&search),
             leaderboard: &lb,
             leaderboard_svg: Some(&svg),
             uncertainty_notes: &notes,
             verdicts: Some(&lb),
             bootstrap: BootstrapSettings::default(),
-            objective_stderrs: false,
-            trajectory_svg: Some(&svg),
-            param_svgs: &params,
             sparsity: None,
         });
         assert!(html.contains("run &amp; co") && html.contains("&lt;b&gt;"));

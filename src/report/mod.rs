@@ -83,12 +83,36 @@ fn run_name(dir: &Path) -> String {
         .unwrap_or_else(|| "run".into())
 }
 
-/// What the run directory holds.
-struct RunInputs {
-    name: String,
+/// One search's journal: the run's own (`journal.jsonl`, no name) or one of an experiment's
+/// several searches (`searches/<name>/journal.jsonl`).
+struct SearchRun {
+    name: Option<String>,
     entries: Vec<JournalEntry>,
     /// `objective_stderr` by evaluation index (optional in the journal).
     objective_stderrs: BTreeMap<usize, f64>,
+}
+
+impl SearchRun {
+    fn read(name: Option<String>, journal: &Path) -> Result<Self> {
+        Ok(Self {
+            name,
+            entries: Journal::read(journal)?,
+            objective_stderrs: search::objective_stderrs(journal)?,
+        })
+    }
+
+    /// Suffix of its files (`trajectory-<name>.csv`) and prefix of its candidates' labels.
+    fn suffix(&self) -> String {
+        self.name
+            .as_ref()
+            .map_or(String::new(), |n| format!("-{}", search::file_stem(n)))
+    }
+}
+
+/// What the run directory holds.
+struct RunInputs {
+    name: String,
+    searches: Vec<SearchRun>,
     evals: Vec<RowSpec>,
     deltas: Vec<sparsity::NamedDelta>,
 }
@@ -101,19 +125,34 @@ impl RunInputs {
                 run_dir.display()
             );
         }
+        let mut searches = vec![];
         let journal = run_dir.join("journal.jsonl");
-        let (entries, objective_stderrs) = if journal.is_file() {
-            (
-                Journal::read(&journal)?,
-                search::objective_stderrs(&journal)?,
-            )
-        } else {
-            (vec![], BTreeMap::new())
-        };
+        if journal.is_file() {
+            searches.push(SearchRun::read(None, &journal)?);
+        }
+        let dir = run_dir.join("searches");
+        if dir.is_dir() {
+            let mut named = vec![];
+            for item in
+                std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
+            {
+                let path = item
+                    .with_context(|| format!("cannot list {}", dir.display()))?
+                    .path();
+                let journal = path.join("journal.jsonl");
+                if journal.is_file() {
+                    let name = path.file_name().unwrap_or_default().to_string_lossy();
+                    named.push((name.into_owned(), journal));
+                }
+            }
+            named.sort();
+            for (name, journal) in named {
+                searches.push(SearchRun::read(Some(name), &journal)?);
+            }
+        }
         Ok(Self {
             name: run_name(&run_dir.canonicalize()?),
-            entries,
-            objective_stderrs,
+            searches,
             evals: eval_specs(&run_dir.join("evals"))?,
             deltas: sparsity::read_deltas(&run_dir.join("deltas"))?,
         })
@@ -177,13 +216,14 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         );
     }
     let run = RunInputs::load(run_dir)?;
-    if run.entries.is_empty()
+    if run.searches.is_empty()
         && run.evals.is_empty()
         && run.deltas.is_empty()
         && opts.adds.is_empty()
     {
         bail!(
-            "nothing to report in {}: no journal.jsonl, evals/*/results.json or deltas/*.json",
+            "nothing to report in {}: no journal.jsonl, searches/*/journal.jsonl, \
+             evals/*/results.json or deltas/*.json",
             run_dir.display()
         );
     }
@@ -228,7 +268,19 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
                 .map(move |n| format!("{}: {n}", row.label))
         })
         .collect();
-    let candidates = rows::top_candidates(&run.entries, opts.top_k, pref);
+    let candidates: Vec<rows::LeaderboardRow> = run
+        .searches
+        .iter()
+        .flat_map(|search| {
+            let mut rows = rows::top_candidates(&search.entries, opts.top_k, pref);
+            if let Some(name) = &search.name {
+                for row in &mut rows {
+                    row.label = format!("{name}: {}", row.label);
+                }
+            }
+            rows
+        })
+        .collect();
     if !candidates.is_empty() {
         uncertainty_notes.push(
             "search candidates: the journal keeps their scores, not their per-document records"
@@ -273,58 +325,27 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         )?);
         Some(cells)
     };
-    let has = |k: rows::RowKind| evaluated.iter().any(|r| r.kind == k);
-    let conclusion = conclusion::conclusion(
-        &verdict_rows,
-        has(rows::RowKind::Paft),
-        has(rows::RowKind::Sequential),
-        pref,
-    );
+    let pafts: Vec<String> = evaluated
+        .iter()
+        .filter(|r| matches!(r.kind, rows::RowKind::Paft(_)))
+        .map(|r| verdicts::short_name(&r.kind))
+        .collect();
+    let has_sequential = evaluated
+        .iter()
+        .any(|r| r.kind == rows::RowKind::Sequential);
+    let conclusion = conclusion::conclusion(&verdict_rows, &pafts, has_sequential, pref);
     tracing::info!(
         "leaderboard: {} evaluated model(s), {} search candidate(s)",
         specs.len(),
         board.len() - specs.len()
     );
 
-    // Trajectory and parameters, when there is a search.
-    let mut trajectory_svg = None;
-    let mut param_svgs = vec![];
-    if !run.entries.is_empty() {
-        let points = search::trajectory(&run.entries, &run.objective_stderrs);
-        files.extend(tables::write_data(
-            out_dir,
-            "trajectory",
-            &mut search::trajectory_frame(&points)?,
-            None,
-        )?);
-        let svg = plots::trajectory_svg(&points)?;
-        files.push(write_text(out_dir, "trajectory.svg", &svg)?);
-        trajectory_svg = Some(svg);
-
-        let params = search::varying_params(&run.entries);
-        if !params.is_empty() {
-            files.extend(tables::write_data(
-                out_dir,
-                "params",
-                &mut search::params_frame(&params)?,
-                None,
-            )?);
-        }
-        let mut stems = BTreeSet::new();
-        for (name, points) in &params {
-            let svg = plots::param_svg(name, points)?;
-            let mut stem = search::file_stem(name);
-            while !stems.insert(stem.clone()) {
-                stem.push('_');
-            }
-            files.push(write_text(out_dir, &format!("param_{stem}.svg"), &svg)?);
-            param_svgs.push((name.clone(), svg));
-        }
-        tracing::info!(
-            "search: {} evaluation(s), {} varying parameter(s)",
-            run.entries.len(),
-            params.len()
-        );
+    // Trajectory and parameters of each search.
+    let mut search_views = vec![];
+    for search in &run.searches {
+        let (view, written) = search_section(search, out_dir, pref)?;
+        files.extend(written);
+        search_views.push(view);
     }
 
     let sparsity_cells = if run.deltas.is_empty() {
@@ -341,16 +362,12 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
     let page = html::render(&html::Page {
         run_name: &run.name,
         conclusion: &conclusion,
-        evaluations: run.entries.len(),
-        best: best(&run.entries, &run.objective_stderrs, pref),
+        searches: &search_views,
         leaderboard: &board_cells,
         leaderboard_svg: leaderboard_svg.as_deref(),
         uncertainty_notes: &uncertainty_notes,
         verdicts: verdict_cells.as_ref(),
         bootstrap: opts.bootstrap,
-        objective_stderrs: !run.objective_stderrs.is_empty(),
-        trajectory_svg: trajectory_svg.as_deref(),
-        param_svgs: &param_svgs,
         sparsity: sparsity_cells.as_ref(),
     });
     let index_html = write_text(out_dir, "index.html", &page)?;
@@ -361,6 +378,72 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         files,
         conclusion: conclusion.to_string(),
     })
+}
+
+/// One search's trajectory and parameter tables and plots (files suffixed with its name when
+/// the run has several), and what the page shows of it.
+fn search_section(
+    search: &SearchRun,
+    out_dir: &Path,
+    pref: rows::Pref,
+) -> Result<(html::SearchView, Vec<PathBuf>)> {
+    let suffix = search.suffix();
+    let mut files = vec![];
+    let points = search::trajectory(&search.entries, &search.objective_stderrs);
+    files.extend(tables::write_data(
+        out_dir,
+        &format!("trajectory{suffix}"),
+        &mut search::trajectory_frame(&points)?,
+        None,
+    )?);
+    let trajectory_svg = plots::trajectory_svg(&points)?;
+    files.push(write_text(
+        out_dir,
+        &format!("trajectory{suffix}.svg"),
+        &trajectory_svg,
+    )?);
+    let params = search::varying_params(&search.entries);
+    if !params.is_empty() {
+        files.extend(tables::write_data(
+            out_dir,
+            &format!("params{suffix}"),
+            &mut search::params_frame(&params)?,
+            None,
+        )?);
+    }
+    let mut stems = BTreeSet::new();
+    let mut param_svgs = vec![];
+    for (name, points) in &params {
+        let svg = plots::param_svg(name, points)?;
+        let mut stem = search::file_stem(name);
+        while !stems.insert(stem.clone()) {
+            stem.push('_');
+        }
+        files.push(write_text(
+            out_dir,
+            &format!("param{suffix}_{stem}.svg"),
+            &svg,
+        )?);
+        param_svgs.push((name.clone(), svg));
+    }
+    tracing::info!(
+        "search{}: {} evaluation(s), {} varying parameter(s)",
+        search
+            .name
+            .as_deref()
+            .map_or(String::new(), |n| format!(" {n}")),
+        search.entries.len(),
+        params.len()
+    );
+    let view = html::SearchView {
+        name: search.name.clone(),
+        evaluations: search.entries.len(),
+        best: best(&search.entries, &search.objective_stderrs, pref),
+        objective_stderrs: !search.objective_stderrs.is_empty(),
+        trajectory_svg: Some(trajectory_svg),
+        param_svgs,
+    };
+    Ok((view, files))
 }
 
 fn write_text(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {

@@ -44,9 +44,13 @@ impl Pref {
 pub enum RowKind {
     Base,
     Sft,
+    /// `sft-<variant>`: an SFT variant of the experiment (`[sft_variants.<variant>]`).
+    SftVariant(String),
     Pref(Pref),
     Sequential,
-    Paft,
+    /// `paft`, or `paft-<search>` when an experiment runs several searches (one per SFT variant
+    /// and search space).
+    Paft(Option<String>),
     /// Any other name: a row labelled by that name, after the fixed ones.
     Added(String),
 }
@@ -59,8 +63,12 @@ impl RowKind {
             "dpo" => RowKind::Pref(Pref::Dpo),
             "orpo" => RowKind::Pref(Pref::Orpo),
             "sequential" => RowKind::Sequential,
-            "paft" => RowKind::Paft,
-            other => RowKind::Added(other.to_string()),
+            "paft" => RowKind::Paft(None),
+            other => match (other.strip_prefix("sft-"), other.strip_prefix("paft-")) {
+                (Some(v), _) if !v.is_empty() => RowKind::SftVariant(v.to_string()),
+                (_, Some(s)) if !s.is_empty() => RowKind::Paft(Some(s.to_string())),
+                _ => RowKind::Added(other.to_string()),
+            },
         }
     }
 
@@ -68,11 +76,11 @@ impl RowKind {
     fn slot(&self) -> u8 {
         match self {
             RowKind::Base => 0,
-            RowKind::Sft => 1,
+            RowKind::Sft | RowKind::SftVariant(_) => 1,
             RowKind::Pref(Pref::Dpo) => 2,
             RowKind::Pref(Pref::Orpo) => 3,
             RowKind::Sequential => 4,
-            RowKind::Paft => 5,
+            RowKind::Paft(_) => 5,
             RowKind::Added(_) => 6,
         }
     }
@@ -82,9 +90,11 @@ impl RowKind {
         match self {
             RowKind::Base => "Base".into(),
             RowKind::Sft => "SFT".into(),
+            RowKind::SftVariant(v) => format!("SFT ({v})"),
             RowKind::Pref(p) => p.label().into(),
             RowKind::Sequential => format!("SFT→{} (sequential)", pref.label()),
-            RowKind::Paft => "PAFT (best merge)".into(),
+            RowKind::Paft(None) => "PAFT (best merge)".into(),
+            RowKind::Paft(Some(search)) => format!("PAFT {search} (best merge)"),
             RowKind::Added(name) => name.clone(),
         }
     }

@@ -1,5 +1,6 @@
 //! The SFT and preference task vectors' sparsity, side by side, from the JSON that
-//! `paft inspect-delta --json` writes (`deltas/sft.json`, `deltas/dpo.json` or `deltas/orpo.json`).
+//! `paft inspect-delta --json` writes (`deltas/sft.json`, `deltas/dpo.json` or `deltas/orpo.json`, and `deltas/sft-<variant>.json`
+//! for an experiment's SFT variants).
 
 use std::path::Path;
 
@@ -15,17 +16,39 @@ pub struct NamedDelta {
     pub report: DeltaReport,
 }
 
-/// The files looked for under `deltas/`, in table order, with their labels.
-const DELTA_FILES: [(&str, &str); 3] = [("sft", "SFT"), ("dpo", "DPO"), ("orpo", "ORPO")];
+/// A delta file's row label and its place in the table: SFT, its variants (`sft-<name>.json`,
+/// from an experiment's `[sft_variants]`), the preference runs, then any other file by name.
+fn label_of(stem: &str) -> (u8, String) {
+    match stem {
+        "sft" => (0, "SFT".into()),
+        "dpo" => (2, "DPO".into()),
+        "orpo" => (2, "ORPO".into()),
+        other => match other.strip_prefix("sft-") {
+            Some(variant) => (1, format!("SFT ({variant})")),
+            None => (3, other.to_string()),
+        },
+    }
+}
 
-/// The delta reports present in `dir` (none when the directory is missing).
+/// Every `*.json` delta report in `dir`, in table order (none when the directory is missing).
 pub fn read_deltas(dir: &Path) -> Result<Vec<NamedDelta>> {
-    let mut out = vec![];
-    for (stem, label) in DELTA_FILES {
-        let path = dir.join(format!("{stem}.json"));
-        if !path.is_file() {
-            continue;
+    if !dir.is_dir() {
+        return Ok(vec![]);
+    }
+    let mut found = vec![];
+    for item in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = item
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == "json") && path.is_file() {
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+            let (slot, label) = label_of(&stem);
+            found.push((slot, stem.into_owned(), label, path));
         }
+    }
+    found.sort();
+    let mut out = vec![];
+    for (_, _, label, path) in found {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let report: DeltaReport = serde_json::from_str(&text).with_context(|| {
@@ -34,10 +57,7 @@ pub fn read_deltas(dir: &Path) -> Result<Vec<NamedDelta>> {
                 path.display()
             )
         })?;
-        out.push(NamedDelta {
-            label: label.into(),
-            report,
-        });
+        out.push(NamedDelta { label, report });
     }
     Ok(out)
 }
@@ -120,6 +140,15 @@ mod tests {
             serde_json::to_string(&report(true)).unwrap(),
         )
         .unwrap();
+        std::fs::write(
+            dir.path().join("sft-sparse.json"),
+            serde_json::to_string(&report(false)).unwrap(),
+        )
+        .unwrap();
+        let deltas = read_deltas(dir.path()).unwrap();
+        let labels: Vec<&str> = deltas.iter().map(|d| d.label.as_str()).collect();
+        assert_eq!(labels, ["SFT", "SFT (sparse)", "DPO"]);
+        std::fs::remove_file(dir.path().join("sft-sparse.json")).unwrap();
         let deltas = read_deltas(dir.path()).unwrap();
         let df = sparsity_frame(&deltas).unwrap();
         assert_eq!(df.height(), 4);

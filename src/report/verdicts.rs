@@ -135,14 +135,17 @@ impl VerdictRow {
     }
 }
 
-/// The kinds compared, first − second, in table order.
-fn pairs(pref: Pref) -> [(RowKind, RowKind); 4] {
-    [
-        (RowKind::Paft, RowKind::Sequential),
-        (RowKind::Paft, RowKind::Sft),
-        (RowKind::Paft, RowKind::Pref(pref)),
-        (RowKind::Sequential, RowKind::Base),
-    ]
+/// The kinds compared, first − second, in table order: each PAFT row (one per search) against
+/// the sequential baseline, SFT and the preference model, then sequential against the base.
+fn pairs(pafts: &[RowKind], pref: Pref) -> Vec<(RowKind, RowKind)> {
+    let mut out = vec![];
+    for paft in pafts {
+        for other in [RowKind::Sequential, RowKind::Sft, RowKind::Pref(pref)] {
+            out.push((paft.clone(), other));
+        }
+    }
+    out.push((RowKind::Sequential, RowKind::Base));
+    out
 }
 
 /// Short name of a row in the verdict table and the page's sentence.
@@ -150,9 +153,11 @@ pub(crate) fn short_name(kind: &RowKind) -> String {
     match kind {
         RowKind::Base => "base".into(),
         RowKind::Sft => "SFT".into(),
+        RowKind::SftVariant(v) => format!("SFT {v}"),
         RowKind::Pref(p) => p.label().into(),
         RowKind::Sequential => "sequential".into(),
-        RowKind::Paft => "PAFT".into(),
+        RowKind::Paft(None) => "PAFT".into(),
+        RowKind::Paft(Some(search)) => format!("PAFT {search}"),
         RowKind::Added(name) => name.clone(),
     }
 }
@@ -164,8 +169,13 @@ pub(crate) fn verdicts(
     settings: &BootstrapSettings,
 ) -> Vec<VerdictRow> {
     let find = |kind: &RowKind| rows.iter().find(|(r, _)| r.kind == *kind).copied();
+    let pafts: Vec<RowKind> = rows
+        .iter()
+        .filter(|(r, _)| matches!(r.kind, RowKind::Paft(_)))
+        .map(|(r, _)| r.kind.clone())
+        .collect();
     let mut out = vec![];
-    for (ka, kb) in pairs(pref) {
+    for (ka, kb) in pairs(&pafts, pref) {
         let (Some(a), Some(b)) = (find(&ka), find(&kb)) else {
             continue;
         };
@@ -487,7 +497,7 @@ mod tests {
         // PAFT right on 30 more of 200 documents per task than sequential; SFT identical to
         // sequential; no DPO or base row.
         let rows = [
-            side(RowKind::Paft, 200, 30),
+            side(RowKind::Paft(None), 200, 30),
             side(RowKind::Sequential, 200, 0),
             side(RowKind::Sft, 200, 0),
         ];
@@ -519,7 +529,7 @@ mod tests {
 
     #[test]
     fn different_documents_get_no_interval_and_a_message() {
-        let mut paft = side(RowKind::Paft, 50, 0);
+        let mut paft = side(RowKind::Paft(None), 50, 0);
         let seq = side(RowKind::Sequential, 50, 0);
         let gsm = paft.1.benchmarks.get_mut(&Benchmark::Gsm8k).unwrap();
         gsm.strata = [("gsm8k".to_string(), (100..150).map(|i| (i, 0.0)).collect())]
@@ -558,7 +568,7 @@ mod tests {
                 preference: None,
             })
         };
-        let mut paft = side(RowKind::Paft, 20, 0);
+        let mut paft = side(RowKind::Paft(None), 20, 0);
         let mut seq = side(RowKind::Sequential, 20, 0);
         paft.1.tax = tax(10.0);
         seq.1.tax = tax(12.0);

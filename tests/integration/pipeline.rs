@@ -281,3 +281,136 @@ fn a_bad_experiment_names_its_section() {
     let err = expect_clean_failure(&common::run_paft(&["run", file.to_str().unwrap()]));
     assert!(err.contains("[sft]") && err.contains("max_stepz"), "{err}");
 }
+
+/// The study's shape: an SFT variant besides `[sft]` and two search spaces give four searches
+/// (each SFT × each space) and a PAFT row each, every row on the same report documents (MMLU
+/// with its own count), and a report with a verdict, a trajectory and a sparsity line per
+/// variant and search.
+#[test]
+fn an_ablation_searches_every_sft_variant_in_every_space() {
+    let Some(base) = common::tiny_model(&TinySpec::llama(5)) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let linear = work.path().join("linear.toml");
+    std::fs::write(
+        &linear,
+        r#"
+        [search]
+        methods = ["linear"]
+        solver = "grid"
+        grid_points = 2
+        evaluations = 2
+        [params]
+        "sft.weight" = { low = 0.5, high = 2.0, log = true }
+        "pref.weight" = 1.0
+        [subset]
+        tasks = "arc_challenge,winogrande"
+        docs = 3
+        finalists = 0
+        "#,
+    )
+    .unwrap();
+    let text = experiment(base.path(), work.path())
+        .replace(
+            "space = \"",
+            &format!("spaces = [\"{}\", \"", linear.display()),
+        )
+        .replace("space.toml\"", "space.toml\"]")
+        .replace("docs = 4\n", "docs = 4\n        mmlu_docs = 6\n")
+        .replace(
+            "[pref]",
+            "[sft_variants.sparse]\n        seed = 1\n        l1_lambda = 1e-3\n        [pref]",
+        );
+    let file = work.path().join("experiment.toml");
+    std::fs::write(&file, &text).unwrap();
+    let run = || {
+        let out = paft()
+            .args(["--quiet", "run"])
+            .arg(&file)
+            .env("PAFT_TASKS_DIR", common::shared_tasks_dir())
+            .output()
+            .unwrap();
+        crate::common::expect_success(&out);
+    };
+    run();
+    let run_dir = work.path().join("runs").join("tiny");
+    let searches = ["linear", "space", "sparse-linear", "sparse-space"];
+    for (search, n) in searches.iter().zip([2, 3, 2, 3]) {
+        let journal = run_dir.join("searches").join(search).join("journal.jsonl");
+        let lines = std::fs::read_to_string(&journal).unwrap().lines().count();
+        assert_eq!(lines, n, "{search}");
+    }
+    // The sparse variant's searches merged its own SFT: their candidates differ from [sft]'s.
+    let first = |s: &str| {
+        let j = run_dir.join("searches").join(s).join("journal.jsonl");
+        let line = std::fs::read_to_string(j).unwrap();
+        let e: Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+        e["objective"].as_f64().unwrap()
+    };
+    assert_ne!(first("space"), first("sparse-space"));
+    assert!(run_dir.join("train/sft-sparse/adapter").exists());
+    assert!(run_dir.join("deltas/sft-sparse.json").exists());
+    let rows = [
+        "base",
+        "sft",
+        "sft-sparse",
+        "dpo",
+        "sequential",
+        "paft-linear",
+        "paft-space",
+        "paft-sparse-linear",
+        "paft-sparse-space",
+    ];
+    let ids: Vec<_> = rows
+        .iter()
+        .map(|r| sampled_ids(&run_dir.join("evals").join(r)))
+        .collect();
+    for (row, got) in rows.iter().zip(&ids) {
+        assert_eq!(
+            got, &ids[0],
+            "{row}: every report row has the same documents"
+        );
+    }
+    let count = |mmlu: bool| -> usize {
+        ids[0]
+            .iter()
+            .filter(|(t, _)| t.starts_with("mmlu_") == mmlu)
+            .map(|(_, d)| d.len())
+            .sum()
+    };
+    assert_eq!((count(true), count(false)), (6, 8), "{:?}", ids[0]);
+
+    let report = work.path().join("reports").join("tiny");
+    let read = |f: &str| std::fs::read_to_string(report.join(f)).unwrap();
+    let board = read("leaderboard.md");
+    for label in [
+        "SFT (sparse)",
+        "PAFT sparse-linear (best merge)",
+        "sparse-space: ",
+    ] {
+        assert!(board.contains(label), "{label} missing from\n{board}");
+    }
+    let verdicts = read("verdicts.md");
+    for pair in ["PAFT space − sequential", "PAFT sparse-linear − DPO"] {
+        assert!(verdicts.contains(pair), "{pair} missing from\n{verdicts}");
+    }
+    assert!(read("sparsity.md").contains("SFT (sparse)"));
+    for s in searches {
+        assert!(report.join(format!("trajectory-{s}.svg")).exists(), "{s}");
+    }
+    let index = read("index.html");
+    assert!(index.contains("<h3>Search sparse-linear</h3>"));
+    // One sentence per PAFT row (three tasks here, so none reaches the average).
+    for s in searches {
+        let sentence = format!("cannot say whether PAFT {s} beats sequential SFT→DPO");
+        assert!(index.contains(&sentence), "{sentence}");
+    }
+
+    // A rerun finds every stage done.
+    let stamp = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let results = run_dir.join("evals/paft-sparse-space/results.json");
+    let r0 = stamp(&results);
+    run();
+    assert_eq!(stamp(&results), r0);
+}
