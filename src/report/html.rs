@@ -40,6 +40,8 @@ pub struct Page<'a> {
     pub verdicts: Option<&'a Cells>,
     pub bootstrap: BootstrapSettings,
     pub sparsity: Option<&'a Cells>,
+    /// Minutes per `paft run` stage (`stages/*.done`).
+    pub stages: Option<&'a Cells>,
 }
 
 pub fn escape(s: &str) -> String {
@@ -271,6 +273,14 @@ pub fn render(p: &Page) -> String {
         }
     }
 
+    if let Some(c) = p.stages {
+        body += "<h2>Wall time per stage</h2>\n";
+        body += &table(c);
+        body += "<p class=\"note\">Minutes each <code>paft run</code> stage took in the run \
+                 that finished it (a stage resumed after an interruption counts its last part \
+                 only).</p>\n";
+    }
+
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
@@ -311,6 +321,7 @@ mod tests {
             verdicts: Some(&lb),
             bootstrap: BootstrapSettings::default(),
             sparsity: None,
+            stages: None,
         });
         assert!(html.contains("run &amp; co") && html.contains("&lt;b&gt;"));
         assert!(html.contains("sequential &lt;is&gt; fine"));

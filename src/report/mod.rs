@@ -22,6 +22,7 @@ pub mod rows;
 mod samples;
 pub mod search;
 pub mod sparsity;
+pub mod stages;
 mod stats;
 pub mod tables;
 mod verdicts;
@@ -115,6 +116,8 @@ struct RunInputs {
     searches: Vec<SearchRun>,
     evals: Vec<RowSpec>,
     deltas: Vec<sparsity::NamedDelta>,
+    /// Wall time of each finished `paft run` stage.
+    stages: Vec<stages::StageTime>,
 }
 
 impl RunInputs {
@@ -155,6 +158,7 @@ impl RunInputs {
             searches,
             evals: eval_specs(&run_dir.join("evals"))?,
             deltas: sparsity::read_deltas(&run_dir.join("deltas"))?,
+            stages: stages::read_stages(&run_dir.join("stages"))?,
         })
     }
 }
@@ -359,6 +363,17 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         Some(cells)
     };
 
+    let stage_cells = if run.stages.is_empty() {
+        None
+    } else {
+        let mut df = stages::stages_frame(&run.stages)?;
+        let cells = tables::cells(&df, &|_| FloatFormat::Fixed(1))?;
+        files.extend(tables::write_table(
+            out_dir, "stages", &mut df, &cells, None,
+        )?);
+        Some(cells)
+    };
+
     let page = html::render(&html::Page {
         run_name: &run.name,
         conclusion: &conclusion,
@@ -369,6 +384,7 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         verdicts: verdict_cells.as_ref(),
         bootstrap: opts.bootstrap,
         sparsity: sparsity_cells.as_ref(),
+        stages: stage_cells.as_ref(),
     });
     let index_html = write_text(out_dir, "index.html", &page)?;
     files.push(index_html.clone());

@@ -396,6 +396,15 @@ fn an_ablation_searches_every_sft_variant_in_every_space() {
         assert!(verdicts.contains(pair), "{pair} missing from\n{verdicts}");
     }
     assert!(read("sparsity.md").contains("SFT (sparse)"));
+    let stages = read("stages.md");
+    for stage in [
+        "train-sft-sparse",
+        "search-sparse-linear",
+        "eval-paft-space",
+        "total",
+    ] {
+        assert!(stages.contains(stage), "{stage} missing from\n{stages}");
+    }
     for s in searches {
         assert!(report.join(format!("trajectory-{s}.svg")).exists(), "{s}");
     }
