@@ -265,7 +265,10 @@ pub fn render(p: &Page) -> String {
             body += "<p class=\"note\">Task vectors δ = fine-tuned − base over all tensors \
                      (part all), and for LoRA adapters the A and B factors: share of entries \
                      exactly zero, below 1e-6, below 1e-4 and below 1% of the tensor's max \
-                     |δ|; L1 and L2 norms.</p>\n";
+                     |δ|; L1 and L2 norms. The claim to check against it: PAFT (arXiv \
+                     2406.17923) finds that preference alignment yields a sparse delta while SFT \
+                     yields a dense one, which must be sparsified (L1 during SFT) before \
+                     merging.</p>\n";
         }
         None => {
             body += "<p class=\"note\">No deltas/sft.json or deltas/dpo.json \
