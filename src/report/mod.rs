@@ -5,7 +5,10 @@
 //! A run directory holds what the earlier stages wrote, every part optional:
 //! `journal.jsonl` (the search), `evals/<row>/results.json` (full evaluations, `paft eval
 //! --output`) with, beside it, `samples_<task>.jsonl` (`--log-samples`) and
-//! `alignment_tax.json`, and `deltas/{sft,dpo,orpo}.json` (`paft inspect-delta --json`).
+//! `alignment_tax.json`, `deltas/*.json` (`paft inspect-delta --json`: `sft`, `dpo` or `orpo`,
+//! and `sft-<variant>` for an experiment's SFT variants), `searches/<name>/journal.jsonl` (an
+//! experiment with several searches; their best merges are rows `paft-<name>`) and
+//! `stages/*.done` (`paft run`'s stage marks, with the seconds each took).
 //!
 //! Uncertainty comes from the rows' per-document records: a standard error per number on the
 //! leaderboard and paired-bootstrap intervals for PAFT against its baselines (the verdict table
