@@ -11,7 +11,8 @@ use crate::report::{default_out_dir, write_report, BootstrapSettings, ReportOpti
 pub struct ReportArgs {
     /// Run directory: journal.jsonl, evals/<row>/results.json (rows base, sft, dpo|orpo,
     /// sequential, paft, any other name; samples_<task>.jsonl and alignment_tax.json beside it
-    /// give the uncertainty), deltas/{sft,dpo,orpo}.json; each optional.
+    /// give the uncertainty), deltas/*.json, searches/<name>/journal.jsonl (rows paft-<name>),
+    /// stages/*.done; each optional.
     pub run_dir: PathBuf,
     /// Output directory (default: reports/<RUN_DIR's name>).
     #[arg(long)]

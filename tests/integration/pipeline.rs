@@ -416,6 +416,32 @@ fn an_ablation_searches_every_sft_variant_in_every_space() {
         assert!(index.contains(&sentence), "{sentence}");
     }
 
+    // `paft report` on the run directory writes the same text files as the run did.
+    let again = work.path().join("again");
+    let out = common::run_paft(&[
+        "--quiet",
+        "report",
+        run_dir.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    crate::common::expect_success(&out);
+    let mut compared = 0;
+    for entry in std::fs::read_dir(&report).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "parquet") {
+            continue;
+        }
+        let name = path.file_name().unwrap();
+        let (a, b) = (
+            std::fs::read(&path).unwrap(),
+            std::fs::read(again.join(name)).unwrap(),
+        );
+        assert!(a == b, "{} differs when regenerated", path.display());
+        compared += 1;
+    }
+    assert!(compared > 20, "{compared} files compared");
+
     // A rerun finds every stage done.
     let stamp = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
     let results = run_dir.join("evals/paft-sparse-space/results.json");
