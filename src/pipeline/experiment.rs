@@ -80,13 +80,17 @@ impl SearchStage {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalStage {
     /// Documents per task for the final comparison (stratified sample, seed below); omit for
     /// the full task sets.
     #[serde(default)]
     pub docs: Option<usize>,
+    /// Whether each SFT variant is also scored as its own row `sft-<name>` (default true); its
+    /// merges are rows either way.
+    #[serde(default = "yes")]
+    pub sft_variant_rows: bool,
     /// MMLU's documents in total over its 57 subjects, when they should differ from `docs`
     /// (e.g. 285 = 5 per subject); default `docs`.
     #[serde(default)]
@@ -95,6 +99,22 @@ pub struct EvalStage {
     pub seed: u64,
     #[serde(default)]
     pub tasks: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for EvalStage {
+    fn default() -> Self {
+        Self {
+            docs: None,
+            sft_variant_rows: true,
+            mmlu_docs: None,
+            seed: 0,
+            tasks: None,
+        }
+    }
 }
 
 impl Experiment {
@@ -326,6 +346,32 @@ mod tests {
             "",
         );
         assert!(devices.contains("gres"), "{devices}");
+    }
+
+    #[test]
+    fn variants_and_spaces_are_read_and_checked() {
+        let e = Experiment::from_toml(EXP).unwrap();
+        assert!(e.eval.sft_variant_rows && e.sft_variants.is_empty());
+        let with_variant = EXP.replace(
+            "[pref]",
+            "[sft_variants.sparse]\nl1_lambda = 1e-4\nmax_steps = 3\n[pref]",
+        );
+        let e = Experiment::from_toml(&format!("{with_variant}\n[eval]\nsft_variant_rows = false"))
+            .unwrap();
+        assert!(!e.eval.sft_variant_rows);
+        let v = e.variant_config("sparse").unwrap();
+        assert_eq!((v.max_steps, v.l1_lambda), (3, 1e-4));
+        assert_eq!(v.output, Path::new("runs/t/train/sft-sparse"));
+        assert_eq!(v.dataset, e.train_config(Stage::Sft).unwrap().dataset);
+        let err = |text: &str| format!("{:#}", Experiment::from_toml(text).unwrap_err());
+        let bad = with_variant.replace("l1_lambda", "l1_lamda");
+        assert!(err(&bad).contains("[sft_variants.sparse]"), "{}", err(&bad));
+        let both = EXP.replace("space = \"space.toml\"", "space = \"a\"\nspaces = [\"b\"]");
+        assert!(err(&both).contains("not both"));
+        let none = EXP.replace("space = \"space.toml\"", "");
+        assert!(err(&none).contains("needs `space`"));
+        let mmlu = format!("{EXP}\n[eval]\nmmlu_docs = 285");
+        assert!(err(&mmlu).contains("mmlu_docs needs `docs`"));
     }
 
     #[test]

@@ -560,11 +560,12 @@ pub fn run_experiment(exp: &Experiment, tasks_dir: &Path) -> Result<crate::repor
         ("base".into(), base_ref.clone()),
         ("sft".into(), sft_ref.clone()),
     ];
-    rows.extend(
-        variants
+    if exp.eval.sft_variant_rows {
+        let named = variants
             .iter()
-            .map(|(v, r)| (format!("sft-{v}"), r.clone())),
-    );
+            .map(|(v, r)| (format!("sft-{v}"), r.clone()));
+        rows.extend(named);
+    }
     rows.push((pref.into(), pref_ref.clone()));
     rows.push(("sequential".into(), seq_ref.clone()));
     for plan in &plans {
