@@ -11,6 +11,13 @@ pub fn shared_dir() -> PathBuf {
     }
 }
 
+/// `text` with every `{shared}` replaced by [`shared_dir`] (forward slashes, so it stays a valid
+/// TOML string on Windows too): how experiment and search-space files name the shared assets.
+pub fn expand_shared(text: &str) -> String {
+    let dir = shared_dir().display().to_string().replace('\\', "/");
+    text.replace("{shared}", &dir)
+}
+
 /// The SmolLM2-135M-Instruct GGUF shipped in shared/models.
 pub fn shared_smollm_gguf() -> PathBuf {
     shared_dir()

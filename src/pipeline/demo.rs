@@ -26,9 +26,8 @@ pub fn demo_experiment(root: &Path) -> Result<Experiment> {
     let space_path = root.join("runs").join("demo-space.toml");
     std::fs::create_dir_all(space_path.parent().unwrap())?;
     write_file_atomic(&space_path, SPACE.as_bytes())?;
-    let mut text = EXPERIMENT
-        .replace("{shared}", &toml_path(&shared))
-        .replace("{space}", &toml_path(&space_path));
+    let mut text =
+        crate::paths::expand_shared(EXPERIMENT).replace("{space}", &toml_path(&space_path));
     if !crate::paths::shared_smollm_gguf().exists() {
         tracing::warn!(
             "{} not found: the demo fetches {HUB_BASE} from the Hub",

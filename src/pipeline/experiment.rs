@@ -123,9 +123,8 @@ impl Experiment {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read experiment {}", path.display()))?;
-        let shared = crate::paths::shared_dir().display().to_string();
-        let text = text.replace("{shared}", &shared.replace('\\', "/"));
-        Self::from_toml(&text).with_context(|| format!("invalid experiment {}", path.display()))
+        Self::from_toml(&crate::paths::expand_shared(&text))
+            .with_context(|| format!("invalid experiment {}", path.display()))
     }
 
     pub fn from_toml(text: &str) -> Result<Self> {

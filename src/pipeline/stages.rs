@@ -381,8 +381,7 @@ fn load_space(exp: &Experiment, path: &Path) -> Result<(SearchSpace, String)> {
     let space_text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read search space {}", path.display()))?;
     // `{shared}` as in the experiment file (the space's own alignment-tax sets).
-    let shared = crate::paths::shared_dir().display().to_string();
-    let space_text = space_text.replace("{shared}", &shared.replace('\\', "/"));
+    let space_text = crate::paths::expand_shared(&space_text);
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())
@@ -487,13 +486,10 @@ fn trained_variants(exp: &Experiment, marks: &StageMarks) -> Result<Vec<(String,
     for name in exp.sft_variants.keys() {
         let mut cfg = exp.variant_config(name)?;
         cfg.model = base_dir.display().to_string();
-        let mut result = None;
         marks.run(&format!("train-sft-{name}"), || {
-            result = Some(train_one(cfg.clone(), crate::train::Objective::Sft)?);
-            Ok(())
+            train_one(cfg.clone(), crate::train::Objective::Sft).map(drop)
         })?;
-        let result = result.unwrap_or_else(|| result_dir(&cfg));
-        out.push((name.clone(), trained_ref(&base_dir, &result)));
+        out.push((name.clone(), trained_ref(&base_dir, &result_dir(&cfg))));
     }
     Ok(out)
 }

@@ -136,23 +136,9 @@ impl RunInputs {
         if journal.is_file() {
             searches.push(SearchRun::read(None, &journal)?);
         }
-        let dir = run_dir.join("searches");
-        if dir.is_dir() {
-            let mut named = vec![];
-            for item in
-                std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?
-            {
-                let path = item
-                    .with_context(|| format!("cannot list {}", dir.display()))?
-                    .path();
-                let journal = path.join("journal.jsonl");
-                if journal.is_file() {
-                    let name = path.file_name().unwrap_or_default().to_string_lossy();
-                    named.push((name.into_owned(), journal));
-                }
-            }
-            named.sort();
-            for (name, journal) in named {
+        for (name, path) in entries(&run_dir.join("searches"))? {
+            let journal = path.join("journal.jsonl");
+            if journal.is_file() {
                 searches.push(SearchRun::read(Some(name), &journal)?);
             }
         }
@@ -169,27 +155,34 @@ impl RunInputs {
 /// `evals/<row>/results.json`, by row name; a row directory without results.json (an
 /// evaluation still running) is skipped with a warning.
 fn eval_specs(dir: &Path) -> Result<Vec<RowSpec>> {
+    let mut specs = vec![];
+    for (name, path) in entries(dir)? {
+        if !path.is_dir() {
+            continue;
+        }
+        let results = path.join("results.json");
+        if !results.is_file() {
+            tracing::warn!("{}: no results.json, row skipped", path.display());
+            continue;
+        }
+        specs.push(RowSpec { name, results });
+    }
+    Ok(specs)
+}
+
+/// The entries of `dir` as (file name, path), sorted by name; none when `dir` is missing (a
+/// run directory's parts are all optional).
+pub(crate) fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     if !dir.is_dir() {
         return Ok(vec![]);
     }
-    let mut specs = vec![];
+    let mut out = vec![];
     for item in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let item = item.with_context(|| format!("cannot list {}", dir.display()))?;
-        if !item.file_type()?.is_dir() {
-            continue;
-        }
-        let results = item.path().join("results.json");
-        if !results.is_file() {
-            tracing::warn!("{}: no results.json, row skipped", item.path().display());
-            continue;
-        }
-        specs.push(RowSpec {
-            name: item.file_name().to_string_lossy().into_owned(),
-            results,
-        });
+        out.push((item.file_name().to_string_lossy().into_owned(), item.path()));
     }
-    specs.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(specs)
+    out.sort();
+    Ok(out)
 }
 
 /// Leaderboard: percent with two decimals; the per-token loss and the reward margin, whose

@@ -1,6 +1,6 @@
 //! The SFT and preference task vectors' sparsity, side by side, from the JSON that
-//! `paft inspect-delta --json` writes (`deltas/sft.json`, `deltas/dpo.json` or `deltas/orpo.json`, and `deltas/sft-<variant>.json`
-//! for an experiment's SFT variants).
+//! `paft inspect-delta --json` writes (`deltas/sft.json`, `deltas/dpo.json` or
+//! `deltas/orpo.json`, and `deltas/sft-<variant>.json` for an experiment's SFT variants).
 
 use std::path::Path;
 
@@ -32,18 +32,11 @@ fn label_of(stem: &str) -> (u8, String) {
 
 /// Every `*.json` delta report in `dir`, in table order (none when the directory is missing).
 pub fn read_deltas(dir: &Path) -> Result<Vec<NamedDelta>> {
-    if !dir.is_dir() {
-        return Ok(vec![]);
-    }
     let mut found = vec![];
-    for item in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = item
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .path();
-        if path.extension().is_some_and(|e| e == "json") && path.is_file() {
-            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-            let (slot, label) = label_of(&stem);
-            found.push((slot, stem.into_owned(), label, path));
+    for (name, path) in super::entries(dir)? {
+        if let Some(stem) = name.strip_suffix(".json").filter(|_| path.is_file()) {
+            let (slot, label) = label_of(stem);
+            found.push((slot, stem.to_string(), label, path));
         }
     }
     found.sort();

@@ -29,19 +29,9 @@ fn rank(stage: &str) -> u8 {
 
 /// The marks in `dir` (none when it is missing), in pipeline order.
 pub fn read_stages(dir: &Path) -> Result<Vec<StageTime>> {
-    if !dir.is_dir() {
-        return Ok(vec![]);
-    }
     let mut out = vec![];
-    for item in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = item
-            .with_context(|| format!("cannot list {}", dir.display()))?
-            .path();
-        let Some(stage) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".done"))
-        else {
+    for (name, path) in super::entries(dir)? {
+        let Some(stage) = name.strip_suffix(".done") else {
             continue;
         };
         let text = std::fs::read_to_string(&path)

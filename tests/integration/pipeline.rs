@@ -78,6 +78,18 @@ pub(crate) fn experiment(base: &Path, work: &Path) -> String {
     )
 }
 
+/// `paft --quiet run FILE` on the shared tasks, which must succeed; returns its stdout.
+fn paft_run(file: &Path) -> String {
+    let out = paft()
+        .args(["--quiet", "run"])
+        .arg(file)
+        .env("PAFT_TASKS_DIR", common::shared_tasks_dir())
+        .output()
+        .unwrap();
+    crate::common::expect_success(&out);
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn the_pipeline_runs_every_stage_once() {
     let Some(base) = common::tiny_model(&TinySpec::llama(5)) else {
@@ -86,16 +98,7 @@ fn the_pipeline_runs_every_stage_once() {
     let work = tempfile::tempdir().unwrap();
     let file = work.path().join("experiment.toml");
     std::fs::write(&file, experiment(base.path(), work.path())).unwrap();
-    let run = || {
-        let out = paft()
-            .args(["--quiet", "run"])
-            .arg(&file)
-            .env("PAFT_TASKS_DIR", common::shared_tasks_dir())
-            .output()
-            .unwrap();
-        crate::common::expect_success(&out);
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = || paft_run(&file);
     let stdout = run();
     let run_dir = work.path().join("runs").join("tiny");
     let index = work.path().join("reports").join("tiny").join("index.html");
@@ -324,15 +327,7 @@ fn an_ablation_searches_every_sft_variant_in_every_space() {
         );
     let file = work.path().join("experiment.toml");
     std::fs::write(&file, &text).unwrap();
-    let run = || {
-        let out = paft()
-            .args(["--quiet", "run"])
-            .arg(&file)
-            .env("PAFT_TASKS_DIR", common::shared_tasks_dir())
-            .output()
-            .unwrap();
-        crate::common::expect_success(&out);
-    };
+    let run = || paft_run(&file);
     run();
     let run_dir = work.path().join("runs").join("tiny");
     let searches = ["linear", "space", "sparse-linear", "sparse-space"];
