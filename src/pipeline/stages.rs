@@ -382,11 +382,9 @@ fn load_space(exp: &Experiment, path: &Path) -> Result<(SearchSpace, String)> {
         .with_context(|| format!("cannot read search space {}", path.display()))?;
     // `{shared}` as in the experiment file (the space's own alignment-tax sets).
     let space_text = crate::paths::expand_shared(&space_text);
-    let stem = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("search");
-    let mut space = SearchSpace::from_toml(&space_text, stem)
+    // A space without `name` is named by its file, as `paft search` names it.
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let mut space = SearchSpace::from_toml(&space_text, &stem)
         .with_context(|| format!("invalid search space {}", path.display()))?;
     // Alignment-tax terms in the space's objective measure the experiment's held-out rows
     // unless the space names its own.
