@@ -1,6 +1,8 @@
 //! Per-layer key/value cache with the position and validity of every cached key, so that a
 //! prefix can be prefilled once and then extended by a batch of continuations.
 
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -65,8 +67,22 @@ impl LayerKv {
     }
 }
 
+/// Keys and values that every row of a cache sees before its own: a batch-1 prefix (a task's
+/// few-shot prompt) kept once for the whole batch instead of copied into each row. Every key is
+/// a real token, visible to every later query of every row.
+#[derive(Debug)]
+pub struct SharedPrefix {
+    /// Per layer: keys and values `(1, kv_heads, len, head_dim)`.
+    pub(crate) layers: Vec<(Tensor, Tensor)>,
+    /// One past the last position in the prefix: where each row's own tokens start.
+    next_position: u32,
+}
+
 #[derive(Clone, Debug)]
 pub struct KvCache {
+    /// Keys every row sees before its own (`None`: each row holds all of its keys).
+    pub(crate) prefix: Option<Arc<SharedPrefix>>,
+    /// Each row's own keys, after the shared prefix if there is one.
     pub(crate) layers: Vec<Option<LayerKv>>,
     /// Per row: the position of each cached key.
     pub(crate) key_positions: Vec<Vec<u32>>,
@@ -77,17 +93,54 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
+            prefix: None,
             layers: vec![None; num_layers],
             key_positions: vec![],
             key_valid: vec![],
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.key_positions.first().is_none_or(|r| r.is_empty())
+    /// This batch-1 cache as a prefix to share: each of its keys must be a real token.
+    pub fn to_shared_prefix(&self) -> Result<Arc<SharedPrefix>> {
+        if self.batch_size() != 1 || self.prefix.is_some() {
+            bail!(
+                "a shared prefix is made from a plain cache with one row, this one has {}",
+                self.batch_size()
+            );
+        }
+        if self.key_valid[0].iter().any(|&ok| !ok) {
+            bail!("a shared prefix cannot hold padding");
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some(l) => Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?)),
+                None => bail!("a shared prefix needs every layer's keys"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(SharedPrefix {
+            layers,
+            next_position: self.next_positions()[0],
+        }))
     }
 
-    /// Number of cached key slots (including padding).
+    /// `n` rows with no keys of their own yet, each seeing all of `prefix` first.
+    pub fn after_prefix(prefix: &Arc<SharedPrefix>, n: usize) -> Self {
+        Self {
+            prefix: Some(prefix.clone()),
+            layers: vec![None; prefix.layers.len()],
+            key_positions: vec![vec![]; n],
+            key_valid: vec![vec![]; n],
+        }
+    }
+
+    /// True before the first forward: no keys at all, neither shared nor in any row.
+    pub fn is_empty(&self) -> bool {
+        self.prefix.is_none() && self.key_positions.first().is_none_or(|r| r.is_empty())
+    }
+
+    /// Number of key slots in each row (including padding), not counting a shared prefix.
     pub fn len(&self) -> usize {
         self.key_positions.first().map_or(0, |r| r.len())
     }
@@ -99,6 +152,7 @@ impl KvCache {
 
     /// Position the next real token of each row takes.
     pub fn next_positions(&self) -> Vec<u32> {
+        let after_prefix = self.prefix.as_ref().map_or(0, |p| p.next_position);
         self.key_positions
             .iter()
             .zip(&self.key_valid)
@@ -108,7 +162,7 @@ impl KvCache {
                     .filter(|(_, &ok)| ok)
                     .map(|(&p, _)| p + 1)
                     .max()
-                    .unwrap_or(0)
+                    .unwrap_or(after_prefix)
             })
             .collect()
     }
@@ -143,6 +197,7 @@ impl KvCache {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            prefix: self.prefix.clone(),
             layers,
             key_positions: rows
                 .iter()
@@ -158,6 +213,7 @@ impl KvCache {
     /// the next appends write in place. Continuous batching uses it to drop finished rows and
     /// add newly prefilled ones in one copy, without carrying padding forward.
     pub(crate) fn stack(rows: &[(&KvCache, usize)], spare: usize) -> Result<Self> {
+        let prefix = common_prefix(rows.iter().map(|(c, _)| *c))?;
         let mut spans = vec![];
         for &(cache, row) in rows {
             if cache.batch_size() == 0 {
@@ -201,6 +257,7 @@ impl KvCache {
             key_valid.push(v);
         }
         Ok(Self {
+            prefix,
             layers,
             key_positions,
             key_valid,
@@ -223,6 +280,7 @@ impl KvCache {
         if src.layers.len() != self.layers.len() {
             bail!("caches of models with different layer counts");
         }
+        common_prefix([&*self, src])?;
         let valid = &src.key_valid[src_row];
         let first = valid.iter().position(|&v| v).unwrap_or(valid.len());
         let (len, span) = (self.len(), first..valid.len());
@@ -269,6 +327,30 @@ impl KvCache {
         }
         self.select_rows(&vec![0; n])
     }
+}
+
+/// The shared prefix of caches whose rows go into one batch: they must all have the same one, or
+/// none (a cache with no rows yet stands for empty rows and has no say).
+fn common_prefix<'a>(
+    caches: impl IntoIterator<Item = &'a KvCache>,
+) -> Result<Option<Arc<SharedPrefix>>> {
+    let mut common: Option<&Option<Arc<SharedPrefix>>> = None;
+    for c in caches.into_iter().filter(|c| c.batch_size() > 0) {
+        match common {
+            None => common = Some(&c.prefix),
+            Some(p) => {
+                let same = match (p, &c.prefix) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !same {
+                    bail!("rows of caches with different shared prefixes cannot share a batch");
+                }
+            }
+        }
+    }
+    Ok(common.cloned().flatten())
 }
 
 /// One layer of [`KvCache::stack`]: row `i` is row `rows[i]` of `parts[i]`'s buffers, its
@@ -374,5 +456,45 @@ mod tests {
         let mut shared = stacked.clone();
         assert!(!shared.write_row(0, &fresh, 0).unwrap());
         assert!(cache.write_row(7, &fresh, 0).is_err());
+    }
+
+    #[test]
+    fn rows_after_a_shared_prefix_equal_forked_rows() {
+        let model = model();
+        assert!(model.can_share_prefix());
+        let prefix = cache_of(&model, &[vec![1, 2, 3, 4, 5]]);
+        let shared = prefix.to_shared_prefix().unwrap();
+        let rest = [vec![6, 7, 8], vec![9]];
+        let batch = TokenBatch::left_padded(&rest, &[5, 5], 0);
+        let mut after = KvCache::after_prefix(&shared, 2);
+        assert_eq!(after.next_positions(), vec![5, 5]);
+        let mut forked = prefix.fork(2).unwrap();
+        let hidden = |cache: &mut KvCache| {
+            let h = model.forward(&batch, Some(cache)).unwrap();
+            h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (a, f) = (hidden(&mut after), hidden(&mut forked));
+        let diff = a.iter().zip(&f).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "max |Δ| {diff}");
+        assert_eq!(after.next_positions(), forked.next_positions());
+        assert_eq!(after.next_positions(), vec![8, 6]);
+        // Rows hold only their own keys; stacking and selecting keep the prefix.
+        assert_eq!(after.len(), 3);
+        let stacked = KvCache::stack(&[(&after, 1), (&after, 0)], 2).unwrap();
+        assert!(Arc::ptr_eq(stacked.prefix.as_ref().unwrap(), &shared));
+        assert_eq!(stacked.next_positions(), vec![6, 8]);
+        assert!(after.select_rows(&[1]).unwrap().prefix.is_some());
+        // Rows of different prefixes (or none) never share a batch.
+        let other = KvCache::after_prefix(&prefix.to_shared_prefix().unwrap(), 1);
+        for mixed in [&forked, &other] {
+            let err = KvCache::stack(&[(&after, 0), (mixed, 0)], 0).unwrap_err();
+            assert!(err.to_string().contains("shared prefix"), "{err}");
+        }
+        let mut into = stacked.clone();
+        assert!(into.write_row(0, &forked, 0).is_err());
+        // Only a one-row cache without padding can be shared.
+        assert!(forked.to_shared_prefix().is_err());
+        let padded = cache_of(&model, &[vec![1, 2], vec![3]]).select_rows(&[1]).unwrap();
+        assert!(padded.to_shared_prefix().is_err());
     }
 }

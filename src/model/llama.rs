@@ -252,6 +252,13 @@ fn add_grads(
     Ok(())
 }
 
+/// One layer's cached keys: the rows' own, and the prefix every row sees first if the cache
+/// shares one.
+struct CachedKeys<'a> {
+    own: &'a mut Option<LayerKv>,
+    shared: Option<&'a (Tensor, Tensor)>,
+}
+
 /// Causal attention with grouped-query heads, using cached keys when given.
 struct AttentionInputs<'a> {
     cos: &'a Tensor,
@@ -394,6 +401,19 @@ impl LlamaModel {
         KvCache::new(self.cfg.num_hidden_layers)
     }
 
+    /// Whether a KV cache may keep a prefix once for all its rows ([`KvCache::after_prefix`]):
+    /// the CPU attention kernel reads it, and no layer's sliding window could hide part of it.
+    pub fn can_share_prefix(&self) -> bool {
+        let kernel = super::dispatch::kernel(
+            Op::Attention,
+            super::dispatch::DeviceKind::of(self.device()),
+            self.dtype(),
+            self.mode,
+        );
+        kernel == Kernel::PaftCpu
+            && (0..self.cfg.num_hidden_layers).all(|l| self.cfg.layer_window(l).is_none())
+    }
+
     /// Final hidden states `(b, t, hidden)` after the last norm. With a cache, the batch is
     /// appended to it (the cache must have the same number of rows, or be empty).
     pub fn forward(&self, batch: &TokenBatch, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -436,7 +456,12 @@ impl LlamaModel {
         };
         match cache {
             Some(c) => {
-                for (l, (layer, kv)) in self.layers.iter().zip(c.layers.iter_mut()).enumerate() {
+                let prefix = c.prefix.clone();
+                for (l, (layer, own)) in self.layers.iter().zip(c.layers.iter_mut()).enumerate() {
+                    let kv = CachedKeys {
+                        own,
+                        shared: prefix.as_ref().map(|p| &p.layers[l]),
+                    };
                     x = self.layer_forward(l, layer, &x, &inputs, Some(kv))?;
                 }
                 for (row, (p, v)) in batch.positions.iter().zip(&batch.valid).enumerate() {
@@ -595,10 +620,15 @@ impl LlamaModel {
         layer: &Layer,
         x: &Tensor,
         inputs: &AttentionInputs,
-        kv: Option<&mut Option<LayerKv>>,
+        kv: Option<CachedKeys>,
     ) -> Result<Tensor> {
         let h = self.rms_norm(x, &layer.input_norm)?;
-        let mask = if self.cfg.layer_window(index).is_some() {
+        let windowed = self.cfg.layer_window(index).is_some();
+        if windowed && kv.as_ref().is_some_and(|kv| kv.shared.is_some()) {
+            // A window could hide part of the prefix, which the shared-prefix kernel sees whole.
+            bail!("a KV cache with a shared prefix cannot serve a sliding-window layer");
+        }
+        let mask = if windowed {
             inputs.window_mask
         } else {
             inputs.mask
@@ -619,7 +649,7 @@ impl LlamaModel {
         cos: &Tensor,
         sin: &Tensor,
         mask: Option<&Tensor>,
-        kv: Option<&mut Option<LayerKv>>,
+        kv: Option<CachedKeys>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -646,17 +676,24 @@ impl LlamaModel {
             .transpose(1, 2)?;
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
-        let (k, v) = match kv {
-            Some(slot) => LayerKv::append(slot, &k, &v)?,
-            None => (k, v.contiguous()?),
+        let (shared, (k, v)) = match kv {
+            Some(kv) => (kv.shared, LayerKv::append(kv.own, &k, &v)?),
+            None => (None, (k, v.contiguous()?)),
         };
         let total = k.dim(2)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a KV
         // head are stacked along the time axis.
         let n_rep = nh / nkv;
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
-        let fused = match kernel_for(Op::Attention, &q, self.mode) {
-            Kernel::PaftCpu => super::attention_kernel::attention(&q, &k, &v, mask)?,
+        let kernel = kernel_for(Op::Attention, &q, self.mode);
+        let fused = match (kernel, shared) {
+            (Kernel::PaftCpu, Some((pk, pv))) => Some(
+                super::attention_kernel::attention_after_prefix(&q, &k, &v, mask, pk, pv)?,
+            ),
+            (_, Some(_)) => {
+                bail!("a KV cache with a shared prefix needs the CPU attention kernel")
+            }
+            (Kernel::PaftCpu, None) => super::attention_kernel::attention(&q, &k, &v, mask)?,
             _ => None,
         };
         let out = match fused {
