@@ -92,7 +92,7 @@ pub struct EvalStage {
     #[serde(default = "yes")]
     pub sft_variant_rows: bool,
     /// MMLU's documents in total over its 57 subjects, when they should differ from `docs`
-    /// (e.g. 285 = 5 per subject); default `docs`.
+    /// (e.g. 285, spread over the 57 subjects by their sizes); default `docs`.
     #[serde(default)]
     pub mmlu_docs: Option<usize>,
     #[serde(default)]

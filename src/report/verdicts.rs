@@ -69,7 +69,9 @@ pub(crate) struct Measured {
     pub interval: Interval,
     /// Items paired (documents over all tasks, held-out rows, preference pairs).
     pub items: usize,
-    /// Fewest and most documents in one task (MMLU: one subject).
+    /// Fewest and most documents in one task: for a benchmark, in one of its strata (MMLU: one
+    /// subject); for the average, in one benchmark (MMLU's subjects together), so that a
+    /// sentence about the average does not quote a subject's few documents as a task's.
     pub per_task: (usize, usize),
     /// Items of the smallest benchmark (the metric's own items, except for the average, which
     /// is only as trustworthy as its thinnest part).
@@ -307,8 +309,8 @@ fn average(benches: &BTreeMap<Benchmark, &Outcome>) -> std::result::Result<Measu
         interval,
         items: parts.iter().map(|(m, _)| m.items).sum(),
         per_task: (
-            parts.iter().map(|(m, _)| m.per_task.0).min().unwrap_or(0),
-            parts.iter().map(|(m, _)| m.per_task.1).max().unwrap_or(0),
+            parts.iter().map(|(m, _)| m.items).min().unwrap_or(0),
+            parts.iter().map(|(m, _)| m.items).max().unwrap_or(0),
         ),
         min_items: parts.iter().map(|(m, _)| m.min_items).min().unwrap_or(0),
     })
@@ -493,6 +495,28 @@ mod tests {
     }
 
     #[test]
+    fn the_average_counts_documents_per_benchmark_not_per_subject() {
+        // MMLU's 200 documents in subjects of 150 and 50.
+        let split = |(row, mut ev): (EvaluatedRow, RowEvidence)| {
+            let mmlu = ev.benchmarks.get_mut(&Benchmark::Mmlu).unwrap();
+            let docs = mmlu.strata.remove("t").unwrap();
+            mmlu.strata.insert("a".into(), docs[..150].to_vec());
+            mmlu.strata.insert("b".into(), docs[150..].to_vec());
+            (row, ev)
+        };
+        let rows = [
+            split(side(RowKind::Paft(None), 200, 30)),
+            split(side(RowKind::Sequential, 200, 0)),
+        ];
+        let v = table(&rows);
+        let of = |m: Metric| v.iter().find(|r| r.metric == m).unwrap().outcome.clone().unwrap();
+        assert_eq!(of(Metric::Benchmark(Benchmark::Mmlu)).per_task, (50, 150));
+        assert_eq!(of(Metric::Benchmark(Benchmark::Arc)).per_task, (200, 200));
+        assert_eq!(of(Metric::Average).per_task, (200, 200));
+        assert_eq!(of(Metric::Average).items, 6 * 200);
+    }
+
+    #[test]
     fn pairs_that_exist_get_one_row_per_metric_and_the_average() {
         // PAFT right on 30 more of 200 documents per task than sequential; SFT identical to
         // sequential; no DPO or base row.
@@ -520,6 +544,7 @@ mod tests {
         };
         assert!(width(&v[6]) < width(&v[0]), "{:?} {:?}", v[6], v[0]);
         assert_eq!(v[6].outcome.as_ref().unwrap().items, 6 * 200);
+        assert_eq!(v[6].outcome.as_ref().unwrap().per_task, (200, 200));
         let df = verdict_frame(&v).unwrap();
         assert_eq!(df.height(), 14);
         let cells = verdict_cells(&v);
