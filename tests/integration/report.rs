@@ -688,11 +688,12 @@ fn the_page_renders_in_headless_chromium() {
         "expected the leaderboard, trajectory and parameter plots inline"
     );
 
-    // The sentence at the top says what the run can conclude, from the verdicts.
+    // The sentence at the top says what the run can conclude, from the verdicts, counting a
+    // benchmark's documents (MMLU's two subjects together: 50), not a subject's.
     let conclusion = section(&dom_text, "id=\"conclusion\"", "</p>");
     assert!(
         conclusion.contains(
-            "On 20 to 40 report documents per task, PAFT − sequential on the average is +"
+            "On 40 to 50 report documents per task, PAFT − sequential on the average is +"
         ),
         "{conclusion}"
     );
