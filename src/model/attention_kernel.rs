@@ -522,7 +522,15 @@ mod tests {
         // (batch, KV heads, query heads per KV head, queries, prefix keys, own keys, padding).
         let cases: [(usize, usize, usize, usize, usize, usize, Vec<Vec<usize>>); 3] = [
             // Decoding: one query per row, rows of different lengths (left padding).
-            (4, 3, 3, 1, 70, 9, vec![vec![0, 1], vec![], vec![0, 1, 2, 3, 4], vec![]]),
+            (
+                4,
+                3,
+                3,
+                1,
+                70,
+                9,
+                vec![vec![0, 1], vec![], vec![0, 1, 2, 3, 4], vec![]],
+            ),
             // Prefilling documents after the prefix: padding queries see no own key at all.
             (2, 2, 2, 6, 150, 6, vec![vec![0, 1, 2], vec![]]),
             // More query rows per KV head than one block.
@@ -537,14 +545,24 @@ mod tests {
             let m = mask(&hidden, t, own);
             let got = super::attention_after_prefix(&q, &k, &v, Some(&m), &pk, &pv).unwrap();
             let cat = |prefix: &Tensor, rows: &Tensor| {
-                let prefix = prefix.broadcast_as((b, g, p, d)).unwrap().contiguous().unwrap();
-                Tensor::cat(&[&prefix, rows], 2).unwrap().force_contiguous().unwrap()
+                let prefix = prefix
+                    .broadcast_as((b, g, p, d))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                Tensor::cat(&[&prefix, rows], 2)
+                    .unwrap()
+                    .force_contiguous()
+                    .unwrap()
             };
             let seen = Tensor::zeros((b, 1, 1, t, p), DType::F32, &dev).unwrap();
             let full_mask = Tensor::cat(&[&seen, &m], 4).unwrap();
             let want = composed(&q, &cat(&pk, &k), &cat(&pv, &v), Some(&full_mask));
             let diff = max_abs_diff(&got, &want);
-            assert!(diff < 1e-5, "b{b} g{g} rep{n_rep} t{t} P{p} T{own}: max |Δ| {diff}");
+            assert!(
+                diff < 1e-5,
+                "b{b} g{g} rep{n_rep} t{t} P{p} T{own}: max |Δ| {diff}"
+            );
         }
         // Anything but f32 on the CPU is refused, not computed some other way.
         let x = Tensor::zeros((1, 1, 4, 8), DType::F64, &dev).unwrap();

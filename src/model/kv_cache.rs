@@ -474,7 +474,11 @@ mod tests {
             h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         let (a, f) = (hidden(&mut after), hidden(&mut forked));
-        let diff = a.iter().zip(&f).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let diff = a
+            .iter()
+            .zip(&f)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-5, "max |Δ| {diff}");
         assert_eq!(after.next_positions(), forked.next_positions());
         assert_eq!(after.next_positions(), vec![8, 6]);
@@ -494,7 +498,9 @@ mod tests {
         assert!(into.write_row(0, &forked, 0).is_err());
         // Only a one-row cache without padding can be shared.
         assert!(forked.to_shared_prefix().is_err());
-        let padded = cache_of(&model, &[vec![1, 2], vec![3]]).select_rows(&[1]).unwrap();
+        let padded = cache_of(&model, &[vec![1, 2], vec![3]])
+            .select_rows(&[1])
+            .unwrap();
         assert!(padded.to_shared_prefix().is_err());
     }
 }

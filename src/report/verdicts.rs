@@ -509,7 +509,14 @@ mod tests {
             split(side(RowKind::Sequential, 200, 0)),
         ];
         let v = table(&rows);
-        let of = |m: Metric| v.iter().find(|r| r.metric == m).unwrap().outcome.clone().unwrap();
+        let of = |m: Metric| {
+            v.iter()
+                .find(|r| r.metric == m)
+                .unwrap()
+                .outcome
+                .clone()
+                .unwrap()
+        };
         assert_eq!(of(Metric::Benchmark(Benchmark::Mmlu)).per_task, (50, 150));
         assert_eq!(of(Metric::Benchmark(Benchmark::Arc)).per_task, (200, 200));
         assert_eq!(of(Metric::Average).per_task, (200, 200));
