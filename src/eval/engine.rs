@@ -408,15 +408,15 @@ pub fn generate_until(
     } else {
         None
     };
+    let start = Start {
+        base,
+        shared: shared.as_ref(),
+    };
     // Room for a whole generation after each rebuild, so decode steps append in place.
     let spare = requests.iter().map(|r| r.max_gen_toks).max().unwrap_or(0) + 1;
     let (mut steps, mut admit_s, mut decode_s) = (0u64, 0f64, 0f64);
     loop {
         let t0 = std::time::Instant::now();
-        let start = Start {
-            base,
-            shared: shared.as_ref(),
-        };
         let (admitted, fresh) = admit(model, &start, requests, &mut pending, settings, rows.len())?;
         // Refill the finished rows' places in the cache in place (one row copied each) when
         // there is one per admitted document and each fits; else re-stack every row.
