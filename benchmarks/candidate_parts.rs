@@ -133,7 +133,7 @@ fn bench_gsm8k(args: &[String], pre: &Pretrained) -> Result<()> {
     for mode in modes.split(',') {
         let mut config = EvalConfig::new(parse_task_list("gsm8k")?);
         config.fewshot_mode = FewshotMode::parse(mode)?;
-        config.batch_size = batch;
+        config.batch_size = Some(batch);
         let docset = DocSet {
             pool: paft::eval::Pool::All,
             selection: paft::eval::Selection::Limit(docs),

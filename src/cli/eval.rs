@@ -41,9 +41,10 @@ pub struct EvalArgs {
     /// Seed of the few-shot sampler (lm-eval's fewshot_random_seed).
     #[arg(long, default_value_t = crate::eval::fewshot::DEFAULT_FEWSHOT_SEED)]
     pub fewshot_seed: u64,
-    /// Generation batch size (GSM8K).
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
+    /// Generation batch size (GSM8K) [default: 8 with per-document shots, 16 with shared shots,
+    /// whose rows hold only their own tokens]
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Directory with <task>/<split>.jsonl (default: PAFT_TASKS_DIR, ../shared/data/leaderboard, or
     /// where `paft fetch tasks` writes).
     #[arg(long, env = "PAFT_TASKS_DIR")]
@@ -76,7 +77,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if args.log_samples && args.output.is_none() {
         bail!("--log-samples needs --output DIR");
     }
-    if args.batch_size == 0 {
+    if args.batch_size == Some(0) {
         bail!("--batch-size must be at least 1");
     }
     let store = TaskStore::new(
@@ -117,6 +118,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let dir = model::source::resolve_model(&args.model.model, args.model.revision.as_deref())?;
     let pre = Pretrained::load(&dir, Some(dtype), &device)?;
     let net = pre.model(Mode::Inference, None)?;
+    let generation_batch = config.generation_batch();
     let mut evaluator = Evaluator::new(pre, store.clone(), config)?;
     let n_docs = evaluator.suite(docs)?.num_docs();
     tracing::info!(
@@ -137,7 +139,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "sample": args.sample.map(|n| json!({"n": n, "seed": args.seed})),
             "num_fewshot": args.num_fewshot,
             "fewshot_seed": args.fewshot_seed,
-            "batch_size": args.batch_size,
+            "batch_size": generation_batch,
             "tasks_dir": store.root(),
             "legacy_mc2": args.legacy_mc2,
         });

@@ -495,7 +495,7 @@ fn gsm8k_continuous_batching_matches_the_fixed_batch_reference() {
     for mode in [FewshotMode::PerDocument, FewshotMode::Shared] {
         let mut config = EvalConfig::new(parse_task_list("gsm8k").unwrap());
         config.fewshot_mode = mode;
-        config.batch_size = 3;
+        config.batch_size = Some(3);
         let suite = PreparedSuite::prepare(&store, &pre.tokenizer, 8192, config, docs).unwrap();
         let result = suite.evaluate(&target, &|| {}).unwrap();
         let prepared = &suite.tasks[0];
@@ -825,4 +825,54 @@ fn mmlu_subjects_share_one_prefix_in_the_shared_shot_mode() {
     let f: u64 = faithful.tasks.iter().map(|t| t.tokens.prefilled).sum();
     let s: u64 = prefilled.iter().sum();
     assert!(s * 2 < f, "shared {s} vs per-document {f} tokens");
+}
+
+/// Subjects that share one prefix are scored together, their documents packed into the same
+/// forwards (a screening sample holds about one document per subject, which would otherwise fill
+/// a forward alone): each subject's scores are the ones it gets evaluated on its own, and the
+/// time the group took is split over its subjects.
+#[test]
+fn subjects_scored_together_score_as_alone() {
+    use paft::eval::task::Response;
+    let Some(dir) = common::tiny_model(&TinySpec::llama(7)) else {
+        return;
+    };
+    // The same two documents of each subject whether it runs alone or with the others.
+    let docs = DocSet {
+        pool: Pool::Search,
+        selection: Selection::Limit(2),
+    };
+    let subjects = ["mmlu_anatomy", "mmlu_astronomy", "mmlu_virology"];
+    let (together, prepared) =
+        evaluate_in_mode(dir.path(), &subjects.join(","), docs, FewshotMode::Shared);
+    assert!(prepared.iter().all(|t| t.2 == prepared[0].2));
+    let log_likelihoods = |r: &paft::eval::TaskResult| -> Vec<f64> {
+        r.records
+            .iter()
+            .flat_map(|d| match &d.response {
+                Response::Loglikelihood(s) => s.iter().map(|c| c.0).collect::<Vec<_>>(),
+                Response::Generation(g) => panic!("{}: generated {g:?}", r.name),
+            })
+            .collect()
+    };
+    for (subject, grouped) in subjects.iter().zip(&together.tasks) {
+        assert_eq!(&grouped.name, subject);
+        assert!(grouped.seconds > 0.0, "{subject}: {}", grouped.seconds);
+        let (alone, _) = evaluate_in_mode(dir.path(), subject, docs, FewshotMode::Shared);
+        let (a, g) = (log_likelihoods(&alone.tasks[0]), log_likelihoods(grouped));
+        assert_eq!(a.len(), g.len(), "{subject}");
+        assert!(a.len() >= 4, "{subject}: {} choices", a.len());
+        for (x, y) in a.iter().zip(&g) {
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+                "{subject}: {x} alone, {y} together"
+            );
+        }
+    }
+    let split: f64 = together.tasks.iter().map(|t| t.seconds).sum();
+    assert!(
+        split <= together.seconds + 1e-9,
+        "{split} s of {} s",
+        together.seconds
+    );
 }
