@@ -386,10 +386,6 @@ fn run_tasks(
         out[ti][i] = Some(Response::Loglikelihood(scores));
         on_doc();
         Ok(())
-    })
-    .with_context(|| match tasks {
-        [_] => String::new(),
-        _ => "scoring their documents together".to_string(),
     })?;
     for (ti, t) in tasks.iter().enumerate() {
         let mut generations: Vec<(usize, &TokenizedGeneration)> = t
