@@ -172,7 +172,7 @@ fn bench_gsm8k(args: &[String], pre: &Pretrained) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    paft::memory::keep_freed_memory();
+    paft::process::setup();
     let args: Vec<String> = std::env::args().collect();
     let base = arg(&args, "--base").context("--base is required")?;
     let what = arg(&args, "--what").unwrap_or("merge,gsm8k".into());

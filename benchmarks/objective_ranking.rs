@@ -34,7 +34,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn main() -> Result<()> {
-    paft::memory::keep_freed_memory();
+    paft::process::setup();
     let args: Vec<String> = std::env::args().collect();
     let need = |n: &str| arg(&args, n).with_context(|| format!("missing {n}"));
     let tasks =

@@ -18,7 +18,7 @@ fn arg(name: &str, default: &str) -> String {
 }
 
 fn main() -> Result<()> {
-    paft::memory::keep_freed_memory();
+    paft::process::setup();
     let model_dir = arg("--model", "target/bench-assets/smollm");
     let seq: usize = arg("--seq", "512").parse()?;
     let repeats: usize = arg("--repeats", "5").parse()?;

@@ -60,7 +60,7 @@ mkdir -p "$OUT"
 if [ "$what" != search ] && [ "$what" != sparsity ] && [ "$what" != objective ] && [ "$what" != candidate ]; then
   [ -x "$PY" ] || { echo "no Python at $PY: create the reference venv as scripts/reference/README.md says" >&2; exit 1; }
 fi
-export RAYON_NUM_THREADS=$THREADS CANDLE_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 # The dev profile: numeric dependencies (candle, gemm, tokenizers, …) at opt-level 3 without debug
 # assertions (see Cargo.toml), shared with the tests, so no separate 20-minute release build.

@@ -37,7 +37,7 @@ struct CachedScore {
 }
 
 fn main() -> Result<()> {
-    paft::memory::keep_freed_memory();
+    paft::process::setup();
     let args: Vec<String> = std::env::args().collect();
     let need = |n: &str| arg(&args, n).with_context(|| format!("{n} is required"));
     let tasks = arg(&args, "--tasks").unwrap_or("leaderboard".into());

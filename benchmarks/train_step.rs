@@ -66,7 +66,7 @@ fn status_gb(field: &str) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    paft::memory::keep_freed_memory();
+    paft::process::setup();
     let args: Vec<String> = std::env::args().collect();
     let model_dir = arg(&args, "--model").context("--model DIR is required")?;
     let steps: usize = arg(&args, "--steps").unwrap_or("3".into()).parse()?;

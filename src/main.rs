@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    paft::memory::keep_freed_memory();
+    paft::process::setup();
     let cli = paft::cli::Cli::parse();
     if let Err(e) = paft::cli::run(cli) {
         eprintln!("error: {e:#}");

@@ -29,6 +29,11 @@ const OUT_BLOCK: usize = 64;
 
 /// `x (rows, in) · wᵀ` for `w (out, in)`, as `(rows, out)`, when the fast path applies.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    row_dots(x, w, avx512vl())
+}
+
+/// [`matmul_t`], on 32 vector registers when `wide` (the caller checked AVX-512VL).
+fn row_dots(x: &Tensor, w: &Tensor, wide: bool) -> Result<Option<Tensor>> {
     let (rows, inp) = x.dims2()?;
     let (out, w_in) = w.dims2()?;
     let eligible = rows <= MAX_ROWS
@@ -53,15 +58,19 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
                 .for_each(|(blk, chunk)| {
                     let o0 = blk * OUT_BLOCK;
                     let w_rows = &ws[o0 * inp..(o0 + chunk.len() / rows) * inp];
-                    // Rows in blocks of 4, then 2, then 1: no block repeats a row.
+                    // Rows in blocks of 8 or 4, then 2, then 1: no block repeats a row.
                     let mut m = 0;
                     while m < rows {
-                        // SAFETY: avx2_fma() checked the CPU has the features.
+                        // SAFETY: avx2_fma() (and wide) checked the CPU has the features.
                         m += unsafe {
-                            match rows - m {
-                                4.. => fill::<4, 2>(xs, m, w_rows, inp, rows, chunk),
-                                2 | 3 => fill::<2, 4>(xs, m, w_rows, inp, rows, chunk),
-                                _ => fill::<1, 8>(xs, m, w_rows, inp, rows, chunk),
+                            match (wide, rows - m) {
+                                (true, 8..) => fill_wide::<8, 3>(xs, m, w_rows, inp, rows, chunk),
+                                (true, 4..) => fill_wide::<4, 5>(xs, m, w_rows, inp, rows, chunk),
+                                (true, 2 | 3) => fill_wide::<2, 8>(xs, m, w_rows, inp, rows, chunk),
+                                (true, _) => fill_wide::<1, 12>(xs, m, w_rows, inp, rows, chunk),
+                                (false, 4..) => fill::<4, 2>(xs, m, w_rows, inp, rows, chunk),
+                                (false, 2 | 3) => fill::<2, 4>(xs, m, w_rows, inp, rows, chunk),
+                                (false, _) => fill::<1, 8>(xs, m, w_rows, inp, rows, chunk),
                             }
                         };
                     }
@@ -87,6 +96,21 @@ fn avx2_fma() -> bool {
     }
 }
 
+/// AVX-512VL: the same 8-lane instructions with 32 vector registers instead of 16, so a block
+/// can hold 24 accumulators (`fill_wide`). The products and their order are those of `fill`,
+/// so a row's bits do not depend on which path computed it.
+fn avx512vl() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Input rows `m..m + X` of `xs` against every weight row of `w_rows`, into `chunk` (laid out
 /// `(weight row, input row)` with `rows` input rows), `W` weight rows at a time: each weight
 /// vector loaded serves `X` products and each input vector `W`, in `X·W = 8` independent
@@ -95,6 +119,37 @@ fn avx2_fma() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fill<const X: usize, const W: usize>(
+    xs: &[f32],
+    m: usize,
+    w_rows: &[f32],
+    inp: usize,
+    rows: usize,
+    chunk: &mut [f32],
+) -> usize {
+    fill_body::<X, W>(xs, m, w_rows, inp, rows, chunk)
+}
+
+/// `fill` with 32 registers: blocks of up to 24 accumulators, so each weight vector loaded
+/// serves up to 8 input rows and each input vector 3 weight rows. Measured: 24 GSM8K documents of
+/// 256 generated tokens at 16 rows, alternating with `fill`, 63.2/56.4/55.9 s → 56.3/52.3/51.8 s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn fill_wide<const X: usize, const W: usize>(
+    xs: &[f32],
+    m: usize,
+    w_rows: &[f32],
+    inp: usize,
+    rows: usize,
+    chunk: &mut [f32],
+) -> usize {
+    fill_body::<X, W>(xs, m, w_rows, inp, rows, chunk)
+}
+
+/// The loop of `fill` and `fill_wide`, inlined into each so `dots_avx2` is compiled for the
+/// caller's registers.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn fill_body<const X: usize, const W: usize>(
     xs: &[f32],
     m: usize,
     w_rows: &[f32],
@@ -122,6 +177,18 @@ unsafe fn fill<const X: usize, const W: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+unsafe fn fill_wide<const X: usize, const W: usize>(
+    _xs: &[f32],
+    _m: usize,
+    _w_rows: &[f32],
+    _inp: usize,
+    _rows: usize,
+    _chunk: &mut [f32],
+) -> usize {
+    unreachable!("avx512vl() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
 unsafe fn fill<const X: usize, const W: usize>(
     _xs: &[f32],
     _m: usize,
@@ -140,6 +207,7 @@ unsafe fn fill<const X: usize, const W: usize>(
 /// accumulators on the stack.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn dots_avx2<const X: usize, const W: usize>(
     x: &[&[f32]; X],
     w: &[&[f32]; W],
@@ -243,6 +311,26 @@ mod tests {
                 .unwrap();
             let same = all.narrow(0, m, len).unwrap();
             assert_eq!(bits(&part), bits(&same), "rows {m}..{}", m + len);
+        }
+    }
+
+    #[test]
+    fn wide_registers_give_the_same_bits_as_the_avx2_blocks() {
+        if !super::avx512vl() {
+            eprintln!("SKIPPED: no AVX-512VL here, only the AVX2 blocks run");
+            return;
+        }
+        let dev = Device::Cpu;
+        // 131 weight rows: partial blocks of 3, 5, 8 and 12; 67 inputs: a scalar tail.
+        let w = Tensor::randn(0f32, 1.0, (131, 67), &dev).unwrap();
+        for rows in 1..=super::MAX_ROWS {
+            let x = Tensor::randn(0f32, 1.0, (rows, 67), &dev).unwrap();
+            let bits = |wide: bool| -> Vec<u32> {
+                let y = super::row_dots(&x, &w, wide).unwrap().unwrap();
+                let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                y.iter().map(|v| v.to_bits()).collect()
+            };
+            assert_eq!(bits(true), bits(false), "rows {rows}");
         }
     }
 
