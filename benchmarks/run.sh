@@ -42,8 +42,8 @@
 #   benchmarks/run.sh scoring      # issue #15's fidelity benchmark: a fixed TIES grid (SFT_GRID × PREF_GRID weights, default
 #                                  # 0,0.5,1,1.5,2 × 0,1) of two synthetic fine-tunes (noise SCALE, default 0.2, of each tensor's std),
 #                                  # each candidate scored on DOCS (default 50) search-pool documents per task with lm-eval's
-#                                  # per-document shots and with shared shots, on the documents shared shots score in the
-#                                  # faithful time, and on REPORT (default 200) report-pool documents per task (per-document
+#                                  # per-document shots and with shared shots (these two first, for the whole grid), on the
+#                                  # documents shared shots score in the faithful time (the grid's median ratio), and on REPORT (default 200) report-pool documents per task (per-document
 #                                  # shots): seconds per candidate of both fidelities and each one's Spearman with the report
 #                                  # ranking at equal compute. TASKS default: all six. Resumes from its cache
 #                                  # (benchmarks/results/scoring-cache-*.jsonl); PHASES (e.g. report) runs only some phases.

@@ -5,9 +5,10 @@
 //! merged once and scored four times:
 //! - `faithful` — lm-eval's per-document shots on `--docs` search-pool documents per task;
 //! - `shared` — one shared shot set per task on the same documents (the speed ratio);
-//! - `shared_equal` — shared shots on the documents it can score in the faithful time: the
-//!   first candidate fixes `n = docs × faithful seconds / shared seconds` (capped by the pool),
-//!   the same for every candidate;
+//! - `shared_equal` — shared shots on the documents it can score in the faithful time:
+//!   `n = docs × median over the grid of faithful seconds / shared seconds` (capped by the
+//!   pool), the same for every candidate, fixed once every candidate has both timed phases
+//!   (which therefore run first, for the whole grid);
 //! - `report` — per-document shots on `--report` report-pool documents per task, the ranking a
 //!   user would publish.
 //!
@@ -76,6 +77,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// `docs × median(faithful seconds / shared seconds)` over every candidate of the grid.
+fn plan(cache: &Cache, keys: &[String], docs: usize) -> Result<Plan> {
+    let ratios = keys
+        .iter()
+        .map(|k| {
+            let seconds = |phase: &str| {
+                cache
+                    .rows
+                    .get(&(k.clone(), phase.to_string()))
+                    .map(|r| r.seconds)
+                    .with_context(|| {
+                        format!(
+                            "shared_equal needs the faithful and shared phases of every \
+                             candidate first (run --phases faithful,shared): {k} has no {phase}"
+                        )
+                    })
+            };
+            Ok(seconds("faithful")? / seconds("shared")?)
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(Plan {
+        equal_compute_docs: (docs as f64 * median(ratios)).floor() as usize,
+    })
 }
 
 struct Cache {
@@ -186,7 +212,7 @@ fn main() -> Result<()> {
         tax: BTreeMap::new(),
     };
 
-    let mut keys = vec![];
+    let mut candidates = vec![];
     for &ws in &sft_grid {
         for &wp in &pref_grid {
             let params = BTreeMap::from([
@@ -195,13 +221,20 @@ fn main() -> Result<()> {
                 ("sft.density".to_string(), 0.5),
                 ("pref.density".to_string(), 0.5),
             ]);
-            let c = paft::search::MergeCandidate::new(
+            candidates.push(paft::search::MergeCandidate::new(
                 paft::merge::MergeMethod::Ties,
                 params,
                 BTreeMap::from([("normalize".to_string(), "false".to_string())]),
-            );
-            keys.push(c.key());
-            let todo: Vec<&str> = PHASES
+            ));
+        }
+    }
+    let keys: Vec<String> = candidates.iter().map(|c| c.key()).collect();
+    // The timed phases of every candidate first: the equal-compute document count is the
+    // median speed ratio over the grid (candidates that generate long GSM8K answers pay the
+    // same decoding in both modes, so one candidate's ratio is not the grid's).
+    for group in [["faithful", "shared"], ["shared_equal", "report"]] {
+        for c in &candidates {
+            let todo: Vec<&str> = group
                 .into_iter()
                 .filter(|p| phases.iter().any(|q| q == p))
                 .filter(|p| !cache.rows.contains_key(&(c.key(), p.to_string())))
@@ -209,16 +242,17 @@ fn main() -> Result<()> {
             if todo.is_empty() {
                 continue;
             }
-            let weights = scorer.merge(&c)?;
+            if todo.contains(&"shared_equal") && cache.plan.is_none() {
+                cache.plan = Some(plan(&cache, &keys, docs)?);
+                println!("{}", serde_json::to_string(&cache.plan)?);
+                cache.append(&cache.plan)?;
+            }
+            let weights = scorer.merge(c)?;
             for phase in todo {
                 let (n, pool) = match phase {
                     "faithful" | "shared" => (docs, Pool::Search),
                     "shared_equal" => (
-                        cache
-                            .plan
-                            .as_ref()
-                            .context("the equal-compute plan is made after the first candidate")?
-                            .equal_compute_docs,
+                        cache.plan.as_ref().expect("made above").equal_compute_docs,
                         Pool::Search,
                     ),
                     _ => (report, Pool::Report),
@@ -246,16 +280,6 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string(&row)?);
                 cache.append(&row)?;
                 cache.rows.insert((row.key.clone(), row.phase.clone()), row);
-                if phase == "shared" && cache.plan.is_none() {
-                    let f = &cache.rows[&(c.key(), "faithful".to_string())];
-                    let s = &cache.rows[&(c.key(), "shared".to_string())];
-                    let plan = Plan {
-                        equal_compute_docs: (docs as f64 * f.seconds / s.seconds).floor() as usize,
-                    };
-                    println!("{}", serde_json::to_string(&plan)?);
-                    cache.append(&plan)?;
-                    cache.plan = Some(plan);
-                }
             }
         }
     }
