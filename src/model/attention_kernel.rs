@@ -33,65 +33,15 @@ pub fn attention(
     Ok(Some(Tensor::from_vec(parts.out, q.dims4()?, &Device::Cpu)?))
 }
 
-/// [`attention`] for a batch whose rows all see one shared prefix first: `q (b, g, r, d)`
-/// attends to the prefix `pk, pv (1, g, P, d)` whole (every prefix key is visible to every
-/// query) and then to its row's own keys `k, v (b, g, T, d)` under `mask (b|1, 1, 1, t, T)`.
-/// The two softmaxes are combined by their log-sum-exps, which is the softmax over the
-/// concatenated keys; the prefix is read once for the batch (one `(b·r) × P` product per KV
-/// head) instead of once per row, and never copied into the rows. Errors when the inputs are
-/// not f32 on the CPU: a cache with a shared prefix is only made where this kernel runs.
-pub fn attention_after_prefix(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-    prefix_k: &Tensor,
-    prefix_v: &Tensor,
-) -> Result<Tensor> {
-    let (b, g, r, d) = q.dims4()?;
-    let p = prefix_k.dim(2)?;
-    if prefix_k.dims4()? != (1, g, p, d) || prefix_v.dims4()? != (1, g, p, d) {
-        anyhow::bail!(
-            "attention kernel: shared prefix k {:?}, v {:?} do not fit q {:?}",
-            prefix_k.dims(),
-            prefix_v.dims(),
-            q.dims()
-        );
-    }
-    let not_cpu = || anyhow::anyhow!("attention over a shared prefix needs f32 on the CPU");
-    // All rows' queries of a KV head side by side: (1, g, b·r, d).
-    let q_all = q.transpose(0, 1)?.contiguous()?.reshape((1, g, b * r, d))?;
-    let shared = attention_parts(&q_all, prefix_k, prefix_v, None)?.ok_or_else(not_cpu)?;
-    let own = attention_parts(q, k, v, mask)?.ok_or_else(not_cpu)?;
-    let mut out = own.out;
-    for bi in 0..b {
-        for gi in 0..g {
-            for ri in 0..r {
-                let o = (bi * g + gi) * r + ri;
-                let s = gi * b * r + bi * r + ri;
-                let (ls, lo) = (shared.lse[s], own.lse[o]);
-                let m = ls.max(lo);
-                let (ws, wo) = ((ls - m).exp(), (lo - m).exp());
-                let (ws, wo) = (ws / (ws + wo), wo / (ws + wo));
-                let dst = &mut out[o * d..(o + 1) * d];
-                for (x, &y) in dst.iter_mut().zip(&shared.out[s * d..(s + 1) * d]) {
-                    *x = *x * wo + y * ws;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(out, (b, g, r, d), &Device::Cpu)?)
-}
-
 /// Softmax-normalised outputs `(b, g, r, d)` and each query row's log-sum-exp of its (masked)
 /// scores, which is what combining two attentions over disjoint keys needs.
-struct Parts {
-    out: Vec<f32>,
-    lse: Vec<f32>,
+pub(super) struct Parts {
+    pub(super) out: Vec<f32>,
+    pub(super) lse: Vec<f32>,
 }
 
 /// [`attention`]'s work, keeping the log-sum-exps; `None` as there.
-fn attention_parts(
+pub(super) fn attention_parts(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -364,7 +314,7 @@ fn matmul(
 const LANES: usize = 16;
 
 /// `row ← e^(row − max(row))`; returns the max and the new sum.
-fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
+pub(super) fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -513,60 +463,6 @@ mod tests {
         );
         // Decoding with every key visible: no mask.
         check(2, 2, 4, 1, 33, None);
-    }
-
-    #[test]
-    fn a_shared_prefix_equals_attention_over_the_concatenated_keys() {
-        let dev = Device::Cpu;
-        let d = 16;
-        // (batch, KV heads, query heads per KV head, queries, prefix keys, own keys, padding).
-        let cases: [(usize, usize, usize, usize, usize, usize, Vec<Vec<usize>>); 3] = [
-            // Decoding: one query per row, rows of different lengths (left padding).
-            (
-                4,
-                3,
-                3,
-                1,
-                70,
-                9,
-                vec![vec![0, 1], vec![], vec![0, 1, 2, 3, 4], vec![]],
-            ),
-            // Prefilling documents after the prefix: padding queries see no own key at all.
-            (2, 2, 2, 6, 150, 6, vec![vec![0, 1, 2], vec![]]),
-            // More query rows per KV head than one block.
-            (3, 1, 2, 40, 33, 45, vec![vec![], vec![1], vec![]]),
-        ];
-        for (b, g, n_rep, t, p, own, hidden) in cases {
-            let q = Tensor::randn(0f32, 1.0, (b, g, n_rep * t, d), &dev).unwrap();
-            let pk = Tensor::randn(0f32, 1.0, (1, g, p, d), &dev).unwrap();
-            let pv = Tensor::randn(0f32, 1.0, (1, g, p, d), &dev).unwrap();
-            let k = Tensor::randn(0f32, 1.0, (b, g, own, d), &dev).unwrap();
-            let v = Tensor::randn(0f32, 1.0, (b, g, own, d), &dev).unwrap();
-            let m = mask(&hidden, t, own);
-            let got = super::attention_after_prefix(&q, &k, &v, Some(&m), &pk, &pv).unwrap();
-            let cat = |prefix: &Tensor, rows: &Tensor| {
-                let prefix = prefix
-                    .broadcast_as((b, g, p, d))
-                    .unwrap()
-                    .contiguous()
-                    .unwrap();
-                Tensor::cat(&[&prefix, rows], 2)
-                    .unwrap()
-                    .force_contiguous()
-                    .unwrap()
-            };
-            let seen = Tensor::zeros((b, 1, 1, t, p), DType::F32, &dev).unwrap();
-            let full_mask = Tensor::cat(&[&seen, &m], 4).unwrap();
-            let want = composed(&q, &cat(&pk, &k), &cat(&pv, &v), Some(&full_mask));
-            let diff = max_abs_diff(&got, &want);
-            assert!(
-                diff < 1e-5,
-                "b{b} g{g} rep{n_rep} t{t} P{p} T{own}: max |Δ| {diff}"
-            );
-        }
-        // Anything but f32 on the CPU is refused, not computed some other way.
-        let x = Tensor::zeros((1, 1, 4, 8), DType::F64, &dev).unwrap();
-        assert!(super::attention_after_prefix(&x, &x, &x, None, &x, &x).is_err());
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
+use super::prefix_attention::PrefixKv;
+
 /// One layer's keys and values `(b, kv_heads, capacity, head_dim)`, of which the first `len`
 /// time steps are filled. Appending writes in place while there is room, so a decode step does
 /// not copy the whole cache; a clone shares the buffers and copies them on its first append (so
@@ -72,8 +74,8 @@ impl LayerKv {
 /// a real token, visible to every later query of every row.
 #[derive(Debug)]
 pub struct SharedPrefix {
-    /// Per layer: keys and values `(1, kv_heads, len, head_dim)`.
-    pub(crate) layers: Vec<(Tensor, Tensor)>,
+    /// Per layer: keys and values, laid out for the decode kernel.
+    pub(crate) layers: Vec<PrefixKv>,
     /// One past the last position in the prefix: where each row's own tokens start.
     next_position: u32,
 }
@@ -115,7 +117,7 @@ impl KvCache {
             .layers
             .iter()
             .map(|l| match l {
-                Some(l) => Ok((l.k.narrow(2, 0, l.len)?, l.v.narrow(2, 0, l.len)?)),
+                Some(l) => PrefixKv::new(&l.k.narrow(2, 0, l.len)?, &l.v.narrow(2, 0, l.len)?),
                 None => bail!("a shared prefix needs every layer's keys"),
             })
             .collect::<Result<Vec<_>>>()?;

@@ -14,6 +14,7 @@ use super::config::ModelConfig;
 use super::dispatch::{kernel_for, Kernel, Op};
 use super::kv_cache::{KvCache, LayerKv};
 use super::lora::{LoraAdapter, TargetModule};
+use super::prefix_attention::PrefixKv;
 use super::weights::WeightMap;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,7 +257,7 @@ fn add_grads(
 /// shares one.
 struct CachedKeys<'a> {
     own: &'a mut Option<LayerKv>,
-    shared: Option<&'a (Tensor, Tensor)>,
+    shared: Option<&'a PrefixKv>,
 }
 
 /// Causal attention with grouped-query heads, using cached keys when given.
@@ -687,8 +688,8 @@ impl LlamaModel {
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
         let kernel = kernel_for(Op::Attention, &q, self.mode);
         let fused = match (kernel, shared) {
-            (Kernel::PaftCpu, Some((pk, pv))) => Some(
-                super::attention_kernel::attention_after_prefix(&q, &k, &v, mask, pk, pv)?,
+            (Kernel::PaftCpu, Some(prefix)) => Some(
+                super::prefix_attention::attention_after_prefix(&q, &k, &v, mask, prefix)?,
             ),
             (_, Some(_)) => {
                 bail!("a KV cache with a shared prefix needs the CPU attention kernel")

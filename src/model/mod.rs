@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod lora;
 pub mod ops;
+pub mod prefix_attention;
 pub mod pretrained;
 pub mod rope;
 pub mod small_matmul;

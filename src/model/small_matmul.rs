@@ -102,7 +102,7 @@ fn row_dots(x: &Tensor, w: &Tensor, wide: bool) -> Result<Option<Tensor>> {
     ))
 }
 
-fn avx2_fma() -> bool {
+pub(super) fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -116,7 +116,7 @@ fn avx2_fma() -> bool {
 /// AVX-512VL: the same 8-lane instructions with 32 vector registers instead of 16, so a block
 /// can hold 24 accumulators (`fill_wide`). The products and their order are those of `fill`,
 /// so a row's bits do not depend on which path computed it.
-fn avx512vl() -> bool {
+pub(super) fn avx512vl() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
