@@ -246,23 +246,18 @@ fn run(
                         (d, 1),
                         k_head,
                     );
-                    let mut norm = vec![0f32; rows];
-                    for (i, row) in scores.chunks_mut(cols).enumerate() {
-                        if let Some(m) = mask {
+                    if let Some(m) = mask {
+                        for (i, row) in scores.chunks_mut(cols).enumerate() {
                             let start = mask_row(i) * total;
                             for (x, &mv) in row.iter_mut().zip(&m[start..start + cols]) {
                                 *x += mv;
                             }
                         }
-                        let (max, sum) = exp_shifted_in_place(row);
-                        norm[i] = 1.0 / sum;
-                        lse_blk[i] = max + sum.ln();
                     }
+                    let norm = exp_rows(&mut scores, cols, lse_blk);
                     // out = P · V[..cols].
                     matmul(out_blk, rows, d, cols, &scores, (1, d), v_head);
-                    for (row, n) in out_blk.chunks_mut(d).zip(norm) {
-                        row.iter_mut().for_each(|x| *x *= n);
-                    }
+                    scale_rows(out_blk, d, &norm);
                 });
         });
     Parts { out, lse }
@@ -313,8 +308,30 @@ fn matmul(
 /// them (a single running max or sum is a serial chain of dependent float ops).
 const LANES: usize = 16;
 
+/// The softmax of each `cols`-wide row of `scores`, left unnormalised: each row ← e^(row − max),
+/// its log-sum-exp written to `lse`; returns each row's 1/sum, which [`scale_rows`] applies to
+/// the row's `P·V` (d values instead of `cols`).
+pub(super) fn exp_rows(scores: &mut [f32], cols: usize, lse: &mut [f32]) -> Vec<f32> {
+    scores
+        .chunks_mut(cols)
+        .zip(lse.iter_mut())
+        .map(|(row, lse)| {
+            let (max, sum) = exp_shifted_in_place(row);
+            *lse = max + sum.ln();
+            1.0 / sum
+        })
+        .collect()
+}
+
+/// Each `d`-wide row of `out` times its factor.
+pub(super) fn scale_rows(out: &mut [f32], d: usize, factors: &[f32]) {
+    for (row, &f) in out.chunks_mut(d).zip(factors) {
+        row.iter_mut().for_each(|x| *x *= f);
+    }
+}
+
 /// `row ← e^(row − max(row))`; returns the max and the new sum.
-pub(super) fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
+fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -376,7 +393,7 @@ fn exp(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::{DType, Device, Tensor, D};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -391,7 +408,7 @@ mod tests {
     }
 
     /// The composed reference: softmax(q·kᵀ + mask)·v.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    pub(crate) fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Tensor {
         let (b, g, r, _) = q.dims4().unwrap();
         let total = k.dim(2).unwrap();
         let t = mask.map_or(r, |m| m.dim(3).unwrap());
@@ -410,7 +427,7 @@ mod tests {
 
     /// Mask rows `(b|1, 1, 1, t, T)`: query i (at absolute position prev + i) sees keys at
     /// positions ≤ its own that are not in `hidden` (left padding) for that batch row.
-    fn mask(rows: &[Vec<usize>], t: usize, total: usize) -> Tensor {
+    pub(crate) fn mask(rows: &[Vec<usize>], t: usize, total: usize) -> Tensor {
         let mut data = vec![];
         for hidden in rows {
             for i in 0..t {

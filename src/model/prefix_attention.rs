@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::attention_kernel::{attention_parts, exp_shifted_in_place, with_f32};
+use super::attention_kernel::{attention_parts, exp_rows, scale_rows, with_f32};
 
 /// A prefix's keys and values in the layout the decode kernel reads, f32 on the CPU.
 #[derive(Debug)]
@@ -148,16 +148,9 @@ fn prefix_parts(q: &[f32], m: usize, p: &PrefixKv) -> (Vec<f32>, Vec<f32>) {
                     let q_blk = &q[q0..q0 + rows * d];
                     let mut scores = vec![0f32; rows * len];
                     matmul(&mut scores, q_blk, keys_t, rows, len, d);
-                    let mut norm = vec![0f32; rows];
-                    for (i, row) in scores.chunks_mut(len).enumerate() {
-                        let (max, sum) = exp_shifted_in_place(row);
-                        norm[i] = 1.0 / sum;
-                        lse_blk[i] = max + sum.ln();
-                    }
+                    let norm = exp_rows(&mut scores, len, lse_blk);
                     matmul(out_blk, &scores, values, rows, d, len);
-                    for (row, n) in out_blk.chunks_mut(d).zip(norm) {
-                        row.iter_mut().for_each(|x| *x *= n);
-                    }
+                    scale_rows(out_blk, d, &norm);
                 });
         });
     (out, lse)
@@ -291,9 +284,10 @@ unsafe fn tile<const R: usize, const C: usize>(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, D};
+    use candle_core::{DType, Device, Tensor};
 
     use super::PrefixKv;
+    use crate::model::attention_kernel::tests::{composed, mask};
 
     fn random(n: usize, dev: &Device) -> Vec<f32> {
         if n == 0 {
@@ -346,36 +340,6 @@ mod tests {
         }
     }
 
-    /// The composed reference over the concatenated keys.
-    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
-        let (b, g, r, _) = q.dims4().unwrap();
-        let (total, t) = (k.dim(2).unwrap(), mask.dim(3).unwrap());
-        let scores = q
-            .matmul(&k.t().unwrap())
-            .unwrap()
-            .reshape((b, g, r / t, t, total))
-            .unwrap()
-            .broadcast_add(mask)
-            .unwrap();
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
-        probs.reshape((b, g, r, total)).unwrap().matmul(v).unwrap()
-    }
-
-    /// Mask rows `(b, 1, 1, t, T)`: query i sees its row's keys up to its own position except
-    /// the `hidden` ones (left padding).
-    fn mask(rows: &[Vec<usize>], t: usize, total: usize) -> Tensor {
-        let mut data = vec![];
-        for hidden in rows {
-            for i in 0..t {
-                for j in 0..total {
-                    let visible = j <= total - t + i && !hidden.contains(&j);
-                    data.push(if visible { 0f32 } else { -1e30 });
-                }
-            }
-        }
-        Tensor::from_vec(data, (rows.len(), 1, 1, t, total), &Device::Cpu).unwrap()
-    }
-
     #[test]
     fn equals_attention_over_the_concatenated_keys() {
         let dev = Device::Cpu;
@@ -420,7 +384,7 @@ mod tests {
             };
             let seen = Tensor::zeros((b, 1, 1, t, p), DType::F32, &dev).unwrap();
             let full_mask = Tensor::cat(&[&seen, &m], 4).unwrap();
-            let want = composed(&q, &cat(&pk, &k), &cat(&pv, &v), &full_mask);
+            let want = composed(&q, &cat(&pk, &k), &cat(&pv, &v), Some(&full_mask));
             let diff: f32 = (&got - &want)
                 .unwrap()
                 .abs()
