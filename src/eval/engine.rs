@@ -397,7 +397,11 @@ pub fn generate_until(
     }
     let mut texts = vec![String::new(); requests.len()];
     let mut work = TokenWork::default();
-    let mut pending = 0..requests.len();
+    // Longest contexts first, as lm-eval orders generation requests: documents admitted together
+    // are then of similar length, so their left-padded prefill computes little padding.
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len()));
+    let mut pending = order.into_iter();
     // Active rows, and for each the row of `cache` holding its keys (finished rows stay in the
     // cache until the next refill or compaction drops them, so that is one copy, not two).
     let mut rows: Vec<Row> = vec![];
@@ -509,16 +513,20 @@ struct Start<'a> {
     shared: Option<&'a Arc<SharedPrefix>>,
 }
 
+/// Documents prefilled in one left-padded batch at most: taken in order of length, a group's
+/// rows are of similar length, so little of the batch is padding.
+const ADMIT_GROUP: usize = 8;
+
 /// Prefills pending documents into the free slots of a batch of `active` rows: each one's
 /// context but its last token (which goes in with the next decode step, like every row's
 /// input), after the shared prefix (or on a fork of it). Returns the documents and their cache,
-/// one row each; documents admitted together (the first batch) are prefilled as one left-padded
-/// batch, whose padding [`KvCache::stack`] then drops.
+/// one row each; documents admitted together are prefilled in left-padded groups of
+/// [`ADMIT_GROUP`], whose padding [`KvCache::stack`] then drops.
 fn admit(
     model: &LlamaModel,
     start: &Start,
     requests: &[&TokenizedGeneration],
-    pending: &mut std::ops::Range<usize>,
+    pending: &mut std::vec::IntoIter<usize>,
     settings: &GenerationSettings,
     active: usize,
 ) -> Result<(Vec<usize>, KvCache)> {
@@ -527,19 +535,55 @@ fn admit(
     let free = slots.saturating_sub(active);
     // Without a shared prefix each document prefills its whole ~1k-token prompt: one row at a
     // time runs thin matrix products (measured slower than the old fixed batches at 16
-    // documents), so refills wait until half the slots are free and go in together.
-    if base.is_empty() && active > 0 && free * 2 < slots {
+    // documents), so refills wait until half the slots are free and go in together. After a
+    // shared prefix a document is a few dozen tokens, and one alone is thinner still, so those
+    // refills wait for a group too; a decode step's cost is nearly proportional to its rows,
+    // so the slots left empty meanwhile cost little.
+    let wait = if base.is_empty() {
+        free * 2 < slots
+    } else {
+        free < ADMIT_GROUP.min(slots).min(pending.len())
+    };
+    if active > 0 && wait {
         return Ok((vec![], model.new_cache()));
     }
     let admitted: Vec<usize> = pending.by_ref().take(free).collect();
-    let mut cache = match (admitted.len(), start.shared) {
+    if admitted.is_empty() {
+        return Ok((admitted, model.new_cache()));
+    }
+    let groups = admitted
+        .chunks(ADMIT_GROUP)
+        .map(|group| prefill_group(model, start, requests, group, settings.pad_id))
+        .collect::<Result<Vec<_>>>()?;
+    let cache = match <[KvCache; 1]>::try_from(groups) {
+        Ok([one]) => one,
+        Err(groups) => {
+            let rows: Vec<(&KvCache, usize)> = groups
+                .iter()
+                .flat_map(|c| (0..c.batch_size()).map(move |r| (c, r)))
+                .collect();
+            KvCache::stack(&rows, 0)?
+        }
+    };
+    Ok((admitted, cache))
+}
+
+/// One left-padded batch of `group`'s contexts but their last tokens, after the shared prefix.
+fn prefill_group(
+    model: &LlamaModel,
+    start: &Start,
+    requests: &[&TokenizedGeneration],
+    group: &[usize],
+    pad_id: u32,
+) -> Result<KvCache> {
+    let base = start.base;
+    let mut cache = match (group.len(), start.shared) {
         _ if base.is_empty() => model.new_cache(),
-        (0, _) => return Ok((admitted, model.new_cache())),
         (n, Some(shared)) => KvCache::after_prefix(shared, n),
         (1, None) => base.cache.clone(),
         (n, None) => base.cache.fork(n)?,
     };
-    let rest: Vec<Vec<u32>> = admitted
+    let rest: Vec<Vec<u32>> = group
         .iter()
         .map(|&i| {
             let c = &requests[i].context;
@@ -547,14 +591,14 @@ fn admit(
         })
         .collect();
     if rest.iter().any(|r| !r.is_empty()) {
-        let start = vec![base.len() as u32; rest.len()];
+        let at = vec![base.len() as u32; rest.len()];
         forward_in_chunks(
             model,
-            &TokenBatch::left_padded(&rest, &start, settings.pad_id),
+            &TokenBatch::left_padded(&rest, &at, pad_id),
             &mut cache,
         )?;
     }
-    Ok((admitted, cache))
+    Ok(cache)
 }
 
 /// Feeds every row's input token at its next position; returns each row's greedy next token.
@@ -651,7 +695,11 @@ mod tests {
     /// Documents with different context lengths and generation budgets (so rows finish at
     /// different steps and slots get refilled), all starting with `prefix`.
     fn documents(prefix: &[u32]) -> Vec<TokenizedGeneration> {
-        (0..7u64)
+        documents_n(prefix, 7)
+    }
+
+    fn documents_n(prefix: &[u32], n: u64) -> Vec<TokenizedGeneration> {
+        (0..n)
             .map(|d| {
                 let mut context = prefix.to_vec();
                 context.extend(tokens(d, 1 + (d as usize * 5) % 11));
@@ -765,6 +813,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("shared prefix"), "{err}");
+    }
+
+    #[test]
+    fn admission_in_groups_after_a_shared_prefix_equals_full_contexts() {
+        // 19 documents in 12 slots: the first admission is prefilled as two groups (8 + 4)
+        // stacked into one cache, and refills wait for several free slots.
+        let (model, tok) = (tiny_model(13), tokenizer());
+        let prefix = tokens(98, 20);
+        let empty = Prefilled::empty(&model);
+        let mut docs = documents_n(&prefix, 19);
+        let alone = with_stops(&model, &tok, &empty, &mut docs);
+        let refs: Vec<&TokenizedGeneration> = docs.iter().collect();
+        let base = prefill(&model, &empty, &prefix, 0).unwrap();
+        let (shared, work, done) = run(&model, &tok, &base, &refs, &batched(&alone, 12));
+        for (i, doc) in refs.iter().enumerate() {
+            let (one, _, _) = run(&model, &tok, &empty, std::slice::from_ref(doc), &alone);
+            assert_eq!(shared[i], one[0], "document {i}");
+        }
+        let mut finished = done;
+        finished.sort_unstable();
+        assert_eq!(finished, (0..docs.len()).collect::<Vec<_>>());
+        let own: u64 = docs.iter().map(|d| (d.context.len() - 20) as u64).sum();
+        assert_eq!(work.prefilled, own);
     }
 
     /// Each request's log-likelihood and is-greedy with its whole input run alone, no cache.
