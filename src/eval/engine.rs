@@ -445,12 +445,11 @@ pub fn generate_until(
         } else if !admitted.is_empty()
             || (cache_rows.len() < cache.batch_size() && !rows.is_empty())
         {
-            let mut sources: Vec<(&KvCache, usize)> =
-                cache_rows.iter().map(|&r| (&cache, r)).collect();
-            sources.extend((0..admitted.len()).map(|r| (&fresh, r)));
-            let stacked = KvCache::stack(&sources, spare)?;
+            let mut sources: Vec<(usize, usize)> = cache_rows.iter().map(|&r| (0, r)).collect();
+            sources.extend((0..admitted.len()).map(|r| (1, r)));
+            let old = std::mem::replace(&mut cache, model.new_cache());
+            cache = KvCache::stack(vec![old, fresh], &sources, spare)?;
             cache_rows = (0..sources.len()).collect();
-            cache = stacked;
         }
         for i in admitted {
             let context = &requests[i].context;
@@ -558,11 +557,12 @@ fn admit(
     let cache = match <[KvCache; 1]>::try_from(groups) {
         Ok([one]) => one,
         Err(groups) => {
-            let rows: Vec<(&KvCache, usize)> = groups
+            let rows: Vec<(usize, usize)> = groups
                 .iter()
-                .flat_map(|c| (0..c.batch_size()).map(move |r| (c, r)))
+                .enumerate()
+                .flat_map(|(g, c)| (0..c.batch_size()).map(move |r| (g, r)))
                 .collect();
-            KvCache::stack(&rows, 0)?
+            KvCache::stack(groups, &rows, 0)?
         }
     };
     Ok((admitted, cache))
