@@ -51,10 +51,10 @@ impl EvalConfig {
     /// holds its whole prompt with per-document shots (measured on SmolLM2-135M, 50 GSM8K
     /// documents: 1.44 GB peak at 8 rows, 2.1 GB and no faster at 16: prefill-bound), but only
     /// its own question after a shared prefix (16 rows 16% faster than 8: fewer decode steps;
-    /// 1.36 GB peak at 32). With shared
-    /// shots it is as many rows as the row-dot matmul takes on this CPU, up to 32 (AVX-512VL: 50
-    /// documents of 256 tokens 22% faster than at 16), so a row's tokens never depend on the
-    /// rows decoded with it; 16 where the matmul path stops at 24 rows.
+    /// 1.36 GB peak at 32). With shared shots it is as many rows as the row-dot matmul takes on
+    /// this CPU, up to 32 (AVX-512VL: 50 documents of 256 tokens 22% faster than at 16), so a
+    /// row's tokens never depend on the rows decoded with it; 16 where the matmul path stops at
+    /// 24 rows.
     pub fn generation_batch(&self) -> usize {
         self.batch_size
             .unwrap_or(match self.fewshot_mode {
