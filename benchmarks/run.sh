@@ -45,7 +45,7 @@
 #                                  # per-document shots and with shared shots (these two first, for the whole grid), on the
 #                                  # documents shared shots score in the faithful time (the grid's median ratio), and on REPORT (default 200) report-pool documents per task (per-document
 #                                  # shots): seconds per candidate of both fidelities and each one's Spearman with the report
-#                                  # ranking at equal compute. TASKS default: all six. Resumes from its cache
+#                                  # ranking at equal compute, with 95% bootstrap intervals over the candidates. TASKS default: all six. Resumes from its cache
 #                                  # (benchmarks/results/scoring-cache-*.jsonl); PHASES (e.g. report) runs only some phases.
 # Env: THREADS (default: nproc), PAFT_BIN (a built paft; default: build the dev profile), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl

@@ -13,7 +13,9 @@
 //!   user would publish.
 //!
 //! The summary line gives seconds per candidate of both fidelities at `--docs` documents, their
-//! ratio, and the Spearman correlation of `faithful` and of `shared_equal` with `report`.
+//! ratio, and the Spearman correlation of `faithful` and of `shared_equal` with `report`, each
+//! and their difference with a 95% bootstrap interval over the candidates, beside the report
+//! accuracies' spread and their mean standard error (how much of the report ranking is chance).
 //!
 //! cargo bench --profile dev --bench scoring_fidelity -- --base DIR --sft REF --pref REF \
 //!     [--tasks LIST] [--docs 50] [--report 200] [--sft-grid 0,0.5,1,1.5,2] [--pref-grid 0,1] \
@@ -33,9 +35,13 @@ use anyhow::{bail, Context, Result};
 use paft::eval::fewshot::FewshotMode;
 use paft::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, SuiteResult, TaskStore};
 use paft::search::{CandidateScorer, MergeInputs, Objective, ObjectiveMetric, SearchSpace};
-use paft::stats::spearman;
+use paft::stats::{quantile, spearman, spearman_draws};
 
 const PHASES: [&str; 4] = ["faithful", "shared", "shared_equal", "report"];
+/// The Spearman intervals' bootstrap: `paft report`'s default seed and draw count.
+use paft::report::bootstrap::{
+    DEFAULT_RESAMPLES as BOOTSTRAP_RESAMPLES, DEFAULT_SEED as BOOTSTRAP_SEED,
+};
 
 #[derive(serde::Serialize, serde::Deserialize, Clone)]
 struct Row {
@@ -43,6 +49,9 @@ struct Row {
     phase: String,
     docs_per_task: usize,
     accuracy: f64,
+    /// The accuracy's standard error over documents (rows cached before it was kept have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    accuracy_stderr: Option<f64>,
     seconds: f64,
     task_seconds: BTreeMap<String, f64>,
     tokens_prefilled: u64,
@@ -264,11 +273,13 @@ fn main() -> Result<()> {
                     scorer.evaluator_mut()
                 };
                 let result: SuiteResult = evaluator.evaluate_weights(&weights, set)?;
+                let (accuracy, stderr) = objective.value(&result, None);
                 let row = Row {
                     key: c.key(),
                     phase: phase.to_string(),
                     docs_per_task: n,
-                    accuracy: objective.value(&result, None).0,
+                    accuracy,
+                    accuracy_stderr: Some(stderr),
                     seconds: result.seconds,
                     task_seconds: result
                         .tasks
@@ -310,6 +321,28 @@ fn main() -> Result<()> {
         .map(|(f, s)| f / s)
         .collect();
     let report_acc = column("report");
+    // How much each Spearman owes to which candidates the grid holds: a bootstrap over the
+    // candidates, paired (each draw ranks the same candidates in both modes).
+    let (faithful_acc, shared_equal_acc) = (column("faithful"), column("shared_equal"));
+    let draws = spearman_draws(
+        &[&faithful_acc, &shared_equal_acc],
+        &report_acc,
+        BOOTSTRAP_SEED,
+        BOOTSTRAP_RESAMPLES,
+    );
+    let differences: Vec<f64> = draws[1].iter().zip(&draws[0]).map(|(s, f)| s - f).collect();
+    let interval = |mut d: Vec<f64>| -> Option<[f64; 2]> {
+        d.sort_by(f64::total_cmp);
+        (!d.is_empty()).then(|| [quantile(&d, 0.025), quantile(&d, 0.975)])
+    };
+    // The report accuracies' own noise against their spread: a ranking of candidates whose
+    // report accuracies differ by less than a few standard errors is partly chance.
+    let report_stderrs: Vec<f64> = keys
+        .iter()
+        .filter_map(|k| cache.rows[&(k.clone(), "report".to_string())].accuracy_stderr)
+        .collect();
+    let spearman_faithful = spearman(&faithful_acc, &report_acc);
+    let spearman_shared_equal = spearman(&shared_equal_acc, &report_acc);
     println!(
         "{}",
         serde_json::json!({
@@ -322,13 +355,25 @@ fn main() -> Result<()> {
             "median_seconds_per_candidate_shared": median(seconds("shared")),
             "median_speedup_shared_vs_faithful": median(ratios.clone()),
             "min_speedup_shared_vs_faithful": ratios.iter().cloned().fold(f64::INFINITY, f64::min),
-            "spearman_faithful_vs_report": spearman(&column("faithful"), &report_acc),
+            "spearman_faithful_vs_report": spearman_faithful,
+            "spearman_faithful_vs_report_95": interval(draws[0].clone()),
             "spearman_shared_same_docs_vs_report": spearman(&column("shared"), &report_acc),
-            "spearman_shared_equal_compute_vs_report": spearman(&column("shared_equal"), &report_acc),
+            "spearman_shared_equal_compute_vs_report": spearman_shared_equal,
+            "spearman_shared_equal_compute_vs_report_95": interval(draws[1].clone()),
+            "spearman_shared_equal_minus_faithful": spearman_shared_equal - spearman_faithful,
+            "spearman_shared_equal_minus_faithful_95": interval(differences),
+            "spearman_interval": format!(
+                "95% percentile bootstrap over the {} candidates, {} draws kept of {BOOTSTRAP_RESAMPLES}, seed {BOOTSTRAP_SEED}",
+                keys.len(),
+                draws[0].len()
+            ),
             "report_accuracy_range": [
                 report_acc.iter().cloned().fold(f64::INFINITY, f64::min),
                 report_acc.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
             ],
+            "report_accuracy_stderr_mean": (!report_stderrs.is_empty())
+                .then(|| report_stderrs.iter().sum::<f64>() / report_stderrs.len() as f64),
+            "report_rows_with_stderr": report_stderrs.len(),
         })
     );
     Ok(())

@@ -1,5 +1,6 @@
 //! Estimates with standard errors, shared by every stage that reports a noisy number: a mean
-//! over documents or rows (lm-eval's `mean_stderr`) and a ratio of sums (a per-token loss).
+//! over documents or rows (lm-eval's `mean_stderr`) and a ratio of sums (a per-token loss); and
+//! rank correlations with their bootstrap draws, for the benchmarks that compare rankings.
 
 /// A number and its standard error, in the same unit. `stderr` is NaN where it is undefined
 /// (fewer than two documents), never a stand-in 0.
@@ -100,6 +101,51 @@ pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
     cov / (va * vb).sqrt()
 }
 
+/// Each of `rankings`' Spearman correlation with `reference` (all scores of the same items, e.g.
+/// the candidates of a grid), recomputed on `resamples` bootstrap draws of the items: how much
+/// the correlation owes to which items happened to be compared. Draw `r` uses the same items for
+/// every ranking, so differences between rankings are paired. A draw in which some side is
+/// constant (a correlation that is not a number; with ten items, about one draw in a billion) is
+/// dropped for every ranking alike. Seeded (ChaCha8), so the same seed gives the same draws.
+pub fn spearman_draws(
+    rankings: &[&[f64]],
+    reference: &[f64],
+    seed: u64,
+    resamples: usize,
+) -> Vec<Vec<f64>> {
+    use rand::{Rng, SeedableRng};
+    let n = reference.len();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut draws = vec![Vec::with_capacity(resamples); rankings.len()];
+    if n == 0 {
+        return draws;
+    }
+    for _ in 0..resamples {
+        let items: Vec<usize> = (0..n).map(|_| rng.random_range(0..n)).collect();
+        let pick = |v: &[f64]| items.iter().map(|&i| v[i]).collect::<Vec<f64>>();
+        let reference = pick(reference);
+        let rhos: Vec<f64> = rankings
+            .iter()
+            .map(|r| spearman(&pick(r), &reference))
+            .collect();
+        if rhos.iter().all(|r| r.is_finite()) {
+            for (d, r) in draws.iter_mut().zip(rhos) {
+                d.push(r);
+            }
+        }
+    }
+    draws
+}
+
+/// The `q` quantile of `sorted` (ascending, not empty), interpolating linearly between the order
+/// statistics at q·(n − 1), as numpy's default.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = q * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
 /// Ranks with ties averaged (1-based).
 fn ranks(v: &[f64]) -> Vec<f64> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
@@ -188,5 +234,44 @@ mod tests {
         let r = super::spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]);
         assert!((r - 0.9486832980505138).abs() < 1e-12, "{r}");
         assert!(super::spearman(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]).is_nan());
+    }
+
+    #[test]
+    fn spearman_draws_resample_items_paired_and_seeded() {
+        let reference: Vec<f64> = (0..10).map(f64::from).collect();
+        let same = reference.clone();
+        let reversed: Vec<f64> = reference.iter().map(|x| -x).collect();
+        // Swapping the two best: high correlation, but draws without both of them give 1.
+        let mut swapped = reference.clone();
+        swapped.swap(8, 9);
+        let draws = spearman_draws(&[&same, &reversed, &swapped], &reference, 7, 500);
+        // Every draw has repeated items but at least two distinct ones (else it is dropped).
+        assert!(draws.iter().all(|d| d.len() == draws[0].len()));
+        assert!(draws[0].len() > 490, "{}", draws[0].len());
+        assert!(draws[0].iter().all(|&r| close(r, 1.0)));
+        assert!(draws[1].iter().all(|&r| close(r, -1.0)));
+        let swapped_draws = &draws[2];
+        assert!(swapped_draws.iter().any(|&r| close(r, 1.0)));
+        assert!(swapped_draws.iter().any(|&r| r < 0.99));
+        assert!(swapped_draws.iter().all(|&r| r <= 1.0 + 1e-12));
+        let high = swapped_draws.iter().filter(|&&r| r > 0.5).count();
+        assert!(high * 100 > swapped_draws.len() * 95, "{high}");
+        // Seeded: the same seed, the same draws; another seed, others.
+        let again = spearman_draws(&[&same, &reversed, &swapped], &reference, 7, 500);
+        assert_eq!(again, draws);
+        let other = spearman_draws(&[&swapped], &reference, 8, 500);
+        assert_ne!(other[0], draws[2]);
+        // A constant side is a correlation of nothing: every draw is dropped.
+        assert!(spearman_draws(&[&[1.0; 10]], &reference, 7, 50)[0].is_empty());
+    }
+
+    #[test]
+    fn quantile_interpolates_between_order_statistics() {
+        // numpy.quantile([1, 2, 3, 4], [0, 0.25, 0.5, 1]) = 1, 1.75, 2.5, 4
+        let v = [1.0, 2.0, 3.0, 4.0];
+        for (q, want) in [(0.0, 1.0), (0.25, 1.75), (0.5, 2.5), (1.0, 4.0)] {
+            assert!(close(quantile(&v, q), want), "{q}");
+        }
+        assert!(close(quantile(&[5.0], 0.975), 5.0));
     }
 }

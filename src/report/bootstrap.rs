@@ -16,6 +16,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::stats::quantile;
+
 pub const DEFAULT_SEED: u64 = 1234;
 pub const DEFAULT_RESAMPLES: usize = 2000;
 /// Fewer draws make the 2.5% tails rest on a couple dozen values.
@@ -141,14 +143,6 @@ pub(crate) fn percentile_interval(difference: f64, mut draws: Vec<f64>) -> Optio
         low: quantile(&draws, 0.025),
         high: quantile(&draws, 0.975),
     })
-}
-
-/// Linear interpolation between order statistics at q·(n − 1).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let pos = q * (sorted.len() - 1) as f64;
-    let lo = pos.floor() as usize;
-    let hi = pos.ceil() as usize;
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
 #[cfg(test)]
