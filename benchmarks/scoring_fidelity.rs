@@ -35,13 +35,13 @@ use anyhow::{bail, Context, Result};
 use paft::eval::fewshot::FewshotMode;
 use paft::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, SuiteResult, TaskStore};
 use paft::search::{CandidateScorer, MergeInputs, Objective, ObjectiveMetric, SearchSpace};
-use paft::stats::{quantile, spearman, spearman_draws};
-
-const PHASES: [&str; 4] = ["faithful", "shared", "shared_equal", "report"];
-/// The Spearman intervals' bootstrap: `paft report`'s default seed and draw count.
+// The Spearman intervals' bootstrap takes `paft report`'s default seed and draw count.
 use paft::report::bootstrap::{
     DEFAULT_RESAMPLES as BOOTSTRAP_RESAMPLES, DEFAULT_SEED as BOOTSTRAP_SEED,
 };
+use paft::stats::{quantile, spearman, spearman_draws};
+
+const PHASES: [&str; 4] = ["faithful", "shared", "shared_equal", "report"];
 
 #[derive(serde::Serialize, serde::Deserialize, Clone)]
 struct Row {
