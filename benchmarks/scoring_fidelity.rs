@@ -39,7 +39,7 @@ use paft::search::{CandidateScorer, MergeInputs, Objective, ObjectiveMetric, Sea
 use paft::report::bootstrap::{
     DEFAULT_RESAMPLES as BOOTSTRAP_RESAMPLES, DEFAULT_SEED as BOOTSTRAP_SEED,
 };
-use paft::stats::{quantile, spearman, spearman_draws};
+use paft::stats::{percentile_interval_95, spearman, spearman_draws};
 
 const PHASES: [&str; 4] = ["faithful", "shared", "shared_equal", "report"];
 
@@ -331,10 +331,6 @@ fn main() -> Result<()> {
         BOOTSTRAP_RESAMPLES,
     );
     let differences: Vec<f64> = draws[1].iter().zip(&draws[0]).map(|(s, f)| s - f).collect();
-    let interval = |mut d: Vec<f64>| -> Option<[f64; 2]> {
-        d.sort_by(f64::total_cmp);
-        (!d.is_empty()).then(|| [quantile(&d, 0.025), quantile(&d, 0.975)])
-    };
     // The report accuracies' own noise against their spread: a ranking of candidates whose
     // report accuracies differ by less than a few standard errors is partly chance.
     let report_stderrs: Vec<f64> = keys
@@ -356,12 +352,12 @@ fn main() -> Result<()> {
             "median_speedup_shared_vs_faithful": median(ratios.clone()),
             "min_speedup_shared_vs_faithful": ratios.iter().cloned().fold(f64::INFINITY, f64::min),
             "spearman_faithful_vs_report": spearman_faithful,
-            "spearman_faithful_vs_report_95": interval(draws[0].clone()),
+            "spearman_faithful_vs_report_95": percentile_interval_95(draws[0].clone()),
             "spearman_shared_same_docs_vs_report": spearman(&column("shared"), &report_acc),
             "spearman_shared_equal_compute_vs_report": spearman_shared_equal,
-            "spearman_shared_equal_compute_vs_report_95": interval(draws[1].clone()),
+            "spearman_shared_equal_compute_vs_report_95": percentile_interval_95(draws[1].clone()),
             "spearman_shared_equal_minus_faithful": spearman_shared_equal - spearman_faithful,
-            "spearman_shared_equal_minus_faithful_95": interval(differences),
+            "spearman_shared_equal_minus_faithful_95": percentile_interval_95(differences),
             "spearman_interval": format!(
                 "95% percentile bootstrap over the {} candidates, {} draws kept of {BOOTSTRAP_RESAMPLES}, seed {BOOTSTRAP_SEED}",
                 keys.len(),

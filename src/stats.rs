@@ -137,9 +137,19 @@ pub fn spearman_draws(
     draws
 }
 
+/// The 2.5th and 97.5th percentiles of `draws` (a 95% percentile bootstrap interval); None when
+/// there are none or one is not a number.
+pub fn percentile_interval_95(mut draws: Vec<f64>) -> Option<[f64; 2]> {
+    if draws.is_empty() || draws.iter().any(|d| !d.is_finite()) {
+        return None;
+    }
+    draws.sort_by(f64::total_cmp);
+    Some([quantile(&draws, 0.025), quantile(&draws, 0.975)])
+}
+
 /// The `q` quantile of `sorted` (ascending, not empty), interpolating linearly between the order
 /// statistics at q·(n − 1), as numpy's default.
-pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+fn quantile(sorted: &[f64], q: f64) -> f64 {
     let pos = q * (sorted.len() - 1) as f64;
     let lo = pos.floor() as usize;
     let hi = pos.ceil() as usize;
@@ -273,5 +283,10 @@ mod tests {
             assert!(close(quantile(&v, q), want), "{q}");
         }
         assert!(close(quantile(&[5.0], 0.975), 5.0));
+        // The interval sorts its draws and refuses what is not a number.
+        let iv = percentile_interval_95((0..=40).rev().map(f64::from).collect()).unwrap();
+        assert!(close(iv[0], 1.0) && close(iv[1], 39.0), "{iv:?}");
+        assert!(percentile_interval_95(vec![]).is_none());
+        assert!(percentile_interval_95(vec![1.0, f64::NAN]).is_none());
     }
 }

@@ -16,7 +16,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::stats::quantile;
+use crate::stats::percentile_interval_95;
 
 pub const DEFAULT_SEED: u64 = 1234;
 pub const DEFAULT_RESAMPLES: usize = 2000;
@@ -133,15 +133,15 @@ pub(crate) fn mean_draws(draws: &[&[f64]]) -> Vec<f64> {
 
 /// The 95% percentile interval of `draws` around the observed `difference`; None when a draw is
 /// not a number (a resample whose denominators sum to zero).
-pub(crate) fn percentile_interval(difference: f64, mut draws: Vec<f64>) -> Option<Interval> {
-    if draws.is_empty() || draws.iter().any(|d| !d.is_finite()) || !difference.is_finite() {
+pub(crate) fn percentile_interval(difference: f64, draws: Vec<f64>) -> Option<Interval> {
+    if !difference.is_finite() {
         return None;
     }
-    draws.sort_by(f64::total_cmp);
+    let [low, high] = percentile_interval_95(draws)?;
     Some(Interval {
         difference,
-        low: quantile(&draws, 0.025),
-        high: quantile(&draws, 0.975),
+        low,
+        high,
     })
 }
 
