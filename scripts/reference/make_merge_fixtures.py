@@ -408,6 +408,46 @@ CASES = {
         "parameters": {"lambda": 2.0, "weight": 0.1},
         "dtype": "float32",
     },
+    # filtered lists whose filters miss a tensor give nothing at their level: the lookup goes on
+    # to the global value, then the default (ft_a's density: self_attn 0.9, mlp 0.2 from the
+    # global list, else ties' default 1; ft_b's weight: mlp 0.4, else the global 0.6)
+    "ties_filter_fallthrough": {
+        "merge_method": "ties",
+        "base_model": B,
+        "models": [
+            {
+                "model": A,
+                "parameters": {"weight": 0.7, "density": [{"filter": "self_attn", "value": 0.9}]},
+            },
+            {
+                "model": Bm,
+                "parameters": {"weight": [{"filter": "mlp", "value": 0.4}], "density": 0.5},
+            },
+        ],
+        "parameters": {
+            "normalize": True,
+            "weight": 0.6,
+            "density": [{"filter": "mlp", "value": 0.2}],
+        },
+        "dtype": "float32",
+    },
+    # the same through a module: ft_a's weight is 1.2 in self_attn, the module's 0.8 in mlp,
+    # else the top level's 0.3
+    "modules_filter_fallthrough": {
+        "modules": {
+            "default": {
+                "models": [
+                    {"model": A, "parameters": {"weight": [{"filter": "self_attn", "value": 1.2}]}},
+                    {"model": Bm, "parameters": {"weight": 0.5}},
+                ],
+                "parameters": {"weight": [{"filter": "mlp", "value": 0.8}]},
+            }
+        },
+        "merge_method": "task_arithmetic",
+        "base_model": B,
+        "parameters": {"weight": 0.3},
+        "dtype": "float32",
+    },
     # parameters the method does not read (density on task_arithmetic, gamma at the top level):
     # mergekit ignores them, so the output is the `task_arithmetic` case's
     "task_arithmetic_unread_params": {
@@ -431,6 +471,7 @@ CORE = [
 CHECKED = CORE + [
     "linear_nonorm", "ties_params", "model_stock_filterwise", "sce", "nearswap", "ram", "nuslerp",
     "arcee_fusion", "passthrough_scale", "task_arithmetic_unread_params", "passthrough_slices",
+    "ties_filter_fallthrough", "modules_filter_fallthrough",
 ]  # fmt: skip
 
 MERGEKIT_FLAGS = [
@@ -654,6 +695,16 @@ def expected(case, inputs):
                 deltas.append(sparsify_magnitude((m - x0).astype(np.float32), dens[i]))
             y = gta(x0, [x0 + deltas[0].astype(np.float64), x0 + deltas[1].astype(np.float64)],
                     [wa, 0.8], lambda d: d, True, True, lam=0.5)  # fmt: skip
+        elif case == "ties_filter_fallthrough":
+            da = 0.9 if "self_attn" in name else 0.2 if "mlp" in name else 1.0
+            wb = 0.4 if "mlp" in name else 0.6
+            deltas = [sparsify_magnitude((m - x0).astype(np.float32), dens)
+                      for m, dens in ((xa, da), (xb, 0.5))]  # fmt: skip
+            y = gta(x0, [x0 + d.astype(np.float64) for d in deltas], [0.7, wb], lambda d: d,
+                    True, True)  # fmt: skip
+        elif case == "modules_filter_fallthrough":
+            wa = 1.2 if "self_attn" in name else 0.8 if "mlp" in name else 0.3
+            y = gta(x0, [xa, xb], [wa, 0.5], lambda d: d, False, False)
         elif case == "model_stock_filterwise":
             y = model_stock_rows64(x0, [xa, xb])
         elif case == "sce":
@@ -745,6 +796,16 @@ PROBES = {
         "models": [
             {"model": A, "parameters": {"weight": 1.0}},
             {"model": Bm, "parameters": {"weight": -1.0}},
+        ],
+        "dtype": "float32",
+    },
+    # the required weight given only for mlp tensors: mergekit stops at the first other tensor
+    "ties_weight_filter_misses": {
+        "merge_method": "ties",
+        "base_model": B,
+        "models": [
+            {"model": A, "parameters": {"weight": [{"filter": "mlp", "value": 0.5}]}},
+            {"model": Bm, "parameters": {"weight": 0.5}},
         ],
         "dtype": "float32",
     },

@@ -1,7 +1,8 @@
 //! mergekit YAML as mergekit users write it: `merge_method`, `base_model`, `models` with per-model
 //! `parameters`, global `parameters`, `dtype`, `out_dtype`, `tokenizer_source`. Parameter values
 //! may be scalars, layer gradients (lists interpolated over the layer stack) or filtered lists
-//! (`[{filter: self_attn, value: …}, {value: …}]`, first substring match wins).
+//! (`[{filter: self_attn, value: …}, {value: …}]`, first substring match wins; when none
+//! matches, the next level's value applies: model, module, global, the method's default).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -80,26 +81,47 @@ pub enum ParamValue {
     Text(String),
     /// Interpolated piecewise-linearly over the layers, t = layer/(L−1).
     Gradient(Vec<f64>),
-    /// First entry whose filter is a substring of the tensor name (no filter, or `*`, matches all).
+    /// A list with text in it: mergekit picks entry ⌊t·(n−1)⌋ instead of interpolating.
+    Steps(Vec<ParamValue>),
+    /// First entry whose filter is a substring of the tensor name (no filter, or `*`, matches
+    /// all). When none matches, the value gives nothing for that tensor and the lookup goes on
+    /// to the next level (model, module, global, the method's default), as in mergekit.
     Filtered(Vec<(Option<String>, ParamValue)>),
+}
+
+/// mergekit's position of a tensor in the layer stack (plan.py, plan_slice): t = l/(L−1) in
+/// the layers, 1 for the only layer of a one-layer stack, 0 outside the layers (embeddings,
+/// final norm, head).
+fn layer_t(layer: Option<usize>, num_layers: usize) -> f64 {
+    match layer {
+        Some(l) if num_layers > 1 => l as f64 / (num_layers - 1) as f64,
+        Some(_) => 1.0,
+        None => 0.0,
+    }
 }
 
 impl ParamValue {
     fn from_yaml(v: &Value) -> Result<Self> {
+        let scalar = |x: &Value| matches!(x, Value::Number(_) | Value::Bool(_) | Value::String(_));
         Ok(match v {
             Value::Number(n) => Self::Number(n.as_f64().context("bad number")?),
             Value::Bool(b) => Self::Bool(*b),
             Value::String(s) => Self::Text(s.clone()),
-            Value::Array(items) if items.iter().all(Value::is_number) => {
-                if items.is_empty() {
-                    bail!("empty gradient list");
-                }
+            Value::Array(items) if items.is_empty() => bail!("empty parameter list"),
+            // Python's bools are ints, so mergekit interpolates a list of numbers and bools.
+            Value::Array(items) if items.iter().all(|x| x.is_number() || x.is_boolean()) => {
                 Self::Gradient(
                     items
                         .iter()
-                        .map(|x| x.as_f64().unwrap_or(f64::NAN))
+                        .map(|x| match x {
+                            Value::Bool(b) => f64::from(u8::from(*b)),
+                            x => x.as_f64().unwrap_or(f64::NAN),
+                        })
                         .collect(),
                 )
+            }
+            Value::Array(items) if items.iter().all(scalar) => {
+                Self::Steps(items.iter().map(Self::from_yaml).collect::<Result<_>>()?)
             }
             Value::Array(items) => Self::Filtered(
                 items
@@ -122,58 +144,60 @@ impl ParamValue {
         })
     }
 
-    /// The number for `tensor` (in decoder layer `layer` of `num_layers`, if any).
-    pub fn number(&self, tensor: &str, layer: Option<usize>, num_layers: usize) -> Result<f64> {
+    /// This value where it gives one for a tensor, else `fallback` (a level's value over the
+    /// one below it).
+    fn or_else(self, fallback: ParamValue) -> ParamValue {
         match self {
-            Self::Number(x) => Ok(*x),
-            Self::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
-            Self::Text(s) => bail!("expected a number, got `{s}`"),
-            Self::Gradient(g) => {
-                // mergekit (plan.py, plan_slice): t = l/(L−1) in the layers, 1 for the only layer
-                // of a one-layer stack, 0 outside the layers (embeddings, final norm, head).
-                let t = match layer {
-                    Some(l) if num_layers > 1 => l as f64 / (num_layers - 1) as f64,
-                    Some(_) => 1.0,
-                    None => 0.0,
-                };
-                if g.len() == 1 {
-                    return Ok(g[0]);
-                }
-                let pos = t * (g.len() - 1) as f64;
-                let lo = (pos.floor() as usize).min(g.len() - 2);
-                let frac = pos - lo as f64;
-                Ok(g[lo] + (g[lo + 1] - g[lo]) * frac)
+            Self::Filtered(mut entries) => {
+                entries.push((None, fallback));
+                Self::Filtered(entries)
             }
-            Self::Filtered(entries) => {
-                for (filter, value) in entries {
-                    if filter.as_deref().is_none_or(|f| tensor.contains(f)) {
-                        return value.number(tensor, layer, num_layers);
-                    }
-                }
-                bail!("no filter matches tensor `{tensor}`")
-            }
+            given => given,
         }
     }
 
-    /// The value for `tensor` as a global parameter's setting (numbers resolved as `number`).
+    /// The value for `tensor` (in decoder layer `layer` of `num_layers`, if any) as a global
+    /// parameter's setting; none when it is a filtered list none of whose filters matches.
     pub fn setting(
         &self,
         tensor: &str,
         layer: Option<usize>,
         num_layers: usize,
-    ) -> Result<Setting<'_>> {
+    ) -> Option<Setting<'_>> {
         match self {
-            Self::Bool(b) => Ok(Setting::Flag(*b)),
-            Self::Text(t) => Ok(Setting::Text(t)),
-            Self::Filtered(entries) => {
-                for (filter, value) in entries {
-                    if filter.as_deref().is_none_or(|f| tensor.contains(f)) {
-                        return value.setting(tensor, layer, num_layers);
-                    }
-                }
-                bail!("no filter matches tensor `{tensor}`")
+            Self::Number(x) => Some(Setting::Number(*x)),
+            Self::Bool(b) => Some(Setting::Flag(*b)),
+            Self::Text(t) => Some(Setting::Text(t)),
+            Self::Gradient(g) if g.len() > 1 => {
+                let pos = layer_t(layer, num_layers) * (g.len() - 1) as f64;
+                let lo = (pos.floor() as usize).min(g.len() - 2);
+                let frac = pos - lo as f64;
+                Some(Setting::Number(g[lo] + (g[lo + 1] - g[lo]) * frac))
             }
-            _ => Ok(Setting::Number(self.number(tensor, layer, num_layers)?)),
+            Self::Gradient(g) => Some(Setting::Number(g[0])),
+            Self::Steps(s) => {
+                let i = (layer_t(layer, num_layers) * (s.len() - 1) as f64) as usize;
+                s[i.min(s.len() - 1)].setting(tensor, layer, num_layers)
+            }
+            Self::Filtered(entries) => entries
+                .iter()
+                .find(|(filter, _)| filter.as_deref().is_none_or(|f| tensor.contains(f)))
+                .and_then(|(_, value)| value.setting(tensor, layer, num_layers)),
+        }
+    }
+
+    /// The number for `tensor` (see [`ParamValue::setting`]); flags count as 1 and 0.
+    pub fn number(
+        &self,
+        tensor: &str,
+        layer: Option<usize>,
+        num_layers: usize,
+    ) -> Result<Option<f64>> {
+        match self.setting(tensor, layer, num_layers) {
+            None => Ok(None),
+            Some(Setting::Number(x)) => Ok(Some(x)),
+            Some(Setting::Flag(b)) => Ok(Some(if b { 1.0 } else { 0.0 })),
+            Some(Setting::Text(t)) => bail!("expected a number, got `{t}`"),
         }
     }
 
@@ -181,6 +205,7 @@ impl ParamValue {
         match self {
             Self::Number(x) => vec![*x],
             Self::Gradient(g) => g.clone(),
+            Self::Steps(s) => s.iter().flat_map(Self::values).collect(),
             Self::Filtered(e) => e.iter().flat_map(|(_, v)| v.values()).collect(),
             _ => vec![],
         }
@@ -396,13 +421,16 @@ impl MergeConfig {
         if given.iter().filter(|&&g| g).count() != 1 {
             bail!("give exactly one of `models:`, `slices:` and `modules:`");
         }
-        let single_module;
+        let (single_module, module_params);
         let top = match top.get("modules") {
             Some(modules) => {
-                single_module = default_module(top, modules)?;
+                (single_module, module_params) = default_module(top, modules)?;
                 &single_module
             }
-            None => top,
+            None => {
+                module_params = Params::new();
+                top
+            }
         };
         if let Some(k) = top.keys().find(|k| !TOP_LEVEL.contains(&k.as_str())) {
             bail!("unknown key `{k}` (known: {})", TOP_LEVEL.join(", "));
@@ -444,7 +472,7 @@ impl MergeConfig {
             method,
             base_model,
             models,
-            parameters: params(top.get("parameters"), "global")?,
+            parameters: over(module_params, params(top.get("parameters"), "global")?),
             dtype: top.get("dtype").and_then(Value::as_str).map(String::from),
             out_dtype: top
                 .get("out_dtype")
@@ -591,7 +619,10 @@ impl MergeConfig {
         }
     }
 
-    /// Resolves per-model parameters for one tensor (model params override global ones).
+    /// Resolves per-model parameters for one tensor: the model's own value, else the global
+    /// one, else the method's default (mergekit's order; a filtered list whose filters all miss
+    /// the tensor gives nothing at its level). A required parameter given nowhere for the
+    /// tensor is an error, as in mergekit.
     pub fn model_params(
         &self,
         tensor: &str,
@@ -604,11 +635,24 @@ impl MergeConfig {
                 let mut p = ModelParams::defaults(self.method);
                 for ps in self.method.spec().per_model {
                     let key = ps.name;
-                    if let Some(v) = e.parameters.get(key).or_else(|| self.parameters.get(key)) {
-                        let x = v
+                    let levels = [e.parameters.get(key), self.parameters.get(key)];
+                    let mut found = None;
+                    for v in levels.into_iter().flatten() {
+                        found = v
                             .number(tensor, layer, num_layers)
                             .with_context(|| format!("model {}: `{key}`", e.model))?;
-                        p.set(key, x)?;
+                        if found.is_some() {
+                            break;
+                        }
+                    }
+                    match found {
+                        Some(x) => p.set(key, x)?,
+                        None if ps.default == ParamDefault::Required => bail!(
+                            "model {}: no `{key}` for tensor `{tensor}` (no filter of its \
+                             filtered lists matches it and no other level gives one)",
+                            e.model
+                        ),
+                        None => {}
                     }
                 }
                 Ok(p)
@@ -624,11 +668,19 @@ impl MergeConfig {
     ) -> Result<GlobalParams> {
         let mut g = GlobalParams::defaults(self.method);
         for ps in self.method.spec().global {
-            if let Some(v) = self.parameters.get(ps.name) {
-                let setting = v
-                    .setting(tensor, layer, num_layers)
-                    .with_context(|| format!("global parameter `{}`", ps.name))?;
-                g.set(ps.name, setting)?;
+            let setting = self
+                .parameters
+                .get(ps.name)
+                .and_then(|v| v.setting(tensor, layer, num_layers));
+            match setting {
+                Some(s) => g
+                    .set(ps.name, s)
+                    .with_context(|| format!("global parameter `{}`", ps.name))?,
+                None if ps.default == ParamDefault::Required => bail!(
+                    "no global parameter `{}` for tensor `{tensor}` (no filter matches it)",
+                    ps.name
+                ),
+                None => {}
             }
         }
         Ok(g)
@@ -706,12 +758,12 @@ fn slice_entries(
 
 /// `modules:` as mergekit 0.1.5 reads it, for the one module paft's architectures have
 /// (`default`, mergekit's name for a plain decoder): the config with that module's `models:`
-/// or `slices:` at the top level and its `parameters` over the top-level ones (mergekit's order
-/// of precedence: model or source, module, global).
+/// or `slices:` at the top level, and the module's `parameters` (which [`over`] puts above the
+/// top-level ones: mergekit's order is model or source, module, global).
 fn default_module(
     top: &serde_json::Map<String, Value>,
     modules: &Value,
-) -> Result<serde_json::Map<String, Value>> {
+) -> Result<(serde_json::Map<String, Value>, Params)> {
     let modules = modules
         .as_object()
         .context("`modules` must be a mapping of module names")?;
@@ -746,19 +798,20 @@ fn default_module(
             out.insert(k.to_string(), v.clone());
         }
     }
-    if let Some(p) = module.get("parameters").filter(|p| !p.is_null()) {
-        let p = p
-            .as_object()
-            .context("modules.default: `parameters` must be a mapping")?;
-        let mut merged = match out.get("parameters") {
-            Some(Value::Object(g)) => g.clone(),
-            None | Some(Value::Null) => serde_json::Map::new(),
-            Some(other) => bail!("global: `parameters` must be a mapping, got {other}"),
+    Ok((out, params(module.get("parameters"), "modules.default")?))
+}
+
+/// The parameters of one level over those of the level below: each value of `upper` where it
+/// gives one for a tensor, else the lower level's.
+fn over(upper: Params, mut lower: Params) -> Params {
+    for (k, v) in upper {
+        let merged = match lower.remove(&k) {
+            Some(below) => v.or_else(below),
+            None => v,
         };
-        merged.extend(p.clone());
-        out.insert("parameters".to_string(), Value::Object(merged));
+        lower.insert(k, merged);
     }
-    Ok(out)
+    lower
 }
 
 /// Finite, inside the parameter's domain (numbers), or one of its choices.
@@ -997,17 +1050,106 @@ tokenizer_source: base
     #[test]
     fn a_gradient_in_a_one_layer_stack_takes_its_last_value() {
         let g = ParamValue::Gradient(vec![1.0, 0.25]);
+        let at = |tensor: &str, layer, n| g.number(tensor, layer, n).unwrap().unwrap();
+        assert_eq!(at("model.layers.0.mlp.up_proj.weight", Some(0), 1), 0.25);
+        assert_eq!(at("model.embed_tokens.weight", None, 1), 1.0);
+        assert_eq!(at("model.layers.1.mlp.up_proj.weight", Some(1), 3), 0.625);
+    }
+
+    /// mergekit's `evaluate_setting` and `ConfigReader.parameter`: a filtered list whose filters
+    /// all miss a tensor gives nothing, and the lookup goes on to the module, the global
+    /// parameters and the default; a required parameter found nowhere is an error.
+    #[test]
+    fn a_filtered_list_that_misses_a_tensor_falls_through_to_the_next_level() {
+        let c = MergeConfig::from_yaml_quiet(
+            "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      \
+             weight: 0.7\n      density: [{filter: self_attn, value: 0.9}]\n  - model: c\n    \
+             parameters:\n      weight: [{filter: mlp, value: 0.4}]\n      density: 0.5\n\
+             parameters:\n  weight: 0.6\n  density: [{filter: mlp, value: 0.2}]",
+        )
+        .unwrap();
+        let at = |tensor: &str| -> Vec<(f64, f64)> {
+            c.model_params(tensor, Some(0), 2)
+                .unwrap()
+                .iter()
+                .map(|p| (p.weight, p.density))
+                .collect()
+        };
         assert_eq!(
-            g.number("model.layers.0.mlp.up_proj.weight", Some(0), 1)
-                .unwrap(),
-            0.25
+            at("model.layers.0.self_attn.q_proj.weight"),
+            [(0.7, 0.9), (0.6, 0.5)]
         );
-        assert_eq!(g.number("model.embed_tokens.weight", None, 1).unwrap(), 1.0);
         assert_eq!(
-            g.number("model.layers.1.mlp.up_proj.weight", Some(1), 3)
-                .unwrap(),
-            0.625
+            at("model.layers.0.mlp.up_proj.weight"),
+            [(0.7, 0.2), (0.4, 0.5)]
         );
+        // ties' density default is 1
+        assert_eq!(
+            at("model.layers.0.input_layernorm.weight"),
+            [(0.7, 1.0), (0.6, 0.5)]
+        );
+
+        // The required weight given only for mlp tensors.
+        let c = MergeConfig::from_yaml_quiet(
+            "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters:\n      \
+             weight: [{filter: mlp, value: 0.4}]",
+        )
+        .unwrap();
+        assert_eq!(
+            c.model_params("model.layers.0.mlp.up_proj.weight", Some(0), 2)
+                .unwrap()[0]
+                .weight,
+            0.4
+        );
+        let e = format!(
+            "{:#}",
+            c.model_params("model.norm.weight", None, 2).unwrap_err()
+        );
+        assert!(
+            e.contains("model a") && e.contains("`weight`") && e.contains("model.norm.weight"),
+            "{e}"
+        );
+
+        // A module's filtered list falls through to the top level's value; slerp's required
+        // `t` found nowhere for a tensor is an error.
+        let m = MergeConfig::from_yaml_quiet(
+            "merge_method: slerp\nbase_model: b\nparameters: {t: 0.2}\nmodules:\n  default:\n    \
+             models: [a, b]\n    parameters: {t: [{filter: mlp, value: 0.9}]}",
+        )
+        .unwrap();
+        let t = |c: &MergeConfig, tensor: &str| c.global_params(tensor, Some(0), 2).map(|g| g.t);
+        assert_eq!(t(&m, "model.layers.0.mlp.up_proj.weight").unwrap(), 0.9);
+        assert_eq!(
+            t(&m, "model.layers.0.self_attn.q_proj.weight").unwrap(),
+            0.2
+        );
+        let s = MergeConfig::from_yaml_quiet(
+            "merge_method: slerp\nbase_model: b\nmodels: [a, b]\nparameters: {t: [{filter: mlp, value: 0.9}]}",
+        )
+        .unwrap();
+        let e = format!("{:#}", t(&s, "model.norm.weight").unwrap_err());
+        assert!(e.contains("`t`") && e.contains("model.norm.weight"), "{e}");
+    }
+
+    /// mergekit interpolates a list of numbers (Python's bools among them) and picks from a
+    /// list with text in it: entry ⌊t·(n−1)⌋.
+    #[test]
+    fn lists_of_text_pick_an_entry_and_bools_interpolate_as_numbers() {
+        let v = |yaml: &str| ParamValue::from_yaml(&serde_saphyr::from_str(yaml).unwrap()).unwrap();
+        let steps = v("[sum, count, sum]");
+        let pick = |layer| steps.setting("model.layers.x.mlp.up_proj.weight", layer, 5);
+        assert_eq!(pick(Some(0)), Some(Setting::Text("sum")));
+        // t = 0.5: index ⌊0.5·2⌋ = 1; t = 0.75: ⌊1.5⌋ = 1; t = 1: 2
+        assert_eq!(pick(Some(2)), Some(Setting::Text("count")));
+        assert_eq!(pick(Some(3)), Some(Setting::Text("count")));
+        assert_eq!(pick(Some(4)), Some(Setting::Text("sum")));
+        assert_eq!(pick(None), Some(Setting::Text("sum")));
+        let flags = v("[true, false]");
+        assert_eq!(flags, ParamValue::Gradient(vec![1.0, 0.0]));
+        assert_eq!(flags.number("x", Some(1), 3).unwrap(), Some(0.5));
+        assert!(ParamValue::from_yaml(&serde_saphyr::from_str("[]").unwrap()).is_err());
+        let mixed = ParamValue::from_yaml(&serde_saphyr::from_str("[0.5, {value: 1}]").unwrap());
+        assert!(mixed.is_err());
     }
 
     #[test]

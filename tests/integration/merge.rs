@@ -413,7 +413,7 @@ fn matches_mergekit_outputs() {
         checked.push(case);
     }
     assert!(
-        checked.len() >= 27,
+        checked.len() >= 29,
         "only {} cases checked: {checked:?}",
         checked.len()
     );
