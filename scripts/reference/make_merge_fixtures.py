@@ -193,6 +193,36 @@ def write_ft_lora(dir_: Path, base_dir: Path, lora_dir: Path):
     write_model(dir_, sd)
 
 
+# Chat templates for the chat_template cases. ft_b's own template is in chat_template.jinja
+# (with a trailing newline, which `auto` strips), and its tokenizer_config.json holds another
+# one that transformers (so mergekit) must not see: the file takes priority.
+TEMPLATE_BASE = "{% for m in messages %}base {{ m['content'] }}\n{% endfor %}"
+TEMPLATE_FT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+TEMPLATE_FT_B_SHADOWED = "{% for m in messages %}shadowed {{ m['content'] }}{% endfor %}"
+
+
+def make_tokenizers():
+    """A 128-word tokenizer and a chat template for base, ft_a and ft_b (weights untouched)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, CONFIG["vocab_size"])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for m, in_config, in_file in (
+        ("base", TEMPLATE_BASE, None),
+        ("ft_a", TEMPLATE_FT, None),
+        ("ft_b", TEMPLATE_FT_B_SHADOWED, TEMPLATE_FT + "\n"),
+    ):
+        d = REPO / MODELS / m
+        tok.save(str(d / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+               "eos_token": "</s>", "unk_token": "<unk>", "chat_template": in_config}  # fmt: skip
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if in_file:
+            (d / "chat_template.jinja").write_text(in_file)
+
+
 # ----------------------------------------------------------------------------------------------
 # cases
 
@@ -448,6 +478,30 @@ CASES = {
         "parameters": {"weight": 0.3},
         "dtype": "float32",
     },
+    # `chat_template: auto`: the template most inputs declare (ft_a's and ft_b's, once ft_b's
+    # chat_template.jinja is read before its tokenizer_config.json and stripped), written to
+    # the output's chat_template.jinja
+    "chat_template_auto": {
+        "merge_method": "task_arithmetic",
+        "base_model": B,
+        "models": [
+            {"model": A, "parameters": {"weight": 0.5}},
+            {"model": Bm, "parameters": {"weight": 0.5}},
+        ],
+        "chat_template": "auto",
+        "dtype": "float32",
+    },
+    # a template given as Jinja text
+    "chat_template_text": {
+        "merge_method": "task_arithmetic",
+        "base_model": B,
+        "models": [
+            {"model": A, "parameters": {"weight": 0.5}},
+            {"model": Bm, "parameters": {"weight": 0.5}},
+        ],
+        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
+        "dtype": "float32",
+    },
     # parameters the method does not read (density on task_arithmetic, gamma at the top level):
     # mergekit ignores them, so the output is the `task_arithmetic` case's
     "task_arithmetic_unread_params": {
@@ -471,7 +525,8 @@ CORE = [
 CHECKED = CORE + [
     "linear_nonorm", "ties_params", "model_stock_filterwise", "sce", "nearswap", "ram", "nuslerp",
     "arcee_fusion", "passthrough_scale", "task_arithmetic_unread_params", "passthrough_slices",
-    "ties_filter_fallthrough", "modules_filter_fallthrough",
+    "ties_filter_fallthrough", "modules_filter_fallthrough", "chat_template_auto",
+    "chat_template_text",
 ]  # fmt: skip
 
 MERGEKIT_FLAGS = [
@@ -491,8 +546,10 @@ def yaml_dump(cfg) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=100)
 
 
-def run_mergekit(config_path: Path, out_dir: Path, lora_cache: Path, check=True, pythonpath=None):
+def run_mergekit(config_path: Path, out_dir: Path, lora_cache: Path, check=True, pythonpath=None,
+                 copy_tokenizer=False):  # fmt: skip
     env = dict(os.environ)
+    flags = [f for f in MERGEKIT_FLAGS if not (copy_tokenizer and f == "--no-copy-tokenizer")]
     if pythonpath:  # e.g. an older mergekit from `pip install --no-deps --target DIR mergekit==X`
         env["PYTHONPATH"] = str(pythonpath)
     cmd = [
@@ -501,7 +558,7 @@ def run_mergekit(config_path: Path, out_dir: Path, lora_cache: Path, check=True,
         "mergekit.scripts.run_yaml",  # what the mergekit-yaml entry point runs
         str(config_path),
         str(out_dir),
-        *MERGEKIT_FLAGS,
+        *flags,
         "--lora-merge-cache",
         str(lora_cache),
     ]
@@ -516,12 +573,17 @@ def make_case(name: str, cfg: dict, lora_cache: Path):
     (case_dir / "config.yaml").write_text(yaml_dump(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        run_mergekit(case_dir / "config.yaml", out, lora_cache)
+        # A chat_template is written into the tokenizer files, which mergekit then copies.
+        templated = "chat_template" in cfg
+        run_mergekit(case_dir / "config.yaml", out, lora_cache, copy_tokenizer=templated)
         files = sorted(p.name for p in out.iterdir())
         shards = [f for f in files if f.endswith(".safetensors")]
         assert shards == ["model.safetensors"], files
         shutil.copy(out / "model.safetensors", case_dir / "model.safetensors")
         shutil.copy(out / "config.json", case_dir / "config.json")
+        if templated:
+            for f in ("chat_template.jinja", "tokenizer_config.json"):
+                shutil.copy(out / f, case_dir / f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -705,6 +767,8 @@ def expected(case, inputs):
         elif case == "modules_filter_fallthrough":
             wa = 1.2 if "self_attn" in name else 0.8 if "mlp" in name else 0.3
             y = gta(x0, [xa, xb], [wa, 0.5], lambda d: d, False, False)
+        elif case in ("chat_template_auto", "chat_template_text"):
+            y = gta(x0, [xa, xb], [0.5, 0.5], lambda d: d, False, False)
         elif case == "model_stock_filterwise":
             y = model_stock_rows64(x0, [xa, xb])
         elif case == "sce":
@@ -916,6 +980,7 @@ def main():
         return
     if not args.skip_models:
         make_models()
+    make_tokenizers()
     names = args.cases or list(CASES)
     with tempfile.TemporaryDirectory() as cache:
         lora_cache = Path(cache)

@@ -10,6 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use super::chat_template::ChatTemplate;
 use super::methods::{GlobalParams, ModelParams, Setting};
 use super::spec::{BaseRole, Domain, MergeMethod, ParamDefault};
 
@@ -230,6 +231,8 @@ pub struct MergeConfig {
     pub dtype: Option<String>,
     pub out_dtype: Option<String>,
     pub tokenizer_source: Option<String>,
+    /// The merged model's chat template, if the config sets one.
+    pub chat_template: Option<ChatTemplate>,
     /// The YAML as given, copied into the output as `mergekit_config.yml`.
     pub source: String,
     /// Parameters the method does not read (mergekit ignores them): `(where, name)`.
@@ -482,6 +485,11 @@ impl MergeConfig {
                 .get("tokenizer_source")
                 .and_then(Value::as_str)
                 .map(String::from),
+            chat_template: top
+                .get("chat_template")
+                .filter(|v| !v.is_null())
+                .map(ChatTemplate::from_yaml)
+                .transpose()?,
             source: text.to_string(),
             ignored: vec![],
             slices,

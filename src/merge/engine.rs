@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 
 use super::blocks::{merge_in_blocks, merges_in_blocks, BlockInputs, StoredValues};
+use super::chat_template;
 use super::config::{MergeConfig, ModelRef};
 use super::methods::{merge_tensor_into, MergeScratch, TensorInputs};
 use crate::model::pretrained::copy_tokenizer_files;
@@ -327,6 +328,15 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
     cfg.set_dtype(crate::model::gguf::dtype_name(out_dtype));
     cfg.write(&dir.path().join("config.json"))?;
     copy_tokenizer_files(&ref_files.dir, dir.path())?;
+    if let Some(template) = &config.chat_template {
+        let sources: Vec<&Path> = base
+            .iter()
+            .chain(&models)
+            .map(|m| m.files().dir.as_path())
+            .collect();
+        chat_template::apply(template, &sources, dir.path())
+            .with_context(|| format!("chat_template (tokenizer files from {ref_label})"))?;
+    }
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
 
     let plan = names

@@ -4,6 +4,7 @@
 //! `config` reads mergekit YAML, `engine` streams a merge to disk, `inspect` measures deltas.
 
 mod blocks;
+pub(crate) mod chat_template;
 pub mod config;
 pub mod consensus;
 pub mod engine;

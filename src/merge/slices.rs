@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::chat_template;
 use super::config::MergeConfig;
 use super::engine::{
     merge_at_into, merge_in_windows, output_dtype, MergeInput, MergeOptions, Windows,
@@ -145,6 +146,28 @@ pub(crate) fn run_slices(config: &MergeConfig, out: &Path, opts: &MergeOptions) 
     let dir = AtomicDir::new(out)?;
     cfg.write(&dir.path().join("config.json"))?;
     copy_tokenizer_files(&ref_files.dir, dir.path())?;
+    if let Some(template) = &config.chat_template {
+        // Base first, then the sources in config order.
+        let mut sources: Vec<&Path> = vec![];
+        let base = config.base_model.iter().map(ToString::to_string);
+        let named = config
+            .slices
+            .iter()
+            .flat_map(|s| &s.sources)
+            .map(|s| s.model.to_string());
+        for name in base.chain(named) {
+            // A base that is no slice's source is not read (the slices' bases are sources).
+            let Some(input) = inputs.get(&name) else {
+                continue;
+            };
+            let dir = input.files().dir.as_path();
+            if !sources.contains(&dir) {
+                sources.push(dir);
+            }
+        }
+        chat_template::apply(template, &sources, dir.path())
+            .with_context(|| format!("chat_template (tokenizer files from {first})"))?;
+    }
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
     let plan = planned
         .iter()

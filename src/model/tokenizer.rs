@@ -55,30 +55,8 @@ impl ModelTokenizer {
         let inner = Tokenizer::from_file(&path)
             .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = if cfg_path.is_file() {
-            let text = std::fs::read_to_string(&cfg_path)
-                .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not valid JSON", cfg_path.display()))?
-        } else {
-            Value::Null
-        };
-        let mut chat_template = match cfg.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            // A list of named templates: use "default".
-            Some(Value::Array(a)) => a
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
-            _ => None,
-        };
-        let jinja = dir.join("chat_template.jinja");
-        if chat_template.is_none() && jinja.is_file() {
-            chat_template = Some(
-                std::fs::read_to_string(&jinja)
-                    .with_context(|| format!("cannot read {}", jinja.display()))?,
-            );
-        }
+        let cfg = tokenizer_config(dir)?;
+        let chat_template = declared_chat_template(dir, &cfg)?;
         let tokenizer = Self {
             inner,
             path,
@@ -212,6 +190,40 @@ impl ModelTokenizer {
     }
 }
 
+/// `tokenizer_config.json` of a model directory (null when it has none).
+pub(crate) fn tokenizer_config(dir: &Path) -> Result<Value> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(Value::Null);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// The chat template a model directory declares, as transformers reads it: `chat_template.jinja`
+/// when there is one (it takes priority over the config's), else `tokenizer_config.json`'s
+/// `chat_template` (text, or the `default` entry of a list of named templates).
+pub(crate) fn declared_chat_template(
+    dir: &Path,
+    tokenizer_config: &Value,
+) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let text = std::fs::read_to_string(&jinja)
+            .with_context(|| format!("cannot read {}", jinja.display()))?;
+        return Ok(Some(text));
+    }
+    Ok(match tokenizer_config.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template").and_then(Value::as_str).map(String::from)),
+        _ => None,
+    })
+}
+
 pub fn render_chat_template(
     template: &str,
     messages: &[ChatMessage],
@@ -252,6 +264,27 @@ mod tests {
     use super::*;
 
     const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    /// transformers: a `chat_template.jinja` file takes priority over the config's entry.
+    #[test]
+    fn chat_template_jinja_wins_over_the_config_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        assert_eq!(
+            declared_chat_template(tmp.path(), &cfg).unwrap().as_deref(),
+            Some("D")
+        );
+        std::fs::write(tmp.path().join("chat_template.jinja"), "J").unwrap();
+        assert_eq!(
+            declared_chat_template(tmp.path(), &cfg).unwrap().as_deref(),
+            Some("J")
+        );
+        assert_eq!(
+            tokenizer_config(&tmp.path().join("none")).unwrap(),
+            Value::Null
+        );
+    }
 
     #[test]
     fn chatml_with_default_system_prompt() {

@@ -382,6 +382,23 @@ fn matches_mergekit_outputs() {
             dir.display()
         );
         let case = dir.file_name().unwrap().to_str().unwrap().to_string();
+        // A chat_template case: the template mergekit wrote, and no second one in the config.
+        if dir.join("chat_template.jinja").is_file() {
+            let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+            assert_eq!(
+                read(&out, "chat_template.jinja"),
+                read(&dir, "chat_template.jinja"),
+                "{case}"
+            );
+            let cfg: serde_json::Value =
+                serde_json::from_str(&read(&out, "tokenizer_config.json")).unwrap();
+            assert!(cfg.get("chat_template").is_none(), "{case}");
+            let tok = paft::model::ModelTokenizer::load_dir(&out).unwrap();
+            assert_eq!(
+                tok.chat_template.as_deref(),
+                Some(read(&dir, "chat_template.jinja").as_str())
+            );
+        }
         let mut worst = 0f32;
         let mut flips = (0usize, 0usize);
         for name in theirs.names() {
@@ -413,7 +430,7 @@ fn matches_mergekit_outputs() {
         checked.push(case);
     }
     assert!(
-        checked.len() >= 29,
+        checked.len() >= 31,
         "only {} cases checked: {checked:?}",
         checked.len()
     );
