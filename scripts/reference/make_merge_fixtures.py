@@ -401,6 +401,33 @@ CASES = {
         "parameters": {"weight": [1.0, 0.5]},
         "dtype": "float32",
     },
+    # slice-level parameters, between the sources' and the top level's (ft_a's weight in the
+    # first slice: its own 0.2 in mlp, the slice's 0.6 in self_attn, else the slice's 0.9; the
+    # second slice: 0.3 in mlp, else the top level's 1.0, and `normalize: false`), and
+    # `residual_weight`, which mergekit accepts and never reads
+    "linear_slice_params": {
+        "slices": [
+            {
+                "sources": [
+                    {"model": A, "layer_range": [0, 2],
+                     "parameters": {"weight": [{"filter": "mlp", "value": 0.2}]}},
+                    {"model": Bm, "layer_range": [0, 2]},
+                ],
+                "parameters": {"weight": [{"filter": "self_attn", "value": 0.6}, {"value": 0.9}]},
+                "residual_weight": 0.5,
+            },
+            {
+                "sources": [
+                    {"model": Bm, "layer_range": [1, 2]},
+                    {"model": A, "layer_range": [0, 1]},
+                ],
+                "parameters": {"weight": [{"filter": "mlp", "value": 0.3}], "normalize": False},
+            },
+        ],
+        "merge_method": "linear",
+        "parameters": {"weight": 1.0},
+        "dtype": "float32",
+    },  # fmt: skip
     # slices with a base_model method: each slice's θ₀ is the base's source, layers taken from
     # different ranges; per-source parameters, a top-level normalize
     "ties_slices": {

@@ -249,6 +249,10 @@ pub struct OutputSlice {
     /// The slice's own `base_model` (else the config's); for a method with a base it must be
     /// one of the sources, whose layers are then θ₀ of the slice.
     pub base_model: Option<ModelRef>,
+    /// The slice's parameters: below its sources' own, above the module's and global ones.
+    pub parameters: Params,
+    /// Keys mergekit accepts on a slice but never reads (`residual_weight`): ignored, as there.
+    pub unread: Vec<String>,
 }
 
 /// A source of a slice: `layer_range: [start, end)` of one model, with its parameters.
@@ -295,11 +299,15 @@ fn output_slices(v: &Value) -> Result<Vec<OutputSlice>> {
         let o = item
             .as_object()
             .with_context(|| format!("slices[{i}] must be a mapping with `sources`"))?;
-        if let Some(k) = o
-            .keys()
-            .find(|k| !["sources", "base_model"].contains(&k.as_str()))
-        {
-            bail!("slices[{i}]: `{k}` is not supported yet (only `sources` and `base_model`)");
+        const UNREAD: [&str; 1] = ["residual_weight"];
+        if let Some(k) = o.keys().find(|k| {
+            !["sources", "base_model", "parameters"].contains(&k.as_str())
+                && !UNREAD.contains(&k.as_str())
+        }) {
+            bail!(
+                "slices[{i}]: unknown key `{k}` (known: sources, base_model, parameters, \
+                 residual_weight)"
+            );
         }
         let sources = o
             .get("sources")
@@ -309,6 +317,12 @@ fn output_slices(v: &Value) -> Result<Vec<OutputSlice>> {
         let mut slice = OutputSlice {
             sources: vec![],
             base_model: o.get("base_model").map(ModelRef::from_yaml).transpose()?,
+            parameters: params(o.get("parameters"), &format!("slices[{i}]"))?,
+            unread: UNREAD
+                .iter()
+                .filter(|k| o.contains_key(**k))
+                .map(|k| k.to_string())
+                .collect(),
         };
         for (j, src) in sources.iter().enumerate() {
             let what = format!("slices[{i}].sources[{j}]");
@@ -495,7 +509,21 @@ impl MergeConfig {
             slices,
         };
         cfg.ignored = cfg.unread_parameters(&base_params);
+        for (i, slice) in cfg.slices.iter().enumerate() {
+            let at = format!("slices[{i}] parameters");
+            for (k, v) in &slice.parameters {
+                match method.global_param(k).or_else(|| method.model_param(k)) {
+                    Some(ps) => check_value(k, ps.domain, v, &at)?,
+                    None => cfg.ignored.push((at.clone(), k.clone())),
+                }
+            }
+            for k in &slice.unread {
+                cfg.ignored.push((format!("slices[{i}]"), k.clone()));
+            }
+        }
         for view in cfg.slice_views() {
+            // The views' global parameters are the top level's (reported above) and their
+            // slice's (just above): only their sources' are new here.
             cfg.ignored.extend(
                 view.unread_parameters(&Params::new())
                     .into_iter()
@@ -517,6 +545,7 @@ impl MergeConfig {
                 MergeConfig {
                     models: slice_entries(s, self.method, base.as_ref()),
                     base_model: base,
+                    parameters: over(s.parameters.clone(), self.parameters.clone()),
                     slices: vec![],
                     ..self.clone()
                 }
@@ -914,7 +943,28 @@ tokenizer_source: base
             err("merge_method: ties\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]")
                 .contains("needs a base_model")
         );
-        assert!(err("merge_method: ties\nbase_model: b\nslices: [{residual_weight: 0.5, sources: [{model: b, layer_range: [0, 1]}]}]").contains("`residual_weight` is not supported yet"));
+        assert!(err("merge_method: ties\nbase_model: b\nslices: [{residual: 0.5, sources: [{model: b, layer_range: [0, 1]}]}]").contains("unknown key `residual`"));
+        // mergekit accepts `residual_weight` and never reads it; a slice's parameters are read.
+        let c = MergeConfig::from_yaml_quiet("merge_method: ties\nbase_model: b\nslices: [{residual_weight: 0.5, parameters: {density: 0.5, gamma: 1}, sources: [{model: b, layer_range: [0, 1]}, {model: a, layer_range: [0, 1], parameters: {weight: 1}}]}]").unwrap();
+        assert_eq!(
+            c.ignored,
+            [
+                ("slices[0] parameters".to_string(), "gamma".to_string()),
+                ("slices[0]".to_string(), "residual_weight".to_string())
+            ]
+        );
+        assert_eq!(
+            c.slice_views()[0]
+                .model_params("model.layers.0.mlp.up_proj.weight", Some(0), 1)
+                .unwrap()[0]
+                .density,
+            0.5
+        );
+        let e = err("merge_method: ties\nbase_model: b\nslices: [{parameters: {density: 2}, sources: [{model: b, layer_range: [0, 1]}, {model: a, layer_range: [0, 1], parameters: {weight: 1}}]}]");
+        assert!(
+            e.contains("slices[0] parameters") && e.contains("out of range"),
+            "{e}"
+        );
         // `modules:` has the one module of a plain decoder, with models or slices.
         let e = err("merge_method: linear\nmodules: {vision_tower: {models: [a]}}");
         assert!(

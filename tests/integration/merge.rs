@@ -430,7 +430,7 @@ fn matches_mergekit_outputs() {
         checked.push(case);
     }
     assert!(
-        checked.len() >= 31,
+        checked.len() >= 32,
         "only {} cases checked: {checked:?}",
         checked.len()
     );
