@@ -181,27 +181,31 @@ impl LoraAdapter {
                 file.bias.unwrap()
             );
         }
-        let targets: Vec<String> = match &file.target_modules {
-            serde_json::Value::String(s) => vec![s.clone()],
-            serde_json::Value::Array(a) => a
-                .iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect(),
+        // A list names the module kinds; a string is a regular expression PEFT matched
+        // against full module paths when it built the adapter (`all-linear` is saved expanded
+        // into a list), so the kinds are those of the saved factors, read below.
+        let listed: Option<Vec<TargetModule>> = match &file.target_modules {
+            serde_json::Value::String(_) => None,
+            serde_json::Value::Array(a) => Some(
+                a.iter()
+                    .map(|v| {
+                        v.as_str()
+                            .context("`target_modules` must hold module names")
+                            .and_then(TargetModule::parse)
+                    })
+                    .collect::<Result<Vec<_>>>()
+                    .with_context(|| format!("in {}", cfg_path.display()))?,
+            ),
             _ => bail!(
-                "{}: `target_modules` must be a list of names",
+                "{}: `target_modules` must be a list of names or a regular expression",
                 cfg_path.display()
             ),
         };
-        let target_modules = targets
-            .iter()
-            .map(|t| TargetModule::parse(t))
-            .collect::<Result<Vec<_>>>()
-            .with_context(|| format!("in {}", cfg_path.display()))?;
-        let config = LoraConfig {
+        let mut config = LoraConfig {
             r: file.r,
             alpha: file.lora_alpha,
             dropout: file.lora_dropout,
-            target_modules,
+            target_modules: listed.clone().unwrap_or_default(),
             use_rslora: file.use_rslora,
         };
         let weights_path = dir.join("adapter_model.safetensors");
@@ -245,6 +249,17 @@ impl LoraAdapter {
         }
         if layers.is_empty() {
             bail!("{}: no lora_A/lora_B tensors", weights_path.display());
+        }
+        if listed.is_none() {
+            // In TargetModule::ALL's order; factors of other modules (lm_head) still apply.
+            config.target_modules = TargetModule::ALL
+                .into_iter()
+                .filter(|m| {
+                    layers
+                        .keys()
+                        .any(|k| k.rsplit('.').next() == Some(m.peft_name()))
+                })
+                .collect();
         }
         Ok(Self { config, layers })
     }
@@ -292,5 +307,77 @@ impl LoraAdapter {
             return Ok(None);
         };
         Ok(Some((p.b.matmul(&p.a)? * self.config.scale())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter() -> LoraAdapter {
+        let dev = Device::Cpu;
+        let pair = |seed: f32| LoraPair {
+            a: Tensor::new(&[[seed, 0.5, -1.0], [0.25, seed, 2.0]], &dev).unwrap(),
+            b: Tensor::new(&[[1.0f32, seed], [0.0, -1.0], [seed, 3.0]], &dev).unwrap(),
+        };
+        LoraAdapter {
+            config: LoraConfig {
+                r: 2,
+                alpha: 4.0,
+                dropout: 0.0,
+                target_modules: vec![TargetModule::QProj, TargetModule::DownProj],
+                use_rslora: false,
+            },
+            layers: BTreeMap::from([
+                ("model.layers.0.self_attn.q_proj".to_string(), pair(1.0)),
+                ("model.layers.1.mlp.down_proj".to_string(), pair(-2.0)),
+            ]),
+        }
+    }
+
+    fn set_targets(dir: &Path, targets: serde_json::Value) {
+        let path = dir.join("adapter_config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["target_modules"] = targets;
+        std::fs::write(&path, cfg.to_string()).unwrap();
+    }
+
+    /// PEFT saves `target_modules` as a list of names or as the regular expression it was
+    /// given; for the latter the saved factors say which modules are adapted.
+    #[test]
+    fn target_modules_as_a_regular_expression_come_from_the_factors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let saved = adapter();
+        saved.save(tmp.path(), None).unwrap();
+        set_targets(
+            tmp.path(),
+            serde_json::json!(r".*\.(q_proj|v_proj|down_proj)$"),
+        );
+        let loaded = LoraAdapter::load(tmp.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            loaded.config.target_modules,
+            [TargetModule::QProj, TargetModule::DownProj]
+        );
+        let module = "model.layers.1.mlp.down_proj";
+        let diff = (loaded.delta(module).unwrap().unwrap() - saved.delta(module).unwrap().unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+
+        set_targets(tmp.path(), serde_json::json!(["q_proj", "lm_head"]));
+        let e = format!(
+            "{:#}",
+            LoraAdapter::load(tmp.path(), DType::F32, &Device::Cpu).unwrap_err()
+        );
+        assert!(
+            e.contains("adapter_config.json") && e.contains("`lm_head`"),
+            "{e}"
+        );
     }
 }
