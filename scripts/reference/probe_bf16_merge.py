@@ -3,10 +3,12 @@
 
 mergekit computes in the checkpoints' dtype, rounding every intermediate to bf16 (its task
 vectors, top-k and sign votes included); paft computes in f32 and rounds once. This script
-stores the merge fixtures' base/ft_a/ft_b as bf16 (in a temp dir), merges them with both
-tools (task_arithmetic and ties, no `dtype`, so each computes as it does for bf16 inputs), and
-prints how many entries differ between the two, and how many of each are further than half a
-bf16 ULP from the float64 formula on the same bf16 inputs.
+merges the merge fixtures' base/ft_a/ft_b with both tools (task_arithmetic and ties) two ways:
+(1) stored as bf16 (in a temp dir), no `dtype`, so each computes as it does for bf16 inputs;
+(2) the f32 checkpoints with `dtype: bfloat16`, where mergekit rounds the inputs to bf16 first
+and paft merges the f32 values. It prints how many entries differ between the two tools, and
+how many of each are further than half a bf16 ULP from the float64 formula on the checkpoints
+as stored.
 
     scripts/.venv-mergekit/bin/python scripts/reference/probe_bf16_merge.py --paft target/debug/paft
 
@@ -49,12 +51,12 @@ def to_bf16(tmp: Path):
         (d / "config.json").write_text(json.dumps(cfg))
 
 
-def config(method: str, tmp: Path) -> str:
+def config(method: str, models: Path, dtype=None) -> str:
     return (
-        f"merge_method: {method}\nbase_model: {tmp}/base\nmodels:\n"
-        f"  - model: {tmp}/ft_a\n    parameters: {{weight: {WEIGHTS[0]}, density: {DENSITY}}}\n"
-        f"  - model: {tmp}/ft_b\n    parameters: {{weight: {WEIGHTS[1]}, density: {DENSITY}}}\n"
-        f"{CASES[method]}\n"
+        f"merge_method: {method}\nbase_model: {models}/base\nmodels:\n"
+        f"  - model: {models}/ft_a\n    parameters: {{weight: {WEIGHTS[0]}, density: {DENSITY}}}\n"
+        f"  - model: {models}/ft_b\n    parameters: {{weight: {WEIGHTS[1]}, density: {DENSITY}}}\n"
+        f"{CASES[method]}\n" + (f"dtype: {dtype}\n" if dtype else "")
     )
 
 
@@ -80,44 +82,54 @@ def formula(method, x0, xs):
     return x0 + wd.sum(0) / sum(WEIGHTS)
 
 
+def compare(method: str, models: Path, tmp: Path, paft: str, dtype=None):
+    tag = f"{method}{'-' + dtype if dtype else ''}"
+    cfg = tmp / f"{tag}.yaml"
+    cfg.write_text(config(method, models, dtype))
+    mk, pa = tmp / f"mergekit-{tag}", tmp / f"paft-{tag}"
+    subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg), str(mk),
+                    "--no-cuda", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run([paft, "merge", str(cfg), str(pa), "--quiet"], check=True)
+    inputs = {m: load_file(str(models / m / "model.safetensors")) for m in ("base", "ft_a", "ft_b")}
+    outs = {n: load_file(str(d / "model.safetensors")) for n, d in (("mergekit", mk), ("paft", pa))}
+    differ = total = 0
+    worst = 0.0
+    off = {n: [0, 0.0] for n in outs}
+    for k in inputs["base"]:
+        x0, xa, xb = (inputs[m][k].double() for m in ("base", "ft_a", "ft_b"))
+        ref = formula(method, x0, [xa, xb])
+        half_ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 8)
+        for n, o in outs.items():
+            assert o[k].dtype == torch.bfloat16, (n, k, o[k].dtype)
+            e = (o[k].double() - ref).abs()
+            off[n][0] += int((e > half_ulp * 1.0001).sum())
+            off[n][1] = max(off[n][1], float(e.max()))
+        d = (outs["mergekit"][k].double() - outs["paft"][k].double()).abs()
+        differ += int((d > 0).sum())
+        total += d.numel()
+        worst = max(worst, float(d.max()))
+    print(f"{tag}: {differ}/{total} entries differ ({100 * differ / total:.1f}%), "
+          f"max |mergekit - paft| {worst:.3g}")  # fmt: skip
+    for n, (count, err) in off.items():
+        print(f"  {n:8}: {count} entries more than half a bf16 ULP from float64, "
+              f"max |error| {err:.3g}")  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--paft", required=True, help="the paft binary")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        to_bf16(tmp)
-        inputs = {m: load_file(str(tmp / m / "model.safetensors")) for m in ("base", "ft_a", "ft_b")}
+        (tmp / "bf16").mkdir()
+        to_bf16(tmp / "bf16")
+        print("bf16 checkpoints, no dtype:")
         for method in CASES:
-            cfg = tmp / f"{method}.yaml"
-            cfg.write_text(config(method, tmp))
-            mk, pa = tmp / f"mergekit-{method}", tmp / f"paft-{method}"
-            subprocess.run([sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg), str(mk),
-                            "--no-cuda", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
-                           check=True, capture_output=True)  # fmt: skip
-            subprocess.run([args.paft, "merge", str(cfg), str(pa), "--quiet"], check=True)
-            outs = {n: load_file(str(d / "model.safetensors")) for n, d in (("mergekit", mk), ("paft", pa))}
-            differ = total = 0
-            worst = 0.0
-            off = {n: [0, 0.0] for n in outs}
-            for k in inputs["base"]:
-                x0, xa, xb = (inputs[m][k].double() for m in ("base", "ft_a", "ft_b"))
-                ref = formula(method, x0, [xa, xb])
-                half_ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 8)
-                for n, o in outs.items():
-                    assert o[k].dtype == torch.bfloat16, (n, k, o[k].dtype)
-                    e = (o[k].double() - ref).abs()
-                    off[n][0] += int((e > half_ulp * 1.0001).sum())
-                    off[n][1] = max(off[n][1], float(e.max()))
-                d = (outs["mergekit"][k].double() - outs["paft"][k].double()).abs()
-                differ += int((d > 0).sum())
-                total += d.numel()
-                worst = max(worst, float(d.max()))
-            print(f"{method}: {differ}/{total} entries differ ({100 * differ / total:.1f}%), "
-                  f"max |mergekit - paft| {worst:.3g}")  # fmt: skip
-            for n, (count, err) in off.items():
-                print(f"  {n:8}: {count} entries more than half a bf16 ULP from float64, "
-                      f"max |error| {err:.3g}")  # fmt: skip
+            compare(method, tmp / "bf16", tmp, args.paft)
+        print("f32 checkpoints, dtype: bfloat16:")
+        for method in CASES:
+            compare(method, MODELS, tmp, args.paft, "bfloat16")
 
 
 if __name__ == "__main__":
