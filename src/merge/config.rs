@@ -169,13 +169,15 @@ impl ParamValue {
             Self::Number(x) => Some(Setting::Number(*x)),
             Self::Bool(b) => Some(Setting::Flag(*b)),
             Self::Text(t) => Some(Setting::Text(t)),
-            Self::Gradient(g) if g.len() > 1 => {
+            Self::Gradient(g) => {
+                // mergekit's arithmetic, so that a weight rounds as there: at t = 1 exactly
+                // the last value, in between (1 − f)·g₀ + f·g₁.
                 let pos = layer_t(layer, num_layers) * (g.len() - 1) as f64;
-                let lo = (pos.floor() as usize).min(g.len() - 2);
-                let frac = pos - lo as f64;
-                Some(Setting::Number(g[lo] + (g[lo + 1] - g[lo]) * frac))
+                let i0 = pos as usize;
+                let i1 = (i0 + 1).min(g.len() - 1);
+                let frac = pos - i0 as f64;
+                Some(Setting::Number((1.0 - frac) * g[i0] + frac * g[i1]))
             }
-            Self::Gradient(g) => Some(Setting::Number(g[0])),
             Self::Steps(s) => {
                 let i = (layer_t(layer, num_layers) * (s.len() - 1) as f64) as usize;
                 s[i.min(s.len() - 1)].setting(tensor, layer, num_layers)
