@@ -529,6 +529,13 @@ CASES = {
         "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
         "dtype": "float32",
     },
+    # a tokenizer source: mergekit realigns every input's embedding rows to the output
+    # tokenizer, which with one shared 128-token vocabulary changes nothing; the output's
+    # tokenizer (and so its chat template) is the source's: the base's for union, ft_a's here
+    "ties_tokenizer_union": ta_family("ties", {"normalize": True}, density=0.5)
+    | {"tokenizer_source": "union"},
+    "ties_tokenizer_model": ta_family("ties", {"normalize": True}, density=0.5)
+    | {"tokenizer": {"source": A, "pad_to_multiple_of": 64}},
     # parameters the method does not read (density on task_arithmetic, gamma at the top level):
     # mergekit ignores them, so the output is the `task_arithmetic` case's
     "task_arithmetic_unread_params": {
@@ -553,7 +560,7 @@ CHECKED = CORE + [
     "linear_nonorm", "ties_params", "model_stock_filterwise", "sce", "nearswap", "ram", "nuslerp",
     "arcee_fusion", "passthrough_scale", "task_arithmetic_unread_params", "passthrough_slices",
     "ties_filter_fallthrough", "modules_filter_fallthrough", "chat_template_auto",
-    "chat_template_text",
+    "chat_template_text", "ties_tokenizer_union", "ties_tokenizer_model",
 ]  # fmt: skip
 
 MERGEKIT_FLAGS = [
@@ -600,8 +607,8 @@ def make_case(name: str, cfg: dict, lora_cache: Path):
     (case_dir / "config.yaml").write_text(yaml_dump(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        # A chat_template is written into the tokenizer files, which mergekit then copies.
-        templated = "chat_template" in cfg
+        # A chat_template or tokenizer source goes into the tokenizer files: mergekit writes them.
+        templated = any(k in cfg for k in ("chat_template", "tokenizer_source", "tokenizer"))
         run_mergekit(case_dir / "config.yaml", out, lora_cache, copy_tokenizer=templated)
         files = sorted(p.name for p in out.iterdir())
         shards = [f for f in files if f.endswith(".safetensors")]
@@ -796,6 +803,8 @@ def expected(case, inputs):
             y = gta(x0, [xa, xb], [wa, 0.5], lambda d: d, False, False)
         elif case in ("chat_template_auto", "chat_template_text"):
             y = gta(x0, [xa, xb], [0.5, 0.5], lambda d: d, False, False)
+        elif case in ("ties_tokenizer_union", "ties_tokenizer_model"):
+            y = gta(x0, [xa, xb], [1.0, 0.5], lambda d: sparsify_magnitude(d, 0.5), True, True)
         elif case == "model_stock_filterwise":
             y = model_stock_rows64(x0, [xa, xb])
         elif case == "sce":

@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::chat_template::ChatTemplate;
 use super::methods::{GlobalParams, ModelParams, Setting};
 use super::spec::{BaseRole, Domain, MergeMethod, ParamDefault};
+use super::tokenizer_source::TokenizerSource;
 
 /// `path_or_hub_id[@revision][+lora_path]`, or the `{model:, lora:}` mapping form.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,7 @@ impl ModelRef {
         }
     }
 
-    fn from_yaml(v: &Value) -> Result<Self> {
+    pub(crate) fn from_yaml(v: &Value) -> Result<Self> {
         match v {
             Value::String(s) => Ok(Self::parse(s)),
             Value::Object(o) => {
@@ -232,7 +233,9 @@ pub struct MergeConfig {
     pub parameters: Params,
     pub dtype: Option<String>,
     pub out_dtype: Option<String>,
-    pub tokenizer_source: Option<String>,
+    /// `tokenizer_source` or `tokenizer.source`, and `tokenizer.pad_to_multiple_of`.
+    pub tokenizer_source: Option<TokenizerSource>,
+    pub pad_to_multiple_of: Option<usize>,
     /// The merged model's chat template, if the config sets one.
     pub chat_template: Option<ChatTemplate>,
     /// The YAML as given, copied into the output as `mergekit_config.yml`.
@@ -349,7 +352,7 @@ fn output_slices(v: &Value) -> Result<Vec<OutputSlice>> {
     Ok(out)
 }
 
-const TOP_LEVEL: [&str; 11] = [
+const TOP_LEVEL: [&str; 12] = [
     "merge_method",
     "modules",
     "slices",
@@ -359,6 +362,7 @@ const TOP_LEVEL: [&str; 11] = [
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
     "chat_template",
     "name",
 ];
@@ -487,6 +491,7 @@ impl MergeConfig {
             ),
             None => model_entries(top.get("models"), method, base_model.as_ref())?,
         };
+        let tokenizer = TokenizerSource::from_config(top)?;
         let mut cfg = Self {
             method,
             base_model,
@@ -497,10 +502,8 @@ impl MergeConfig {
                 .get("out_dtype")
                 .and_then(Value::as_str)
                 .map(String::from),
-            tokenizer_source: top
-                .get("tokenizer_source")
-                .and_then(Value::as_str)
-                .map(String::from),
+            tokenizer_source: tokenizer.as_ref().map(|(s, _)| s.clone()),
+            pad_to_multiple_of: tokenizer.and_then(|(_, pad)| pad),
             chat_template: top
                 .get("chat_template")
                 .filter(|v| !v.is_null())
@@ -593,11 +596,6 @@ impl MergeConfig {
             let d = d.trim_start_matches("torch.");
             if !["float32", "float16", "bfloat16"].contains(&d) {
                 bail!("unsupported dtype `{d}` (float32, float16, bfloat16)");
-            }
-        }
-        if let Some(t) = &self.tokenizer_source {
-            if t != "base" {
-                bail!("tokenizer_source `{t}` is not supported yet (only `base`)");
             }
         }
         for ps in spec.global {

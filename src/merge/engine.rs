@@ -15,6 +15,7 @@ use super::blocks::{merge_in_blocks, merges_in_blocks, BlockInputs, StoredValues
 use super::chat_template;
 use super::config::{MergeConfig, ModelRef};
 use super::methods::{merge_tensor_into, MergeScratch, TensorInputs};
+use super::tokenizer_source;
 use crate::model::pretrained::copy_tokenizer_files;
 use crate::model::weights::{parse_size, AtomicDir, PlannedTensor, ShardedWriter};
 use crate::model::{parse_dtype, source, LoraAdapter, ModelFiles};
@@ -327,7 +328,26 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
     let mut cfg = ref_files.config.clone();
     cfg.set_dtype(crate::model::gguf::dtype_name(out_dtype));
     cfg.write(&dir.path().join("config.json"))?;
-    copy_tokenizer_files(&ref_files.dir, dir.path())?;
+    let tokenizer_dir = match &config.tokenizer_source {
+        Some(source) => {
+            let labels = config
+                .base_model
+                .iter()
+                .chain(config.models.iter().map(|e| &e.model));
+            let inputs: Vec<tokenizer_source::Input> = base
+                .iter()
+                .chain(&models)
+                .zip(labels)
+                .map(|(m, r)| tokenizer_source::Input {
+                    label: r.to_string(),
+                    files: m.files(),
+                })
+                .collect();
+            tokenizer_source::donor(source, config.pad_to_multiple_of, &inputs)?
+        }
+        None => ref_files.dir.clone(),
+    };
+    copy_tokenizer_files(&tokenizer_dir, dir.path())?;
     if let Some(template) = &config.chat_template {
         let sources: Vec<&Path> = base
             .iter()

@@ -17,6 +17,7 @@ mod slices;
 pub mod sparsify;
 pub mod spec;
 mod spherical;
+pub(crate) mod tokenizer_source;
 
 pub use config::{MergeConfig, ModelRef, ParamValue};
 pub use consensus::SignRule;

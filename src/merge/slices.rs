@@ -17,6 +17,7 @@ use super::config::MergeConfig;
 use super::engine::{
     merge_at_into, merge_in_windows, output_dtype, MergeInput, MergeOptions, Windows,
 };
+use super::tokenizer_source;
 use crate::model::pretrained::copy_tokenizer_files;
 use crate::model::weights::{AtomicDir, PlannedTensor, ShardedWriter};
 
@@ -145,26 +146,32 @@ pub(crate) fn run_slices(config: &MergeConfig, out: &Path, opts: &MergeOptions) 
 
     let dir = AtomicDir::new(out)?;
     cfg.write(&dir.path().join("config.json"))?;
-    copy_tokenizer_files(&ref_files.dir, dir.path())?;
-    if let Some(template) = &config.chat_template {
-        // Base first, then the sources in config order.
-        let mut sources: Vec<&Path> = vec![];
-        let base = config.base_model.iter().map(ToString::to_string);
-        let named = config
-            .slices
-            .iter()
-            .flat_map(|s| &s.sources)
-            .map(|s| s.model.to_string());
-        for name in base.chain(named) {
-            // A base that is no slice's source is not read (the slices' bases are sources).
-            let Some(input) = inputs.get(&name) else {
-                continue;
-            };
-            let dir = input.files().dir.as_path();
-            if !sources.contains(&dir) {
-                sources.push(dir);
+    // The inputs, base first, then the sources in config order, each once (a base that is no
+    // slice's source is not read: the slices' bases are sources).
+    let mut ordered: Vec<tokenizer_source::Input> = vec![];
+    let base = config.base_model.iter().map(ToString::to_string);
+    let named = config
+        .slices
+        .iter()
+        .flat_map(|s| &s.sources)
+        .map(|s| s.model.to_string());
+    for name in base.chain(named) {
+        if let Some(input) = inputs.get(&name) {
+            if !ordered.iter().any(|i| i.label == name) {
+                ordered.push(tokenizer_source::Input {
+                    label: name,
+                    files: input.files(),
+                });
             }
         }
+    }
+    let tokenizer_dir = match &config.tokenizer_source {
+        Some(source) => tokenizer_source::donor(source, config.pad_to_multiple_of, &ordered)?,
+        None => ref_files.dir.clone(),
+    };
+    copy_tokenizer_files(&tokenizer_dir, dir.path())?;
+    if let Some(template) = &config.chat_template {
+        let sources: Vec<&Path> = ordered.iter().map(|i| i.files.dir.as_path()).collect();
         chat_template::apply(template, &sources, dir.path())
             .with_context(|| format!("chat_template (tokenizer files from {first})"))?;
     }

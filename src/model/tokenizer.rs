@@ -169,6 +169,11 @@ impl ModelTokenizer {
 
     /// Renders the chat template with minijinja (Python string methods enabled, as
     /// transformers' Jinja environment has them).
+    /// Every token with its id, added tokens included.
+    pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],

@@ -624,6 +624,7 @@ impl MergeCandidate {
             dtype: Some("float32".into()),
             out_dtype: None,
             tokenizer_source: None,
+            pad_to_multiple_of: None,
             chat_template: None,
             source: self.mergekit_yaml(base, models),
             ignored: vec![],
