@@ -46,19 +46,54 @@ impl ModelRef {
     pub(crate) fn from_yaml(v: &Value) -> Result<Self> {
         match v {
             Value::String(s) => Ok(Self::parse(s)),
+            // mergekit's ModelReference: `model` and `lora` are each a path (`path@revision`)
+            // or a `{path, revision}` mapping.
             Value::Object(o) => {
-                let model = o
-                    .get("model")
-                    .and_then(Value::as_str)
-                    .context("model reference needs `model`")?;
-                let mut r = Self::parse(model);
-                if let Some(l) = o.get("lora").and_then(Value::as_str) {
-                    r.lora = Some(l.to_string());
+                if let Some(k) = o.keys().find(|k| !["model", "lora"].contains(&k.as_str())) {
+                    bail!(
+                        "model reference: `{k}` is not supported (paft reads `model` and `lora`)"
+                    );
                 }
+                let (model, revision) =
+                    model_path(o.get("model").context("model reference needs `model`")?)?;
+                let lora = match o.get("lora").filter(|l| !l.is_null()) {
+                    None => None,
+                    Some(l) => match model_path(l)? {
+                        (path, None) => Some(path),
+                        (_, Some(_)) => bail!("a LoRA adapter at a Hub revision is not supported"),
+                    },
+                };
+                let mut r = Self::parse(&model);
+                if revision.is_some() {
+                    r.revision = revision;
+                }
+                r.lora = lora.or(r.lora);
                 Ok(r)
             }
             other => bail!("bad model reference {other}"),
         }
+    }
+}
+
+/// A `path` string or a `{path, revision}` mapping (mergekit's ModelPath).
+fn model_path(v: &Value) -> Result<(String, Option<String>)> {
+    match v {
+        Value::String(s) => Ok((s.clone(), None)),
+        Value::Object(o) => {
+            if let Some(k) = o
+                .keys()
+                .find(|k| !["path", "revision"].contains(&k.as_str()))
+            {
+                bail!("model path: unknown key `{k}` (path, revision)");
+            }
+            let path = o
+                .get("path")
+                .and_then(Value::as_str)
+                .context("model path needs `path`")?;
+            let revision = o.get("revision").and_then(Value::as_str).map(String::from);
+            Ok((path.to_string(), revision))
+        }
+        other => bail!("bad model path {other}"),
     }
 }
 
@@ -1208,6 +1243,23 @@ tokenizer_source: base
         assert!(ParamValue::from_yaml(&serde_saphyr::from_str("[]").unwrap()).is_err());
         let mixed = ParamValue::from_yaml(&serde_saphyr::from_str("[0.5, {value: 1}]").unwrap());
         assert!(mixed.is_err());
+    }
+
+    #[test]
+    fn model_refs_in_mergekit_mapping_form() {
+        let r = |yaml: &str| ModelRef::from_yaml(&serde_saphyr::from_str(yaml).unwrap());
+        let m = r("{model: {path: org/m, revision: v2}, lora: {path: ./ad}}").unwrap();
+        assert_eq!(
+            (m.model.as_str(), m.revision.as_deref(), m.lora.as_deref()),
+            ("org/m", Some("v2"), Some("./ad"))
+        );
+        let m = r("{model: ./m, lora: ./ad}").unwrap();
+        assert_eq!((m.model.as_str(), m.lora.as_deref()), ("./m", Some("./ad")));
+        let e = format!(
+            "{:#}",
+            r("{model: ./m, override_architecture: X}").unwrap_err()
+        );
+        assert!(e.contains("`override_architecture`"), "{e}");
     }
 
     #[test]
