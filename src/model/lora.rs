@@ -209,7 +209,7 @@ impl LoraAdapter {
             use_rslora: file.use_rslora,
         };
         let weights_path = dir.join("adapter_model.safetensors");
-        let files = SafetensorsFiles::open_files(&[weights_path.clone()])?;
+        let files = SafetensorsFiles::open_files(std::slice::from_ref(&weights_path))?;
         let mut layers = BTreeMap::new();
         for name in files.names() {
             let Some(rest) = name.strip_prefix(PEFT_PREFIX) else {
