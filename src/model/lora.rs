@@ -130,7 +130,7 @@ const PEFT_PREFIX: &str = "base_model.model.";
 /// `false` and empty values are PEFT's defaults and pass.
 fn unsupported_peft_settings(text: &str) -> Result<()> {
     let raw: serde_json::Value = serde_json::from_str(text)?;
-    const KEYS: [(&str, &str); 8] = [
+    const KEYS: [(&str, &str); 13] = [
         ("use_dora", "DoRA's magnitude vectors"),
         ("rank_pattern", "per-module ranks"),
         ("alpha_pattern", "per-module alphas"),
@@ -139,7 +139,32 @@ fn unsupported_peft_settings(text: &str) -> Result<()> {
         ("target_parameters", "LoRA on raw parameters"),
         ("use_qalora", "QA-LoRA"),
         ("trainable_token_indices", "trained token embeddings"),
+        (
+            "alora_invocation_tokens",
+            "activated LoRA, applied after its invocation tokens only",
+        ),
+        ("layer_replication", "replicated decoder layers"),
+        ("arrow_config", "Arrow routing between adapters"),
+        ("use_bdlora", "block-diagonal LoRA"),
+        ("kasa_config", "KaSA's SVD-truncated base"),
     ];
+    // These initialisations change the base weights (W minus the initial B·A, or a quantised
+    // W): PEFT recomputes that residual when it loads such an adapter, so applying the factors
+    // to the original base gives another model. PEFT converts them to plain LoRA at save time
+    // with `path_initial_model_for_weight_conversion` (and writes `init_lora_weights: true`).
+    if let Some(init) = raw.get("init_lora_weights").and_then(|v| v.as_str()) {
+        let lower = init.to_ascii_lowercase();
+        let mutates_base = ["pissa", "corda", "olora", "loftq", "lora_ga"]
+            .iter()
+            .any(|m| lower.starts_with(m));
+        if mutates_base {
+            bail!(
+                "`init_lora_weights` is `{init}`: its factors apply to a residual of the base \
+                 that PEFT recomputes on load, not to the base; convert it to plain LoRA with \
+                 PEFT's save_pretrained(path_initial_model_for_weight_conversion=…)"
+            );
+        }
+    }
     for (key, what) in KEYS {
         let set = match raw.get(key) {
             None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
@@ -346,7 +371,8 @@ mod tests {
     /// PEFT saves `target_modules` as a list of names or as the regular expression it was
     /// given; for the latter the saved factors say which modules are adapted.
     #[test]
-    fn target_modules_as_a_regular_expression_come_from_the_factors() {
+    fn target_modules_as_a_regular_expression_come_from_the_factors_and_base_changing_settings_are_refused(
+    ) {
         let tmp = tempfile::tempdir().unwrap();
         let saved = adapter();
         saved.save(tmp.path(), None).unwrap();
@@ -369,6 +395,39 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(diff, 0.0);
+
+        for (key, value, refused) in [
+            (
+                "init_lora_weights",
+                serde_json::json!("pissa_niter_4"),
+                true,
+            ),
+            ("init_lora_weights", serde_json::json!("olora"), true),
+            ("init_lora_weights", serde_json::json!("loftq"), true),
+            ("alora_invocation_tokens", serde_json::json!([5, 6]), true),
+            (
+                "layer_replication",
+                serde_json::json!([[0, 1], [0, 2]]),
+                true,
+            ),
+            ("init_lora_weights", serde_json::json!("gaussian"), false),
+            ("init_lora_weights", serde_json::json!("orthogonal"), false),
+            ("init_lora_weights", serde_json::json!(true), false),
+            ("alora_invocation_tokens", serde_json::Value::Null, false),
+        ] {
+            let path = tmp.path().join("adapter_config.json");
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let kept = cfg.clone();
+            cfg[key] = value.clone();
+            std::fs::write(&path, cfg.to_string()).unwrap();
+            let got = LoraAdapter::load(tmp.path(), DType::F32, &Device::Cpu);
+            assert_eq!(got.is_err(), refused, "{key} = {value}");
+            if let Err(e) = got {
+                assert!(format!("{e:#}").contains(key), "{e:#}");
+            }
+            std::fs::write(&path, kept.to_string()).unwrap();
+        }
 
         set_targets(tmp.path(), serde_json::json!(["q_proj", "lm_head"]));
         let e = format!(
