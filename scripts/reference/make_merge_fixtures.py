@@ -508,27 +508,11 @@ CASES = {
     # `chat_template: auto`: the template most inputs declare (ft_a's and ft_b's, once ft_b's
     # chat_template.jinja is read before its tokenizer_config.json and stripped), written to
     # the output's chat_template.jinja
-    "chat_template_auto": {
-        "merge_method": "task_arithmetic",
-        "base_model": B,
-        "models": [
-            {"model": A, "parameters": {"weight": 0.5}},
-            {"model": Bm, "parameters": {"weight": 0.5}},
-        ],
-        "chat_template": "auto",
-        "dtype": "float32",
-    },
+    "chat_template_auto": ta_family("task_arithmetic", None, weights=(0.5, 0.5))
+    | {"chat_template": "auto"},
     # a template given as Jinja text
-    "chat_template_text": {
-        "merge_method": "task_arithmetic",
-        "base_model": B,
-        "models": [
-            {"model": A, "parameters": {"weight": 0.5}},
-            {"model": Bm, "parameters": {"weight": 0.5}},
-        ],
-        "chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}",
-        "dtype": "float32",
-    },
+    "chat_template_text": ta_family("task_arithmetic", None, weights=(0.5, 0.5))
+    | {"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"},
     # a tokenizer source: mergekit realigns every input's embedding rows to the output
     # tokenizer, which with one shared 128-token vocabulary changes nothing; the output's
     # tokenizer (and so its chat template) is the source's: the base's for union, ft_a's here

@@ -151,10 +151,10 @@ impl ParamValue {
                     items
                         .iter()
                         .map(|x| match x {
-                            Value::Bool(b) => f64::from(u8::from(*b)),
-                            x => x.as_f64().unwrap_or(f64::NAN),
+                            Value::Bool(b) => Ok(f64::from(u8::from(*b))),
+                            x => x.as_f64().context("bad number"),
                         })
-                        .collect(),
+                        .collect::<Result<_>>()?,
                 )
             }
             Value::Array(items) if items.iter().all(scalar) => {

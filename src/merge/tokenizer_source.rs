@@ -94,24 +94,34 @@ pub(crate) fn donor(
     inputs: &[Input],
 ) -> Result<PathBuf> {
     let first = inputs.first().context("no models to merge")?;
-    let out_dir = match source {
-        // Built on the base's (or the first model's) tokenizer; with one shared vocabulary the
-        // union adds nothing.
-        TokenizerSource::Base | TokenizerSource::Union => first.files.dir.clone(),
-        TokenizerSource::Model(r) => source::resolve_model(&r.model, r.revision.as_deref())
-            .with_context(|| format!("tokenizer source {r}"))?,
+    // Base and union are built on the base's (or the first model's) tokenizer, already
+    // loaded with its files; with one shared vocabulary the union adds nothing.
+    let (out_dir, loaded) = match source {
+        TokenizerSource::Base | TokenizerSource::Union => (first.files.dir.clone(), None),
+        TokenizerSource::Model(r) => {
+            let dir = source::resolve_model(&r.model, r.revision.as_deref())
+                .with_context(|| format!("tokenizer source {r}"))?;
+            let tok = ModelTokenizer::load_dir(&dir)
+                .with_context(|| format!("the output tokenizer ({})", dir.display()))?;
+            (dir, Some(tok))
+        }
     };
-    let out_tok = ModelTokenizer::load_dir(&out_dir)
-        .with_context(|| format!("the output tokenizer ({})", out_dir.display()))?;
+    let out_tok = loaded
+        .as_ref()
+        .or(first.files.tokenizer.as_ref())
+        .with_context(|| {
+            format!(
+                "the output tokenizer: {} has no tokenizer.json",
+                out_dir.display()
+            )
+        })?;
     let vocab = out_tok.vocab();
     let rows = first.files.config.vocab_size;
-    let padded = pad_to_multiple_of.map_or(vocab.len(), |m| vocab.len().div_ceil(m) * m);
-    if padded != vocab.len() {
+    if let Some(m) = pad_to_multiple_of.filter(|m| vocab.len() % m != 0) {
         bail!(
-            "tokenizer: padding {} tokens to a multiple of {} gives rows that mergekit fills \
+            "tokenizer: padding {} tokens to a multiple of {m} gives rows that mergekit fills \
              with the mean embedding; paft does not",
-            vocab.len(),
-            pad_to_multiple_of.unwrap_or(1)
+            vocab.len()
         );
     }
     if rows != vocab.len() {

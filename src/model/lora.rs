@@ -226,13 +226,6 @@ impl LoraAdapter {
                 cfg_path.display()
             ),
         };
-        let mut config = LoraConfig {
-            r: file.r,
-            alpha: file.lora_alpha,
-            dropout: file.lora_dropout,
-            target_modules: listed.clone().unwrap_or_default(),
-            use_rslora: file.use_rslora,
-        };
         let weights_path = dir.join("adapter_model.safetensors");
         let files = SafetensorsFiles::open_files(std::slice::from_ref(&weights_path))?;
         let mut layers = BTreeMap::new();
@@ -263,11 +256,11 @@ impl LoraAdapter {
             let b = files.load(&b_name, Some(dtype), device)?;
             let (ra, _) = a.dims2()?;
             let (_, rb) = b.dims2()?;
-            if ra != config.r || rb != config.r {
+            if ra != file.r || rb != file.r {
                 bail!(
                     "{}: `{module}` has rank {ra}/{rb} but the config says r={}",
                     weights_path.display(),
-                    config.r
+                    file.r
                 );
             }
             layers.insert(module.to_string(), LoraPair { a, b });
@@ -275,17 +268,25 @@ impl LoraAdapter {
         if layers.is_empty() {
             bail!("{}: no lora_A/lora_B tensors", weights_path.display());
         }
-        if listed.is_none() {
-            // In TargetModule::ALL's order; factors of other modules (lm_head) still apply.
-            config.target_modules = TargetModule::ALL
+        // A regular expression: the kinds of the saved factors, in TargetModule::ALL's order
+        // (factors of other modules, such as lm_head, still apply).
+        let target_modules = listed.unwrap_or_else(|| {
+            TargetModule::ALL
                 .into_iter()
                 .filter(|m| {
                     layers
                         .keys()
                         .any(|k| k.rsplit('.').next() == Some(m.peft_name()))
                 })
-                .collect();
-        }
+                .collect()
+        });
+        let config = LoraConfig {
+            r: file.r,
+            alpha: file.lora_alpha,
+            dropout: file.lora_dropout,
+            target_modules,
+            use_rslora: file.use_rslora,
+        };
         Ok(Self { config, layers })
     }
 
@@ -386,15 +387,8 @@ mod tests {
             [TargetModule::QProj, TargetModule::DownProj]
         );
         let module = "model.layers.1.mlp.down_proj";
-        let diff = (loaded.delta(module).unwrap().unwrap() - saved.delta(module).unwrap().unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        let delta = |a: &LoraAdapter| a.delta(module).unwrap().unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(delta(&loaded), delta(&saved));
 
         for (key, value, refused) in [
             (
