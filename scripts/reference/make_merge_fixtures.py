@@ -511,6 +511,19 @@ CASES = {
     "chat_template_auto": ta_family("task_arithmetic", None, weights=(0.5, 0.5))
     | {"chat_template": "auto"},
     # a template given as Jinja text
+    # `auto` counts each input once: here the base is also listed among the models (linear reads
+    # no base), and ft_a's and ft_b's template wins two to one, as in mergekit's set of models
+    "chat_template_auto_base_listed": {
+        "merge_method": "linear",
+        "base_model": B,
+        "models": [
+            {"model": B, "parameters": {"weight": 0.4}},
+            {"model": A, "parameters": {"weight": 0.3}},
+            {"model": Bm, "parameters": {"weight": 0.3}},
+        ],
+        "dtype": "float32",
+        "chat_template": "auto",
+    },
     "chat_template_text": ta_family("task_arithmetic", None, weights=(0.5, 0.5))
     | {"chat_template": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"},
     # a tokenizer source: mergekit realigns every input's embedding rows to the output
@@ -545,6 +558,7 @@ CHECKED = CORE + [
     "arcee_fusion", "passthrough_scale", "task_arithmetic_unread_params", "passthrough_slices",
     "ties_filter_fallthrough", "modules_filter_fallthrough", "chat_template_auto",
     "chat_template_text", "ties_tokenizer_union", "ties_tokenizer_model",
+    "chat_template_auto_base_listed",
 ]  # fmt: skip
 
 MERGEKIT_FLAGS = [
@@ -785,6 +799,8 @@ def expected(case, inputs):
         elif case == "modules_filter_fallthrough":
             wa = 1.2 if "self_attn" in name else 0.8 if "mlp" in name else 0.3
             y = gta(x0, [xa, xb], [wa, 0.5], lambda d: d, False, False)
+        elif case == "chat_template_auto_base_listed":
+            y = (0.4 * x0.astype(np.float64) + 0.3 * xa + 0.3 * xb) / 1.0
         elif case in ("chat_template_auto", "chat_template_text"):
             y = gta(x0, [xa, xb], [0.5, 0.5], lambda d: d, False, False)
         elif case in ("ties_tokenizer_union", "ties_tokenizer_model"):

@@ -262,6 +262,43 @@ pub(crate) fn merge_at_into(
     .with_context(|| format!("tensor `{name}`"))
 }
 
+/// Every input once, base first, in config order: mergekit's referenced models (a set), whose
+/// tokenizers a tokenizer source checks and whose templates `chat_template: auto` counts. A
+/// base that is also listed among the models counts once.
+pub(super) fn distinct_inputs<'a>(
+    named: impl IntoIterator<Item = (String, &'a ModelFiles)>,
+) -> Vec<tokenizer_source::Input<'a>> {
+    let mut inputs: Vec<tokenizer_source::Input> = vec![];
+    for (label, files) in named {
+        if !inputs.iter().any(|i| i.label == label) {
+            inputs.push(tokenizer_source::Input { label, files });
+        }
+    }
+    inputs
+}
+
+/// The output's tokenizer files: the donor's (the reference model's, at `reference`, unless a
+/// tokenizer source names another), given the configured chat template.
+pub(super) fn write_tokenizer(
+    config: &MergeConfig,
+    inputs: &[tokenizer_source::Input],
+    reference: &Path,
+    ref_label: &str,
+    out: &Path,
+) -> Result<()> {
+    let donor = match &config.tokenizer_source {
+        Some(source) => tokenizer_source::donor(source, config.pad_to_multiple_of, inputs)?,
+        None => reference.to_path_buf(),
+    };
+    copy_tokenizer_files(&donor, out)?;
+    if let Some(template) = &config.chat_template {
+        let sources: Vec<&Path> = inputs.iter().map(|i| i.files.dir.as_path()).collect();
+        chat_template::apply(template, &sources, out)
+            .with_context(|| format!("chat_template (tokenizer files from {ref_label})"))?;
+    }
+    Ok(())
+}
+
 /// Runs `config` into the new directory `out`.
 pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<PathBuf> {
     if !config.slices.is_empty() {
@@ -328,35 +365,16 @@ pub fn run_merge(config: &MergeConfig, out: &Path, opts: &MergeOptions) -> Resul
     let mut cfg = ref_files.config.clone();
     cfg.set_dtype(crate::model::gguf::dtype_name(out_dtype));
     cfg.write(&dir.path().join("config.json"))?;
-    let tokenizer_dir = match &config.tokenizer_source {
-        Some(source) => {
-            let labels = config
-                .base_model
-                .iter()
-                .chain(config.models.iter().map(|e| &e.model));
-            let inputs: Vec<tokenizer_source::Input> = base
-                .iter()
-                .chain(&models)
-                .zip(labels)
-                .map(|(m, r)| tokenizer_source::Input {
-                    label: r.to_string(),
-                    files: m.files(),
-                })
-                .collect();
-            tokenizer_source::donor(source, config.pad_to_multiple_of, &inputs)?
-        }
-        None => ref_files.dir.clone(),
-    };
-    copy_tokenizer_files(&tokenizer_dir, dir.path())?;
-    if let Some(template) = &config.chat_template {
-        let sources: Vec<&Path> = base
-            .iter()
-            .chain(&models)
-            .map(|m| m.files().dir.as_path())
-            .collect();
-        chat_template::apply(template, &sources, dir.path())
-            .with_context(|| format!("chat_template (tokenizer files from {ref_label})"))?;
-    }
+    let labels = config
+        .base_model
+        .iter()
+        .chain(config.models.iter().map(|e| &e.model));
+    let inputs = distinct_inputs(
+        labels
+            .zip(base.iter().chain(&models))
+            .map(|(r, m)| (r.to_string(), m.files())),
+    );
+    write_tokenizer(config, &inputs, &ref_files.dir, &ref_label, dir.path())?;
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
 
     let plan = names

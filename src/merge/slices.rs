@@ -12,13 +12,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use super::chat_template;
 use super::config::MergeConfig;
 use super::engine::{
-    merge_at_into, merge_in_windows, output_dtype, MergeInput, MergeOptions, Windows,
+    distinct_inputs, merge_at_into, merge_in_windows, output_dtype, write_tokenizer, MergeInput,
+    MergeOptions, Windows,
 };
-use super::tokenizer_source;
-use crate::model::pretrained::copy_tokenizer_files;
 use crate::model::weights::{AtomicDir, PlannedTensor, ShardedWriter};
 
 /// One output tensor: which slice's view merges it, the input name in each source, and its
@@ -146,35 +144,22 @@ pub(crate) fn run_slices(config: &MergeConfig, out: &Path, opts: &MergeOptions) 
 
     let dir = AtomicDir::new(out)?;
     cfg.write(&dir.path().join("config.json"))?;
-    // The inputs, base first, then the sources in config order, each once (a base that is no
-    // slice's source is not read: the slices' bases are sources).
-    let mut ordered: Vec<tokenizer_source::Input> = vec![];
-    let base = config.base_model.iter().map(ToString::to_string);
-    let named = config
-        .slices
-        .iter()
-        .flat_map(|s| &s.sources)
-        .map(|s| s.model.to_string());
-    for name in base.chain(named) {
-        if let Some(input) = inputs.get(&name) {
-            if !ordered.iter().any(|i| i.label == name) {
-                ordered.push(tokenizer_source::Input {
-                    label: name,
-                    files: input.files(),
-                });
-            }
-        }
-    }
-    let tokenizer_dir = match &config.tokenizer_source {
-        Some(source) => tokenizer_source::donor(source, config.pad_to_multiple_of, &ordered)?,
-        None => ref_files.dir.clone(),
-    };
-    copy_tokenizer_files(&tokenizer_dir, dir.path())?;
-    if let Some(template) = &config.chat_template {
-        let sources: Vec<&Path> = ordered.iter().map(|i| i.files.dir.as_path()).collect();
-        chat_template::apply(template, &sources, dir.path())
-            .with_context(|| format!("chat_template (tokenizer files from {first})"))?;
-    }
+    // A base that is no slice's source is not read (the slices' bases are sources).
+    let labels = config.base_model.iter().map(ToString::to_string).chain(
+        config
+            .slices
+            .iter()
+            .flat_map(|s| &s.sources)
+            .map(|s| s.model.to_string()),
+    );
+    let named = labels.filter_map(|name| inputs.get(&name).map(|i| (name, i.files())));
+    write_tokenizer(
+        config,
+        &distinct_inputs(named),
+        &ref_files.dir,
+        &first,
+        dir.path(),
+    )?;
     std::fs::write(dir.path().join("mergekit_config.yml"), &config.source)?;
     let plan = planned
         .iter()
