@@ -167,13 +167,13 @@ impl ModelTokenizer {
         self.pad_token.as_deref().and_then(|t| self.token_id(t))
     }
 
-    /// Renders the chat template with minijinja (Python string methods enabled, as
-    /// transformers' Jinja environment has them).
     /// Every token with its id, added tokens included.
     pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
         self.inner.get_vocab(true)
     }
 
+    /// Renders the chat template with minijinja (Python string methods enabled, as
+    /// transformers' Jinja environment has them).
     pub fn apply_chat_template(
         &self,
         messages: &[ChatMessage],
