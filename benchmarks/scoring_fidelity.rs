@@ -2,24 +2,27 @@
 //! each ranks candidates when both get the same compute.
 //!
 //! A fixed TIES grid over the two weights (SFT_GRID × PREF_GRID candidates). Each candidate is
-//! merged once and scored four times:
+//! merged once and scored in these phases:
 //! - `faithful` — lm-eval's per-document shots on `--docs` search-pool documents per task;
-//! - `shared` — one shared shot set per task on the same documents (the speed ratio);
-//! - `shared_equal` — shared shots on the documents it can score in the faithful time:
-//!   `n = docs × median over the grid of faithful seconds / shared seconds` (capped by the
-//!   pool), the same for every candidate, fixed once every candidate has both timed phases
-//!   (which therefore run first, for the whole grid);
+//! - per screening fidelity S (`shared`: one shared shot set per task; `gold`: shared shots and
+//!   GSM8K scored by the gold solution's likelihood instead of generation):
+//!   - `S` — on the same documents (the speed ratio);
+//!   - `S_equal` — on the documents it can score in the faithful time:
+//!     `n = docs × median over the grid of faithful seconds / S seconds` (capped by the pool),
+//!     the same for every candidate, fixed once every candidate has both timed phases (which
+//!     therefore run first, for the whole grid);
 //! - `report` — per-document shots on `--report` report-pool documents per task, the ranking a
 //!   user would publish.
 //!
-//! The summary line gives seconds per candidate of both fidelities at `--docs` documents, their
-//! ratio, and the Spearman correlation of `faithful` and of `shared_equal` with `report`, each
-//! and their difference with a 95% bootstrap interval over the candidates, beside the report
-//! accuracies' spread and their mean standard error (how much of the report ranking is chance).
+//! The summary line gives, per screening fidelity present, seconds per candidate at `--docs`
+//! documents against faithful's, their ratio, and the Spearman correlation of `faithful` and of
+//! `S_equal` with `report`, each and their difference with a 95% bootstrap interval over the
+//! candidates, beside the report accuracies' spread and their mean standard error (how much of
+//! the report ranking is chance).
 //!
 //! cargo bench --profile dev --bench scoring_fidelity -- --base DIR --sft REF --pref REF \
 //!     [--tasks LIST] [--docs 50] [--report 200] [--sft-grid 0,0.5,1,1.5,2] [--pref-grid 0,1] \
-//!     [--phases faithful,shared,shared_equal,report] --cache FILE
+//!     [--phases faithful,shared,shared_equal,gold,gold_equal,report] --cache FILE
 //!
 //! `--phases` runs only some phases (the report pool, which takes longest and whose timing
 //! does not matter, can run first at low priority; the timed phases on a quiet machine).
@@ -33,7 +36,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use paft::eval::fewshot::FewshotMode;
-use paft::eval::{parse_task_list, DocSet, EvalConfig, Evaluator, Pool, SuiteResult, TaskStore};
+use paft::eval::{
+    parse_task_list, Benchmark, DocSet, EvalConfig, Evaluator, Gsm8kScoring, Pool, SuiteResult,
+    TaskStore,
+};
 use paft::search::{CandidateScorer, MergeInputs, Objective, ObjectiveMetric, SearchSpace};
 // The Spearman intervals' bootstrap takes `paft report`'s default seed and draw count.
 use paft::report::bootstrap::{
@@ -41,7 +47,20 @@ use paft::report::bootstrap::{
 };
 use paft::stats::{percentile_interval_95, spearman, spearman_draws};
 
-const PHASES: [&str; 4] = ["faithful", "shared", "shared_equal", "report"];
+const PHASES: [&str; 6] = [
+    "faithful",
+    "shared",
+    "shared_equal",
+    "gold",
+    "gold_equal",
+    "report",
+];
+
+/// The screening fidelities: phase name and how GSM8K is scored (both share the shots).
+const SCREENINGS: [(&str, Gsm8kScoring); 2] = [
+    ("shared", Gsm8kScoring::Generate),
+    ("gold", Gsm8kScoring::GoldLikelihood),
+];
 
 #[derive(serde::Serialize, serde::Deserialize, Clone)]
 struct Row {
@@ -55,11 +74,32 @@ struct Row {
     seconds: f64,
     task_seconds: BTreeMap<String, f64>,
     tokens_prefilled: u64,
+    /// Per benchmark: the headline number and its smooth counterpart, percent (rows cached
+    /// before these were kept have none), so any objective can be recomputed from the cache.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    benchmarks: BTreeMap<String, BenchmarkScore>,
 }
 
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
+struct BenchmarkScore {
+    metric: String,
+    headline: f64,
+    headline_stderr: f64,
+    probability: Option<f64>,
+}
+
+/// The equal-compute document count of one screening fidelity (lines cached before `gold`
+/// existed name none: they are `shared`'s).
 #[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Plan {
+    #[serde(default = "shared_name")]
+    screening: String,
     equal_compute_docs: usize,
+}
+
+fn shared_name() -> String {
+    "shared".into()
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -88,8 +128,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// `docs × median(faithful seconds / shared seconds)` over every candidate of the grid.
-fn plan(cache: &Cache, keys: &[String], docs: usize) -> Result<Plan> {
+/// `docs × median(faithful seconds / screening seconds)` over every candidate of the grid.
+fn plan(cache: &Cache, keys: &[String], docs: usize, screening: &str) -> Result<Plan> {
     let ratios = keys
         .iter()
         .map(|k| {
@@ -100,22 +140,25 @@ fn plan(cache: &Cache, keys: &[String], docs: usize) -> Result<Plan> {
                     .map(|r| r.seconds)
                     .with_context(|| {
                         format!(
-                            "shared_equal needs the faithful and shared phases of every \
-                             candidate first (run --phases faithful,shared): {k} has no {phase}"
+                            "{screening}_equal needs the faithful and {screening} phases of \
+                             every candidate first (run --phases faithful,{screening}): {k} has \
+                             no {phase}"
                         )
                     })
             };
-            Ok(seconds("faithful")? / seconds("shared")?)
+            Ok(seconds("faithful")? / seconds(screening)?)
         })
         .collect::<Result<Vec<f64>>>()?;
     Ok(Plan {
+        screening: screening.to_string(),
         equal_compute_docs: (docs as f64 * median(ratios)).floor() as usize,
     })
 }
 
 struct Cache {
     path: PathBuf,
-    plan: Option<Plan>,
+    /// Equal-compute document counts by screening fidelity.
+    plans: BTreeMap<String, usize>,
     rows: BTreeMap<(String, String), Row>,
 }
 
@@ -123,14 +166,14 @@ impl Cache {
     fn open(path: PathBuf) -> Result<Self> {
         let mut cache = Cache {
             path,
-            plan: None,
+            plans: BTreeMap::new(),
             rows: BTreeMap::new(),
         };
         if cache.path.exists() {
             let text = std::fs::read_to_string(&cache.path)?;
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
                 if let Ok(plan) = serde_json::from_str::<Plan>(line) {
-                    cache.plan = Some(plan);
+                    cache.plans.insert(plan.screening, plan.equal_compute_docs);
                     continue;
                 }
                 let row: Row = serde_json::from_str(line)
@@ -202,9 +245,14 @@ fn main() -> Result<()> {
     let mut config = EvalConfig::new(parse_task_list(&tasks)?);
     config.split = space.pools;
     let store = || TaskStore::new(TaskStore::default_root());
-    let mut shared_config = config.clone();
-    shared_config.fewshot_mode = FewshotMode::Shared;
-    let mut shared = Evaluator::open(&inputs.base, store(), shared_config)?;
+    // One evaluator per screening fidelity, by phase name.
+    let mut screeners = BTreeMap::new();
+    for (name, gsm8k) in SCREENINGS {
+        let mut c = config.clone();
+        c.fewshot_mode = FewshotMode::Shared;
+        c.task_options.gsm8k_scoring = gsm8k;
+        screeners.insert(name, Evaluator::open(&inputs.base, store(), c)?);
+    }
     let mut scorer = CandidateScorer::new(
         inputs,
         store(),
@@ -241,36 +289,44 @@ fn main() -> Result<()> {
     // The timed phases of every candidate first: the equal-compute document count is the
     // median speed ratio over the grid (candidates that generate long GSM8K answers pay the
     // same decoding in both modes, so one candidate's ratio is not the grid's).
-    for group in [["faithful", "shared"], ["shared_equal", "report"]] {
+    let groups = [
+        vec!["faithful", "shared", "gold"],
+        vec!["shared_equal", "gold_equal", "report"],
+    ];
+    for group in groups {
         for c in &candidates {
             let todo: Vec<&str> = group
-                .into_iter()
+                .iter()
+                .copied()
                 .filter(|p| phases.iter().any(|q| q == p))
                 .filter(|p| !cache.rows.contains_key(&(c.key(), p.to_string())))
                 .collect();
             if todo.is_empty() {
                 continue;
             }
-            if todo.contains(&"shared_equal") && cache.plan.is_none() {
-                cache.plan = Some(plan(&cache, &keys, docs)?);
-                println!("{}", serde_json::to_string(&cache.plan)?);
-                cache.append(&cache.plan)?;
+            for phase in &todo {
+                let Some(screening) = phase.strip_suffix("_equal") else {
+                    continue;
+                };
+                if !cache.plans.contains_key(screening) {
+                    let p = plan(&cache, &keys, docs, screening)?;
+                    println!("{}", serde_json::to_string(&p)?);
+                    cache.append(&p)?;
+                    cache.plans.insert(p.screening, p.equal_compute_docs);
+                }
             }
             let weights = scorer.merge(c)?;
             for phase in todo {
+                let screening = phase.strip_suffix("_equal").unwrap_or(phase);
                 let (n, pool) = match phase {
-                    "faithful" | "shared" => (docs, Pool::Search),
-                    "shared_equal" => (
-                        cache.plan.as_ref().expect("made above").equal_compute_docs,
-                        Pool::Search,
-                    ),
-                    _ => (report, Pool::Report),
+                    "faithful" | "shared" | "gold" => (docs, Pool::Search),
+                    "report" => (report, Pool::Report),
+                    _ => (cache.plans[screening], Pool::Search),
                 };
                 let set = DocSet::sampled(pool, Some(n), 0);
-                let evaluator = if phase.starts_with("shared") {
-                    &mut shared
-                } else {
-                    scorer.evaluator_mut()
+                let evaluator = match screeners.get_mut(screening) {
+                    Some(e) => e,
+                    None => scorer.evaluator_mut(),
                 };
                 let result: SuiteResult = evaluator.evaluate_weights(&weights, set)?;
                 let (accuracy, stderr) = objective.value(&result, None);
@@ -287,6 +343,7 @@ fn main() -> Result<()> {
                         .map(|t| (t.name.clone(), t.seconds))
                         .collect(),
                     tokens_prefilled: result.tasks.iter().map(|t| t.tokens.prefilled).sum(),
+                    benchmarks: benchmark_scores(&result),
                 };
                 println!("{}", serde_json::to_string(&row)?);
                 cache.append(&row)?;
@@ -297,35 +354,77 @@ fn main() -> Result<()> {
     if keys.len() < 3 {
         bail!("{} candidates cannot be ranked", keys.len());
     }
-    if keys.iter().any(|k| {
-        PHASES
-            .iter()
-            .any(|p| !cache.rows.contains_key(&(k.clone(), p.to_string())))
-    }) {
-        println!("{{\"incomplete\": \"run the remaining phases for the summary\"}}");
+    let complete = |phase: &str| {
+        keys.iter()
+            .all(|k| cache.rows.contains_key(&(k.clone(), phase.to_string())))
+    };
+    if !complete("faithful") || !complete("report") {
+        println!("{{\"incomplete\": \"run the faithful and report phases for the summary\"}}");
         return Ok(());
     }
-    let column = |phase: &str| -> Vec<f64> {
-        keys.iter()
-            .map(|k| cache.rows[&(k.clone(), phase.to_string())].accuracy)
-            .collect()
-    };
-    let seconds = |phase: &str| -> Vec<f64> {
-        keys.iter()
-            .map(|k| cache.rows[&(k.clone(), phase.to_string())].seconds)
-            .collect()
-    };
+    let summaries: Vec<serde_json::Value> = SCREENINGS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| complete(name) && complete(&format!("{name}_equal")))
+        .map(|name| summary(&cache, &keys, name))
+        .collect();
+    if summaries.is_empty() {
+        println!("{{\"incomplete\": \"no screening fidelity has all its phases yet\"}}");
+        return Ok(());
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "candidates": keys.len(),
+            "tasks": tasks,
+            "docs_per_task": docs,
+            "report_docs_per_task": report,
+            "screenings": summaries,
+        })
+    );
+    Ok(())
+}
+
+/// Per benchmark present: the objective's headline number and its smooth counterpart.
+fn benchmark_scores(result: &SuiteResult) -> BTreeMap<String, BenchmarkScore> {
+    Benchmark::ALL
+        .iter()
+        .filter_map(|&b| {
+            let h = result.headline(b)?;
+            let metric = result.screening_metric(b).unwrap_or(b.headline());
+            Some((
+                b.task_name().to_string(),
+                BenchmarkScore {
+                    metric: metric.to_string(),
+                    headline: 100.0 * h.value,
+                    headline_stderr: 100.0 * h.stderr,
+                    probability: result.probability(b).map(|p| 100.0 * p.value),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// One screening fidelity against `faithful`: speed at the same documents, and each one's
+/// Spearman with the report ranking at equal compute.
+fn summary(cache: &Cache, keys: &[String], screening: &str) -> serde_json::Value {
+    let row = |k: &String, phase: &str| &cache.rows[&(k.clone(), phase.to_string())];
+    let column =
+        |phase: &str| -> Vec<f64> { keys.iter().map(|k| row(k, phase).accuracy).collect() };
+    let seconds =
+        |phase: &str| -> Vec<f64> { keys.iter().map(|k| row(k, phase).seconds).collect() };
     let ratios: Vec<f64> = seconds("faithful")
         .iter()
-        .zip(seconds("shared"))
+        .zip(seconds(screening))
         .map(|(f, s)| f / s)
         .collect();
+    let equal = format!("{screening}_equal");
     let report_acc = column("report");
     // How much each Spearman owes to which candidates the grid holds: a bootstrap over the
     // candidates, paired (each draw ranks the same candidates in both modes).
-    let (faithful_acc, shared_equal_acc) = (column("faithful"), column("shared_equal"));
+    let (faithful_acc, equal_acc) = (column("faithful"), column(&equal));
     let draws = spearman_draws(
-        &[&faithful_acc, &shared_equal_acc],
+        &[&faithful_acc, &equal_acc],
         &report_acc,
         BOOTSTRAP_SEED,
         BOOTSTRAP_RESAMPLES,
@@ -335,42 +434,35 @@ fn main() -> Result<()> {
     // report accuracies differ by less than a few standard errors is partly chance.
     let report_stderrs: Vec<f64> = keys
         .iter()
-        .filter_map(|k| cache.rows[&(k.clone(), "report".to_string())].accuracy_stderr)
+        .filter_map(|k| row(k, "report").accuracy_stderr)
         .collect();
     let spearman_faithful = spearman(&faithful_acc, &report_acc);
-    let spearman_shared_equal = spearman(&shared_equal_acc, &report_acc);
-    println!(
-        "{}",
-        serde_json::json!({
-            "candidates": keys.len(),
-            "tasks": tasks,
-            "docs_per_task": docs,
-            "report_docs_per_task": report,
-            "equal_compute_docs_per_task": cache.plan.as_ref().map(|p| p.equal_compute_docs),
-            "median_seconds_per_candidate_faithful": median(seconds("faithful")),
-            "median_seconds_per_candidate_shared": median(seconds("shared")),
-            "median_speedup_shared_vs_faithful": median(ratios.clone()),
-            "min_speedup_shared_vs_faithful": ratios.iter().cloned().fold(f64::INFINITY, f64::min),
-            "spearman_faithful_vs_report": spearman_faithful,
-            "spearman_faithful_vs_report_95": percentile_interval_95(draws[0].clone()),
-            "spearman_shared_same_docs_vs_report": spearman(&column("shared"), &report_acc),
-            "spearman_shared_equal_compute_vs_report": spearman_shared_equal,
-            "spearman_shared_equal_compute_vs_report_95": percentile_interval_95(draws[1].clone()),
-            "spearman_shared_equal_minus_faithful": spearman_shared_equal - spearman_faithful,
-            "spearman_shared_equal_minus_faithful_95": percentile_interval_95(differences),
-            "spearman_interval": format!(
-                "95% percentile bootstrap over the {} candidates, {} draws kept of {BOOTSTRAP_RESAMPLES}, seed {BOOTSTRAP_SEED}",
-                keys.len(),
-                draws[0].len()
-            ),
-            "report_accuracy_range": [
-                report_acc.iter().cloned().fold(f64::INFINITY, f64::min),
-                report_acc.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
-            ],
-            "report_accuracy_stderr_mean": (!report_stderrs.is_empty())
-                .then(|| report_stderrs.iter().sum::<f64>() / report_stderrs.len() as f64),
-            "report_rows_with_stderr": report_stderrs.len(),
-        })
-    );
-    Ok(())
+    let spearman_equal = spearman(&equal_acc, &report_acc);
+    serde_json::json!({
+        "screening": screening,
+        "equal_compute_docs_per_task": cache.plans.get(screening),
+        "median_seconds_per_candidate_faithful": median(seconds("faithful")),
+        "median_seconds_per_candidate_screening": median(seconds(screening)),
+        "median_speedup_vs_faithful": median(ratios.clone()),
+        "min_speedup_vs_faithful": ratios.iter().cloned().fold(f64::INFINITY, f64::min),
+        "spearman_faithful_vs_report": spearman_faithful,
+        "spearman_faithful_vs_report_95": percentile_interval_95(draws[0].clone()),
+        "spearman_screening_same_docs_vs_report": spearman(&column(screening), &report_acc),
+        "spearman_screening_equal_compute_vs_report": spearman_equal,
+        "spearman_screening_equal_compute_vs_report_95": percentile_interval_95(draws[1].clone()),
+        "spearman_screening_equal_minus_faithful": spearman_equal - spearman_faithful,
+        "spearman_screening_equal_minus_faithful_95": percentile_interval_95(differences),
+        "spearman_interval": format!(
+            "95% percentile bootstrap over the {} candidates, {} draws kept of {BOOTSTRAP_RESAMPLES}, seed {BOOTSTRAP_SEED}",
+            keys.len(),
+            draws[0].len()
+        ),
+        "report_accuracy_range": [
+            report_acc.iter().cloned().fold(f64::INFINITY, f64::min),
+            report_acc.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        ],
+        "report_accuracy_stderr_mean": (!report_stderrs.is_empty())
+            .then(|| report_stderrs.iter().sum::<f64>() / report_stderrs.len() as f64),
+        "report_rows_with_stderr": report_stderrs.len(),
+    })
 }

@@ -8,8 +8,8 @@ use serde_json::json;
 use super::ModelArgs;
 use crate::eval::fewshot::FewshotMode;
 use crate::eval::{
-    parse_task_list, DocSet, EvalConfig, Evaluator, Pool, PoolSplit, Selection, TaskOptions,
-    TaskStore,
+    parse_task_list, DocSet, EvalConfig, Evaluator, Gsm8kScoring, Pool, PoolSplit, Selection,
+    TaskOptions, TaskStore,
 };
 use crate::model::{self, Mode, Pretrained};
 
@@ -38,6 +38,12 @@ pub struct EvalArgs {
     /// and results.json says so in config.fewshot_mode).
     #[arg(long, default_value = "per_document", value_parser = FewshotMode::parse)]
     pub fewshot_mode: FewshotMode,
+    /// `generate` (lm-eval's exact match of a greedy generation, the default) or
+    /// `gold_likelihood`: no generation, each GSM8K document scores the gold solution's
+    /// probability per byte (a screening fidelity about 4× cheaper; results.json names it in
+    /// config.gsm8k_scoring and its metric is gold_byte_probability, not exact_match).
+    #[arg(long, default_value = "generate", value_parser = Gsm8kScoring::parse)]
+    pub gsm8k_scoring: Gsm8kScoring,
     /// Seed of the few-shot sampler (lm-eval's fewshot_random_seed).
     #[arg(long, default_value_t = crate::eval::fewshot::DEFAULT_FEWSHOT_SEED)]
     pub fewshot_seed: u64,
@@ -110,6 +116,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     config.batch_size = args.batch_size;
     config.task_options = TaskOptions {
         legacy_mc2_true_set: args.legacy_mc2,
+        gsm8k_scoring: args.gsm8k_scoring,
         ..TaskOptions::default()
     };
 

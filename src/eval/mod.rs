@@ -32,4 +32,5 @@ pub use store::TaskStore;
 pub use subset::Selection;
 pub use suite::{DocSet, EvalConfig, EvalModel, PreparedSuite};
 pub use task::{Benchmark, MetricKey, Task};
+pub use tasks::gsm8k::Gsm8kScoring;
 pub use tasks::{parse_task_list, TaskOptions, TaskSpec};

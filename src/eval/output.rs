@@ -30,6 +30,10 @@ pub fn write_results(
         m.insert("split".into(), json!(suite.config.split));
         // Shared shots are a screening fidelity; say so wherever the scores go.
         m.insert("fewshot_mode".into(), json!(suite.config.fewshot_mode));
+        m.insert(
+            "gsm8k_scoring".into(),
+            json!(suite.config.task_options.gsm8k_scoring),
+        );
     }
     let json = serde_json::to_vec_pretty(&result.to_json(config))?;
     write_file_atomic(&dir.join("results.json"), &json)?;

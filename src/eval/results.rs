@@ -37,6 +37,8 @@ pub struct TaskResult {
     pub num_requests: usize,
     pub records: Vec<DocRecord>,
     pub metrics: Vec<MetricSummary>,
+    /// The metric that stands for the task ([`Task::headline`]).
+    pub headline: MetricKey,
     pub seconds: f64,
     /// Tokens the model was run on (set by the suite after scoring).
     pub tokens: TokenWork,
@@ -83,6 +85,7 @@ impl TaskResult {
             num_requests,
             records,
             metrics,
+            headline: task.headline(),
             seconds,
             tokens: TokenWork::default(),
         }
@@ -126,7 +129,7 @@ impl SuiteResult {
     pub fn headline(&self, b: Benchmark) -> Option<Estimate> {
         let parts: Vec<Estimate> = self
             .of(b)
-            .filter_map(|t| t.metrics.iter().find(|m| m.key == b.headline()))
+            .filter_map(|t| t.metrics.iter().find(|m| m.key == t.headline))
             .map(|m| Estimate {
                 value: m.mean,
                 stderr: m.stderr,
@@ -158,12 +161,19 @@ impl SuiteResult {
         (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
     }
 
-    /// Headline numbers in percent, per benchmark present.
+    /// Headline numbers in percent, per benchmark present and scored with the leaderboard's
+    /// metric (a screening metric such as GSM8K's gold likelihood is no leaderboard number).
     pub fn scores(&self) -> BTreeMap<Benchmark, f64> {
         Benchmark::ALL
             .iter()
+            .filter(|&&b| self.screening_metric(b).is_none())
             .filter_map(|&b| self.headline(b).map(|h| (b, 100.0 * h.value)))
             .collect()
+    }
+
+    /// The metric `b` was scored with when it is not the leaderboard's (a screening fidelity).
+    pub fn screening_metric(&self, b: Benchmark) -> Option<MetricKey> {
+        self.of(b).map(|t| t.headline).find(|&k| k != b.headline())
     }
 
     /// The leaderboard average (plain mean of the six headline numbers, percent); None unless
@@ -253,6 +263,12 @@ impl SuiteResult {
         if let Some(avg) = self.average() {
             header.push("Average".into());
             row.push(format!("{avg:.2}"));
+        }
+        for b in Benchmark::ALL {
+            if let (Some(key), Some(h)) = (self.screening_metric(b), self.headline(b)) {
+                header.push(format!("{} {} (screening)", b.column(), key.metric));
+                row.push(format!("{:.2}", 100.0 * h.value));
+            }
         }
         let widths: Vec<usize> = header
             .iter()

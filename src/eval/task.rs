@@ -178,6 +178,11 @@ pub trait Task: Send + Sync {
     fn instance(&self, doc: usize, shots: &[usize]) -> Instance;
     /// Metrics every document reports, in output order.
     fn metric_keys(&self) -> &'static [MetricKey];
+    /// The metric that stands for the task in the leaderboard table and search objectives: the
+    /// benchmark's, unless the task was built to score another way (a screening fidelity).
+    fn headline(&self) -> MetricKey {
+        self.benchmark().headline()
+    }
     fn score(&self, doc: usize, response: &Response) -> Result<DocScore>;
 }
 

@@ -494,6 +494,7 @@ pub(crate) fn open_scorer(
     let mut eval = EvalConfig::new(parse_task_list(&space.budget.tasks)?);
     eval.split = space.pools;
     eval.fewshot_mode = space.budget.fewshot;
+    eval.task_options.gsm8k_scoring = space.budget.gsm8k;
     Ok(CandidateScorer::new(
         inputs,
         TaskStore::new(tasks_dir.to_path_buf()),
@@ -539,7 +540,8 @@ fn write_search_documents(
         rungs.insert(rung.to_string(), serde_json::Value::Object(tasks));
     }
     let mut doc = serde_json::json!({"pool": "search", "split": space.pools,
-                                     "fewshot_mode": space.budget.fewshot, "rungs": rungs});
+                                     "fewshot_mode": space.budget.fewshot,
+                                     "gsm8k_scoring": space.budget.gsm8k, "rungs": rungs});
     if let Some((sft, pairs)) = scorer.tax_row_ids() {
         doc["alignment_tax"] = serde_json::json!({"sft": sft, "preference": pairs});
     }

@@ -12,6 +12,7 @@ use super::scorer::{Objective, ObjectiveMetric};
 use super::solver::SolverKind;
 use crate::eval::alignment_tax::{AlignmentTaxSpec, TaxMetric};
 use crate::eval::fewshot::FewshotMode;
+use crate::eval::Gsm8kScoring;
 use crate::eval::{Benchmark, PoolSplit};
 use crate::merge::config::{ModelEntry, Params};
 use crate::merge::spec::{Domain, ParamDefault, ParamSpec};
@@ -108,6 +109,8 @@ pub struct Budget {
     pub subset_seed: u64,
     /// Few-shot mode of every evaluation the search makes.
     pub fewshot: FewshotMode,
+    /// How GSM8K is scored in every evaluation the search makes.
+    pub gsm8k: Gsm8kScoring,
     /// The dtype every candidate is evaluated in (merging itself accumulates in f32).
     pub dtype: candle_core::DType,
 }
@@ -204,6 +207,10 @@ struct RawSubset {
     /// `per_document` (lm-eval's shots) or `shared` (one set per task: faster screening).
     #[serde(default)]
     fewshot: FewshotMode,
+    /// `generate` (lm-eval's exact match) or `gold_likelihood` (the gold solution's
+    /// probability per byte: no generation, a cheaper and smooth screening).
+    #[serde(default)]
+    gsm8k: Gsm8kScoring,
     /// `f32` (default), `bf16` or `f16`: the dtype candidates are evaluated in.
     #[serde(default = "default_dtype")]
     dtype: String,
@@ -474,6 +481,7 @@ impl SearchSpace {
                 finalists: s.finalists,
                 subset_seed: s.seed,
                 fewshot: s.fewshot,
+                gsm8k: s.gsm8k,
                 dtype,
             },
         })
@@ -776,6 +784,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(shared.budget.fewshot, FewshotMode::Shared);
+        assert_eq!(s.budget.gsm8k, Gsm8kScoring::Generate);
+        let gold = SearchSpace::from_toml(
+            &SPACE.replace("[subset]", "[subset]\ngsm8k = \"gold_likelihood\""),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(gold.budget.gsm8k, Gsm8kScoring::GoldLikelihood);
+        let bad = SearchSpace::from_toml(
+            &SPACE.replace("[subset]", "[subset]\ngsm8k = \"sampled\""),
+            "t",
+        );
+        assert!(format!("{:#}", bad.unwrap_err()).contains("sampled"));
         let bad = SearchSpace::from_toml(
             &SPACE.replace("[subset]", "[subset]\nfewshot = \"few\""),
             "t",

@@ -876,3 +876,90 @@ fn subjects_scored_together_score_as_alone() {
         together.seconds
     );
 }
+
+/// `paft eval --gsm8k-scoring gold_likelihood`: no generation; each GSM8K document scores the
+/// gold solution after the prompt lm-eval's scoring would generate from, as its probability per
+/// byte, under its own metric name (never exact_match), outside the leaderboard table.
+#[test]
+fn gsm8k_gold_likelihood_scores_the_gold_solution_after_the_same_prompt() {
+    let Some(model) = common::tiny_model(&TinySpec::llama(7)) else {
+        return;
+    };
+    let tasks_dir = common::shared_tasks_dir();
+    let run = |scoring: &str, out: &Path| {
+        let res = common::run_paft(&[
+            "--quiet",
+            "eval",
+            "--model",
+            model.path().to_str().unwrap(),
+            "--tasks",
+            "gsm8k,winogrande",
+            "--tasks-dir",
+            tasks_dir.to_str().unwrap(),
+            "--limit",
+            "3",
+            "--gsm8k-scoring",
+            scoring,
+            "--output",
+            out.to_str().unwrap(),
+            "--log-samples",
+        ]);
+        common::expect_success(&res);
+        let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
+        let results: Value = serde_json::from_str(&read("results.json")).unwrap();
+        let samples: Vec<Value> = read("samples_gsm8k.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (
+            results,
+            samples,
+            String::from_utf8_lossy(&res.stdout).to_string(),
+        )
+    };
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (gold, gold_samples, table) = run("gold_likelihood", dirs.0.path());
+    let (generated, generated_samples, _) = run("generate", dirs.1.path());
+    assert_eq!(gold["config"]["gsm8k_scoring"], "gold_likelihood");
+    assert_eq!(generated["config"]["gsm8k_scoring"], "generate");
+    let g = &gold["results"]["gsm8k"];
+    assert!(g.get("exact_match,strict-match").is_none(), "{g}");
+    assert!(
+        gold["leaderboard"].get("GSM8K").is_none(),
+        "{}",
+        gold["leaderboard"]
+    );
+    assert!(generated["leaderboard"].get("GSM8K").is_some());
+    assert!(
+        table.contains("GSM8K gold_byte_probability (screening)"),
+        "{table}"
+    );
+    assert_eq!(gold["timing"]["tasks"]["gsm8k"]["tokens_generated"], 0);
+    assert!(generated["timing"]["tasks"]["gsm8k"]["tokens_generated"].as_u64() > Some(0));
+    // Winogrande is untouched by the GSM8K option.
+    assert_eq!(
+        gold["results"]["winogrande"]["acc,none"],
+        generated["results"]["winogrande"]["acc,none"]
+    );
+    let mut values = vec![];
+    for (s, t) in gold_samples.iter().zip(&generated_samples) {
+        assert_eq!(s["doc_id"], t["doc_id"]);
+        let args = s["arguments"].as_array().unwrap();
+        assert_eq!(args.len(), 1, "{s}");
+        // The prompt generation starts from, and the gold solution as the shots show theirs.
+        assert_eq!(args[0]["context"], t["arguments"][0]["context"]);
+        let continuation = args[0]["continuation"].as_str().unwrap();
+        assert_eq!(continuation, format!(" {}", s["target"].as_str().unwrap()));
+        let ll = s["resps"][0][0].as_f64().unwrap();
+        assert!(ll < 0.0 && ll.is_finite(), "{ll}");
+        let p = s["metrics"]["gold_byte_probability,none"].as_f64().unwrap();
+        let want = (ll / continuation.len() as f64).exp();
+        assert!((p - want).abs() < 1e-12, "{p} vs {want}");
+        assert_eq!(s["paft_probability"].as_f64(), Some(p));
+        values.push(p);
+    }
+    assert_eq!(values.len(), 3);
+    let mean = values.iter().sum::<f64>() / 3.0;
+    let got = g["gold_byte_probability,none"].as_f64().unwrap();
+    assert!((got - mean).abs() < 1e-12, "{got} vs {mean}");
+}

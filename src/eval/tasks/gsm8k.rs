@@ -1,17 +1,19 @@
 //! GSM8K (lm-eval `gsm8k`): 5-shot from the train split, greedy generation until "Question:",
-//! then exact match of the extracted answer (strict-match and flexible-extract filters).
+//! then exact match of the extracted answer (strict-match and flexible-extract filters). Or, as
+//! a screening fidelity ([`Gsm8kScoring::GoldLikelihood`]), no generation at all: the gold
+//! solution's log-likelihood after the same prompt.
 
 use std::sync::LazyLock;
 
 use anyhow::{bail, Result};
 use regex::Regex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::eval::store::TaskStore;
 use crate::eval::task::{
     fewshot_context, py_strip, Benchmark, DocScore, FewshotSampler, GenerationRequest, Instance,
-    MetricKey, Requests, Response, Task, TARGET_DELIMITER,
+    LoglikelihoodRequest, MetricKey, Requests, Response, Task, TARGET_DELIMITER,
 };
 
 #[derive(Deserialize)]
@@ -23,6 +25,35 @@ struct Gsm8kDoc {
 pub struct Gsm8k {
     docs: Vec<Gsm8kDoc>,
     pool: Vec<Gsm8kDoc>,
+    scoring: Gsm8kScoring,
+}
+
+/// How GSM8K documents are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Gsm8kScoring {
+    /// lm-eval's: greedy generation of up to [`MAX_GEN_TOKS`] tokens, exact match of the
+    /// extracted answer.
+    #[default]
+    Generate,
+    /// A screening fidelity that generates nothing: each document scores the gold solution
+    /// (`" " + answer`, as the shots show it) after the same prompt, as its probability per
+    /// byte, `exp(loglikelihood / bytes)` in (0, 1] (lm-eval's byte normalisation, so the
+    /// number does not depend on the tokenizer). One prefill of the solution instead of up to
+    /// 256 decode steps, and smooth in the merge weights, where exact match of a small model
+    /// is a few lucky documents. Its metric is `gold_byte_probability`, never `exact_match`,
+    /// so nobody mistakes it for lm-eval's score.
+    GoldLikelihood,
+}
+
+impl Gsm8kScoring {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "generate" => Ok(Self::Generate),
+            "gold_likelihood" | "gold-likelihood" => Ok(Self::GoldLikelihood),
+            other => bail!("unknown GSM8K scoring `{other}` (generate, gold_likelihood)"),
+        }
+    }
 }
 
 pub const MAX_GEN_TOKS: usize = 256;
@@ -31,6 +62,7 @@ pub const INVALID: &str = "[invalid]";
 
 const STRICT: MetricKey = MetricKey::new("exact_match", "strict-match");
 const FLEXIBLE: MetricKey = MetricKey::new("exact_match", "flexible-extract");
+const GOLD: MetricKey = MetricKey::plain("gold_byte_probability");
 
 static STRICT_RE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"#### (-?[0-9.,]+)").unwrap());
 static FLEXIBLE_RE: LazyLock<Regex> =
@@ -46,7 +78,7 @@ static IGNORE: LazyLock<[(Regex, &'static str); 4]> = LazyLock::new(|| {
     ]
 });
 
-pub fn load(store: &TaskStore) -> Result<Gsm8k> {
+pub fn load(store: &TaskStore, scoring: Gsm8kScoring) -> Result<Gsm8k> {
     let docs = store.typed::<Gsm8kDoc>("gsm8k", "test")?;
     let pool = store.typed::<Gsm8kDoc>("gsm8k", "train")?;
     for r in docs.iter().chain(&pool) {
@@ -57,6 +89,7 @@ pub fn load(store: &TaskStore) -> Result<Gsm8k> {
     Ok(Gsm8k {
         docs: docs.into_iter().map(|r| r.doc).collect(),
         pool: pool.into_iter().map(|r| r.doc).collect(),
+        scoring,
     })
 }
 
@@ -132,24 +165,51 @@ impl Task for Gsm8k {
                 self.pool[s].answer
             )
         });
-        Instance {
-            doc_id: doc,
-            requests: Requests::Generate(GenerationRequest {
-                context: fewshot_context("", shots, &text(d)),
+        let context = fewshot_context("", shots, &text(d));
+        let requests = match self.scoring {
+            Gsm8kScoring::Generate => Requests::Generate(GenerationRequest {
+                context,
                 until: UNTIL.map(String::from).to_vec(),
                 max_gen_toks: MAX_GEN_TOKS,
             }),
+            Gsm8kScoring::GoldLikelihood => Requests::Loglikelihood(vec![LoglikelihoodRequest {
+                context,
+                continuation: gold_continuation(d),
+            }]),
+        };
+        Instance {
+            doc_id: doc,
+            requests,
             target: Value::from(d.answer.clone()),
         }
     }
 
     fn metric_keys(&self) -> &'static [MetricKey] {
-        &[STRICT, FLEXIBLE]
+        match self.scoring {
+            Gsm8kScoring::Generate => &[STRICT, FLEXIBLE],
+            Gsm8kScoring::GoldLikelihood => &[GOLD],
+        }
+    }
+
+    fn headline(&self) -> MetricKey {
+        match self.scoring {
+            Gsm8kScoring::Generate => STRICT,
+            Gsm8kScoring::GoldLikelihood => GOLD,
+        }
     }
 
     fn score(&self, doc: usize, response: &Response) -> Result<DocScore> {
-        let Response::Generation(g) = response else {
-            bail!("gsm8k: expected a generation, got {response:?}");
+        let g = match (self.scoring, response) {
+            (Gsm8kScoring::Generate, Response::Generation(g)) => g,
+            (Gsm8kScoring::GoldLikelihood, Response::Loglikelihood(lls)) if lls.len() == 1 => {
+                let p = gold_byte_probability(lls[0].0, &gold_continuation(&self.docs[doc]));
+                return Ok(DocScore {
+                    probability: Some(p),
+                    metrics: vec![(GOLD, p)],
+                    filtered: vec![],
+                });
+            }
+            (scoring, _) => bail!("gsm8k ({scoring:?}): unexpected response {response:?}"),
         };
         let gold = &self.docs[doc].answer;
         let strict = strict_match(g);
@@ -165,9 +225,42 @@ impl Task for Gsm8k {
     }
 }
 
+/// The gold solution as a continuation of the prompt, delimited as the shots are.
+fn gold_continuation(d: &Gsm8kDoc) -> String {
+    format!("{TARGET_DELIMITER}{}", d.answer)
+}
+
+/// `exp(loglikelihood / bytes)`: the continuation's geometric-mean probability per UTF-8 byte.
+fn gold_byte_probability(loglikelihood: f64, continuation: &str) -> f64 {
+    (loglikelihood / continuation.len().max(1) as f64).exp()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gold_likelihood_is_a_probability_per_byte() {
+        // Two bytes of probability ½ each, whatever the tokens were.
+        let p = gold_byte_probability(2.0 * 0.5f64.ln(), " 7");
+        assert!((p - 0.5).abs() < 1e-15, "{p}");
+        // Bytes, not characters: "€" is three.
+        let p = gold_byte_probability(4.0 * 0.25f64.ln(), " €");
+        assert!((p - 0.25).abs() < 1e-15, "{p}");
+        assert_eq!(gold_byte_probability(0.0, " 7"), 1.0);
+        assert_eq!(
+            Gsm8kScoring::parse("gold-likelihood").unwrap(),
+            Gsm8kScoring::GoldLikelihood
+        );
+        assert_eq!(
+            Gsm8kScoring::parse("generate").unwrap(),
+            Gsm8kScoring::Generate
+        );
+        assert!(Gsm8kScoring::parse("sample")
+            .unwrap_err()
+            .to_string()
+            .contains("sample"));
+    }
 
     #[test]
     fn filters_follow_lm_eval() {

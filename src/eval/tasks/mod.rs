@@ -20,6 +20,8 @@ pub struct TaskOptions {
     /// MMLU's shots drawn from every subject's dev rows under one description (the shared-shot
     /// mode's, so that all of MMLU shares one prefix).
     pub mmlu_pooled_shots: bool,
+    /// GSM8K by generation (lm-eval's) or by the gold solution's likelihood (screening).
+    pub gsm8k_scoring: gsm8k::Gsm8kScoring,
 }
 
 /// A task name or group as given on the command line.
@@ -97,7 +99,7 @@ pub fn load_tasks(
                 tasks.push(Box::new(truthfulqa::load(store, opts.legacy_mc2_true_set)?))
             }
             Benchmark::Winogrande => tasks.push(Box::new(winogrande::load(store)?)),
-            Benchmark::Gsm8k => tasks.push(Box::new(gsm8k::load(store)?)),
+            Benchmark::Gsm8k => tasks.push(Box::new(gsm8k::load(store, opts.gsm8k_scoring)?)),
             Benchmark::Mmlu => {}
         }
     }
