@@ -47,6 +47,10 @@
 #                                  # shots): seconds per candidate of both fidelities and each one's Spearman with the report
 #                                  # ranking at equal compute, with 95% bootstrap intervals over the candidates. TASKS default: all six. Resumes from its cache
 #                                  # (benchmarks/results/scoring-cache-*.jsonl); PHASES (e.g. report) runs only some phases.
+#                                  # A second screening, `gold` (shared shots, GSM8K scored by the gold solution's likelihood
+#                                  # instead of generation), has the same two phases (gold, gold_equal) and its own summary.
+#                                  # TIMING_CACHE: the cache of a re-timing (e.g. SFT_GRID=0,2 PHASES=faithful,shared,gold, every
+#                                  # phase of a candidate back to back in one session) to take the speed ratios from.
 # Env: THREADS (default: nproc), PAFT_BIN (a built paft; default: build the dev profile), PAFT_SHARED (default ../shared), PYTHON (default scripts/.venv/bin/python,
 # made as scripts/reference/README.md says). Results: target/bench-assets/<name>.jsonl
 set -euo pipefail
@@ -186,7 +190,8 @@ PY
     cargo bench --profile dev --quiet --bench scoring_fidelity -- --base "$MODEL" \
       --sft "$OUT/smollm-noise$scale-ft1" --pref "$OUT/smollm-noise$scale-ft2" --tasks "$tasks" \
       --docs "${DOCS:-50}" --report "${REPORT:-200}" --sft-grid "${SFT_GRID:-0,0.5,1,1.5,2}" \
-      --pref-grid "${PREF_GRID:-0,1}" ${PHASES:+--phases "$PHASES"} --cache "$cache" | tee "$OUT/scoring.jsonl"
+      --pref-grid "${PREF_GRID:-0,1}" ${PHASES:+--phases "$PHASES"} ${TIMING_CACHE:+--timing-cache "$TIMING_CACHE"} \
+      --cache "$cache" | tee "$OUT/scoring.jsonl"
     ;;
   candidate)
     RUN=${RUN:-$OUT/objective-run}

@@ -29,6 +29,11 @@
 //!
 //! Every (candidate, phase) persists in --cache as it finishes, with `n` on its first line, so
 //! an interrupted run resumes where it stopped.
+//!
+//! `--timing-cache FILE` takes the speed ratios (the summary's seconds, and the equal-compute
+//! document counts not yet fixed) from another cache instead: a re-timing of some of the grid's
+//! candidates with every phase back to back in one session (this 2-vCPU host drifts by 20%
+//! between sessions, so a grid whose phases were timed on different days has no ratio).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -128,27 +133,72 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// `docs × median(faithful seconds / screening seconds)` over every candidate of the grid.
-fn plan(cache: &Cache, keys: &[String], docs: usize, screening: &str) -> Result<Plan> {
-    let ratios = keys
-        .iter()
-        .map(|k| {
-            let seconds = |phase: &str| {
-                cache
+/// Where speed comes from: the grid's own cache (every candidate), or a re-timing cache (every
+/// candidate it holds with both phases).
+enum Timing<'a> {
+    Grid(&'a Cache, &'a [String]),
+    Retimed(&'a Cache),
+}
+
+impl Timing<'_> {
+    /// (faithful seconds, screening seconds) per timed candidate.
+    fn seconds(&self, screening: &str) -> Result<Vec<(f64, f64)>> {
+        let get = |c: &Cache, k: &String, phase: &str| {
+            c.rows
+                .get(&(k.clone(), phase.to_string()))
+                .map(|r| r.seconds)
+        };
+        match self {
+            Timing::Grid(cache, keys) => keys
+                .iter()
+                .map(|k| {
+                    let need = |phase: &str| {
+                        get(cache, k, phase).with_context(|| {
+                            format!(
+                                "{screening}_equal needs the faithful and {screening} phases \
+                                 of every candidate first (run --phases faithful,{screening}): \
+                                 {k} has no {phase}"
+                            )
+                        })
+                    };
+                    Ok((need("faithful")?, need(screening)?))
+                })
+                .collect(),
+            Timing::Retimed(cache) => {
+                let pairs: Vec<(f64, f64)> = cache
                     .rows
-                    .get(&(k.clone(), phase.to_string()))
-                    .map(|r| r.seconds)
-                    .with_context(|| {
-                        format!(
-                            "{screening}_equal needs the faithful and {screening} phases of \
-                             every candidate first (run --phases faithful,{screening}): {k} has \
-                             no {phase}"
-                        )
+                    .keys()
+                    .filter(|(_, phase)| phase == "faithful")
+                    .filter_map(|(k, _)| {
+                        Some((get(cache, k, "faithful")?, get(cache, k, screening)?))
                     })
-            };
-            Ok(seconds("faithful")? / seconds(screening)?)
-        })
-        .collect::<Result<Vec<f64>>>()?;
+                    .collect();
+                if pairs.is_empty() {
+                    bail!(
+                        "{}: no candidate with both the faithful and the {screening} phase",
+                        cache.path.display()
+                    );
+                }
+                Ok(pairs)
+            }
+        }
+    }
+
+    fn source(&self) -> String {
+        match self {
+            Timing::Grid(..) => "the grid's own rows".into(),
+            Timing::Retimed(c) => format!("re-timing {}", c.path.display()),
+        }
+    }
+}
+
+/// `docs × median(faithful seconds / screening seconds)` over the timed candidates.
+fn plan(timing: &Timing, docs: usize, screening: &str) -> Result<Plan> {
+    let ratios = timing
+        .seconds(screening)?
+        .iter()
+        .map(|(f, s)| f / s)
+        .collect();
     Ok(Plan {
         screening: screening.to_string(),
         equal_compute_docs: (docs as f64 * median(ratios)).floor() as usize,
@@ -214,6 +264,9 @@ fn main() -> Result<()> {
         bail!("unknown phase `{p}` (known: {})", PHASES.join(", "));
     }
     let mut cache = Cache::open(PathBuf::from(need("--cache")?))?;
+    let retimed = arg(&args, "--timing-cache")
+        .map(|p| Cache::open(PathBuf::from(p)))
+        .transpose()?;
     let space = SearchSpace::from_toml(
         &format!(
             r#"
@@ -309,7 +362,11 @@ fn main() -> Result<()> {
                     continue;
                 };
                 if !cache.plans.contains_key(screening) {
-                    let p = plan(&cache, &keys, docs, screening)?;
+                    let timing = match &retimed {
+                        Some(r) => Timing::Retimed(r),
+                        None => Timing::Grid(&cache, &keys),
+                    };
+                    let p = plan(&timing, docs, screening)?;
                     println!("{}", serde_json::to_string(&p)?);
                     cache.append(&p)?;
                     cache.plans.insert(p.screening, p.equal_compute_docs);
@@ -366,8 +423,14 @@ fn main() -> Result<()> {
         .iter()
         .map(|(name, _)| *name)
         .filter(|name| complete(name) && complete(&format!("{name}_equal")))
-        .map(|name| summary(&cache, &keys, name))
-        .collect();
+        .map(|name| {
+            let timing = match &retimed {
+                Some(r) => Timing::Retimed(r),
+                None => Timing::Grid(&cache, &keys),
+            };
+            summary(&cache, &keys, name, &timing)
+        })
+        .collect::<Result<_>>()?;
     if summaries.is_empty() {
         println!("{{\"incomplete\": \"no screening fidelity has all its phases yet\"}}");
         return Ok(());
@@ -407,17 +470,17 @@ fn benchmark_scores(result: &SuiteResult) -> BTreeMap<String, BenchmarkScore> {
 
 /// One screening fidelity against `faithful`: speed at the same documents, and each one's
 /// Spearman with the report ranking at equal compute.
-fn summary(cache: &Cache, keys: &[String], screening: &str) -> serde_json::Value {
+fn summary(
+    cache: &Cache,
+    keys: &[String],
+    screening: &str,
+    timing: &Timing,
+) -> Result<serde_json::Value> {
     let row = |k: &String, phase: &str| &cache.rows[&(k.clone(), phase.to_string())];
     let column =
         |phase: &str| -> Vec<f64> { keys.iter().map(|k| row(k, phase).accuracy).collect() };
-    let seconds =
-        |phase: &str| -> Vec<f64> { keys.iter().map(|k| row(k, phase).seconds).collect() };
-    let ratios: Vec<f64> = seconds("faithful")
-        .iter()
-        .zip(seconds(screening))
-        .map(|(f, s)| f / s)
-        .collect();
+    let timed = timing.seconds(screening)?;
+    let ratios: Vec<f64> = timed.iter().map(|(f, s)| f / s).collect();
     let equal = format!("{screening}_equal");
     let report_acc = column("report");
     // How much each Spearman owes to which candidates the grid holds: a bootstrap over the
@@ -438,11 +501,13 @@ fn summary(cache: &Cache, keys: &[String], screening: &str) -> serde_json::Value
         .collect();
     let spearman_faithful = spearman(&faithful_acc, &report_acc);
     let spearman_equal = spearman(&equal_acc, &report_acc);
-    serde_json::json!({
+    Ok(serde_json::json!({
         "screening": screening,
         "equal_compute_docs_per_task": cache.plans.get(screening),
-        "median_seconds_per_candidate_faithful": median(seconds("faithful")),
-        "median_seconds_per_candidate_screening": median(seconds(screening)),
+        "timing": timing.source(),
+        "timed_candidates": timed.len(),
+        "median_seconds_per_candidate_faithful": median(timed.iter().map(|t| t.0).collect()),
+        "median_seconds_per_candidate_screening": median(timed.iter().map(|t| t.1).collect()),
         "median_speedup_vs_faithful": median(ratios.clone()),
         "min_speedup_vs_faithful": ratios.iter().cloned().fold(f64::INFINITY, f64::min),
         "spearman_faithful_vs_report": spearman_faithful,
@@ -464,5 +529,5 @@ fn summary(cache: &Cache, keys: &[String], screening: &str) -> serde_json::Value
         "report_accuracy_stderr_mean": (!report_stderrs.is_empty())
             .then(|| report_stderrs.iter().sum::<f64>() / report_stderrs.len() as f64),
         "report_rows_with_stderr": report_stderrs.len(),
-    })
+    }))
 }

@@ -139,7 +139,7 @@ impl SuiteResult {
     }
 
     /// The smooth counterpart of [`Self::headline`] (mean gold-answer probability), aggregated
-    /// the same way; for GSM8K, which has none, the headline itself.
+    /// the same way; for GSM8K's exact match, which has none, the headline itself.
     pub fn probability(&self, b: Benchmark) -> Option<Estimate> {
         let parts: Vec<Estimate> = self
             .of(b)

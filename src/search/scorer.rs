@@ -221,7 +221,8 @@ impl CandidateScorer {
 }
 
 /// What a search maximises, in percent: a weighted mean over benchmarks of either the headline
-/// accuracy or its smooth counterpart (the gold answer's probability; GSM8K keeps exact match),
+/// accuracy or its smooth counterpart (the gold answer's probability; GSM8K keeps exact match
+/// unless it is scored by the gold solution's likelihood, which is smooth already),
 /// plus weighted alignment-tax terms measured on the search pool's held-out training rows:
 ///
 /// objective = Σ_b w_b·s_b / Σ_b w_b + Σ_t w_t·±v_t
