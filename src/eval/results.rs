@@ -171,6 +171,23 @@ impl SuiteResult {
             .collect()
     }
 
+    /// [`Self::scores`] by task name, plus each screening metric under `"<task> <metric>"`
+    /// (never the task's own name, so nothing that reads leaderboard scores by task name takes
+    /// it for one).
+    pub fn named_scores(&self) -> BTreeMap<String, f64> {
+        let mut named: BTreeMap<String, f64> = self
+            .scores()
+            .into_iter()
+            .map(|(b, v)| (b.task_name().to_string(), v))
+            .collect();
+        for b in Benchmark::ALL {
+            if let (Some(key), Some(h)) = (self.screening_metric(b), self.headline(b)) {
+                named.insert(format!("{} {}", b.task_name(), key.metric), 100.0 * h.value);
+            }
+        }
+        named
+    }
+
     /// The metric `b` was scored with when it is not the leaderboard's (a screening fidelity).
     pub fn screening_metric(&self, b: Benchmark) -> Option<MetricKey> {
         self.of(b).map(|t| t.headline).find(|&k| k != b.headline())

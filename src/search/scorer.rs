@@ -190,11 +190,7 @@ impl CandidateScorer {
             .evaluator
             .evaluate(&net, docs)
             .with_context(|| format!("evaluating candidate {}", c.key()))?;
-        let scores: BTreeMap<String, f64> = result
-            .scores()
-            .into_iter()
-            .map(|(b, v)| (b.task_name().to_string(), v))
-            .collect();
+        let scores = result.named_scores();
         let tax = match &self.tax_sets {
             Some(sets) => Some(
                 sets.measure(&net)

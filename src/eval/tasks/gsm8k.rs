@@ -239,6 +239,55 @@ fn gold_byte_probability(loglikelihood: f64, continuation: &str) -> f64 {
 mod tests {
     use super::*;
 
+    /// Scored by gold likelihood, GSM8K stands in the objective under its own metric and stays
+    /// out of every leaderboard number.
+    #[test]
+    fn a_gold_likelihood_result_is_no_leaderboard_score() {
+        use crate::eval::results::{DocRecord, SuiteResult, TaskResult};
+        use crate::eval::task::Benchmark;
+        let doc = |q: &str, a: &str| Gsm8kDoc {
+            question: q.into(),
+            answer: a.into(),
+        };
+        let task = Gsm8k {
+            docs: vec![doc("1+1?", "2\n#### 2"), doc("2+2?", "4\n#### 4")],
+            pool: vec![],
+            scoring: Gsm8kScoring::GoldLikelihood,
+        };
+        let records: Vec<DocRecord> = [(0, -2.0), (1, -6.0)]
+            .into_iter()
+            .map(|(d, ll)| {
+                let response = Response::Loglikelihood(vec![(ll, false)]);
+                let score = task.score(d, &response).unwrap();
+                DocRecord {
+                    doc_id: d,
+                    shots: vec![],
+                    response,
+                    score,
+                }
+            })
+            .collect();
+        // " 2\n#### 2" and " 4\n#### 4" are 9 bytes each.
+        let want = ((-2.0f64 / 9.0).exp() + (-6.0f64 / 9.0).exp()) / 2.0;
+        let result = SuiteResult::new(vec![TaskResult::new(&task, 5, 2, records, 1.0)], 1.0);
+        assert_eq!(result.screening_metric(Benchmark::Gsm8k), Some(GOLD));
+        let h = result.headline(Benchmark::Gsm8k).unwrap();
+        assert!((h.value - want).abs() < 1e-12, "{} vs {want}", h.value);
+        assert!((result.probability(Benchmark::Gsm8k).unwrap().value - want).abs() < 1e-12);
+        assert!(result.scores().is_empty());
+        assert_eq!(result.average(), None);
+        let named = result.named_scores();
+        assert_eq!(
+            named.keys().collect::<Vec<_>>(),
+            ["gsm8k gold_byte_probability"]
+        );
+        assert!((named["gsm8k gold_byte_probability"] - 100.0 * want).abs() < 1e-9);
+        // A generation response is refused, not scored as something else.
+        assert!(task
+            .score(0, &Response::Generation("#### 2".into()))
+            .is_err());
+    }
+
     #[test]
     fn gold_likelihood_is_a_probability_per_byte() {
         // Two bytes of probability ½ each, whatever the tokens were.
