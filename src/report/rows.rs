@@ -223,6 +223,25 @@ impl ResultsFile {
         let Some(results) = json.get("results").and_then(Value::as_object) else {
             bail!("no `results` object (expected the results.json of `paft eval --output`)");
         };
+        // A screening fidelity's numbers are not lm-eval's: a leaderboard row must not show them
+        // as if they were (lm-eval's own results.json names neither key).
+        for (key, faithful) in [
+            ("fewshot_mode", "per_document"),
+            ("gsm8k_scoring", "generate"),
+        ] {
+            if let Some(v) = json
+                .pointer(&format!("/config/{key}"))
+                .and_then(Value::as_str)
+            {
+                if v != faithful {
+                    bail!(
+                        "scored with {key} = {v:?}, a screening fidelity whose numbers are not \
+                         lm-eval's; evaluate with `paft eval` without --{} for a leaderboard row",
+                        key.replace('_', "-")
+                    );
+                }
+            }
+        }
         let mut scores = BTreeMap::new();
         for b in Benchmark::ALL {
             let Some(entry) = results.get(b.task_name()) else {
@@ -576,6 +595,11 @@ mod tests {
             "{scores:?}"
         );
         assert_eq!(ResultsFile::read(&path).unwrap().docs, Docs::Full);
+        // paft's faithful fidelity, named, reads the same.
+        let mut named = results_json(0.5);
+        named["config"] = json!({"fewshot_mode": "per_document", "gsm8k_scoring": "generate"});
+        std::fs::write(&path, named.to_string()).unwrap();
+        assert_eq!(scores_from_results(&path).unwrap(), scores);
     }
 
     #[test]
@@ -597,6 +621,17 @@ mod tests {
                 json!({"results": {"winogrande": {"acc,none": 61.0}}}).to_string(),
             ),
             ("empty.json", json!({"results": {}}).to_string()),
+            ("shared.json", {
+                let mut j = results_json(0.5);
+                j["config"] = json!({"fewshot_mode": "shared", "gsm8k_scoring": "generate"});
+                j.to_string()
+            }),
+            ("gold.json", {
+                let mut j = results_json(0.5);
+                j["config"] =
+                    json!({"fewshot_mode": "per_document", "gsm8k_scoring": "gold_likelihood"});
+                j.to_string()
+            }),
         ];
         for (name, text) in cases {
             let path = dir.path().join(name);
