@@ -94,6 +94,8 @@ struct SearchRun {
     entries: Vec<JournalEntry>,
     /// `objective_stderr` by evaluation index (optional in the journal).
     objective_stderrs: BTreeMap<usize, f64>,
+    /// The screening settings its candidates were scored with (empty: lm-eval's fidelity).
+    screening: Vec<(&'static str, String)>,
 }
 
 impl SearchRun {
@@ -102,6 +104,7 @@ impl SearchRun {
             name,
             entries: Journal::read(journal)?,
             objective_stderrs: search::objective_stderrs(journal)?,
+            screening: search_screening(journal)?,
         })
     }
 
@@ -111,6 +114,32 @@ impl SearchRun {
             .as_ref()
             .map_or(String::new(), |n| format!("-{}", search::file_stem(n)))
     }
+}
+
+/// The screening settings named in the search-documents.json beside `journal`; none when the
+/// file is absent (searches from before the held-out protocol, all in lm-eval's fidelity).
+fn search_screening(journal: &Path) -> Result<Vec<(&'static str, String)>> {
+    let path =
+        crate::search::run::RunFiles::search_documents(journal.parent().unwrap_or(Path::new(".")));
+    if !path.is_file() {
+        return Ok(vec![]);
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    Ok(rows::screening_settings(&doc))
+}
+
+/// `fewshot_mode=shared, gsm8k_scoring=gold_likelihood`; `None` for lm-eval's fidelity.
+fn screening_label(settings: &[(&'static str, String)]) -> Option<String> {
+    (!settings.is_empty()).then(|| {
+        settings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
 }
 
 /// What the run directory holds.
@@ -273,14 +302,27 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         .iter()
         .flat_map(|search| {
             let mut rows = rows::top_candidates(&search.entries, opts.top_k, pref);
-            if let Some(name) = &search.name {
-                for row in &mut rows {
+            let fidelity = screening_label(&search.screening);
+            for row in &mut rows {
+                if let Some(name) = &search.name {
                     row.label = format!("{name}: {}", row.label);
+                }
+                if let Some(f) = &fidelity {
+                    row.label = format!("{} [screening: {f}]", row.label);
                 }
             }
             rows
         })
         .collect();
+    for search in run.searches.iter().filter(|s| !s.screening.is_empty()) {
+        let label = screening_label(&search.screening).unwrap_or_default();
+        uncertainty_notes.push(format!(
+            "{} candidates: scored in a screening fidelity ({label}), which ranks candidates but \
+             does not give lm-eval's numbers; evaluate a candidate with `paft eval` for a \
+             comparable row",
+            search.name.as_deref().unwrap_or("search")
+        ));
+    }
     if !candidates.is_empty() {
         uncertainty_notes.push(
             "search candidates: the journal keeps their scores, not their per-document records"

@@ -193,6 +193,23 @@ impl LeaderboardRow {
     }
 }
 
+/// The settings in `settings` (a results.json's `config`, a search's search-documents.json)
+/// that make its numbers a screening fidelity rather than lm-eval's: each `(key, value)` whose
+/// value is not the faithful one. A key that is absent reads as faithful (files from before
+/// the screening options, and lm-eval's own, name neither).
+pub(crate) fn screening_settings(settings: &Value) -> Vec<(&'static str, String)> {
+    [
+        ("fewshot_mode", "per_document"),
+        ("gsm8k_scoring", "generate"),
+    ]
+    .into_iter()
+    .filter_map(|(key, faithful)| {
+        let v = settings.get(key)?.as_str()?;
+        (v != faithful).then(|| (key, v.to_string()))
+    })
+    .collect()
+}
+
 /// What the report needs from one results.json.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResultsFile {
@@ -225,22 +242,15 @@ impl ResultsFile {
         };
         // A screening fidelity's numbers are not lm-eval's: a leaderboard row must not show them
         // as if they were (lm-eval's own results.json names neither key).
-        for (key, faithful) in [
-            ("fewshot_mode", "per_document"),
-            ("gsm8k_scoring", "generate"),
-        ] {
-            if let Some(v) = json
-                .pointer(&format!("/config/{key}"))
-                .and_then(Value::as_str)
-            {
-                if v != faithful {
-                    bail!(
-                        "scored with {key} = {v:?}, a screening fidelity whose numbers are not \
-                         lm-eval's; evaluate with `paft eval` without --{} for a leaderboard row",
-                        key.replace('_', "-")
-                    );
-                }
-            }
+        if let Some((key, v)) = json
+            .get("config")
+            .and_then(|c| screening_settings(c).into_iter().next())
+        {
+            bail!(
+                "scored with {key} = {v:?}, a screening fidelity whose numbers are not \
+                 lm-eval's; evaluate with `paft eval` without --{} for a leaderboard row",
+                key.replace('_', "-")
+            );
         }
         let mut scores = BTreeMap::new();
         for b in Benchmark::ALL {

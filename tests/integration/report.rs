@@ -777,6 +777,53 @@ fn the_page_renders_in_headless_chromium() {
     }
 }
 
+/// A search scored in a screening fidelity (named in its search-documents.json) has its
+/// candidates' leaderboard rows marked as such, with a note saying their numbers are not
+/// lm-eval's; a faithful one's rows read as before.
+#[test]
+fn search_candidates_scored_in_a_screening_fidelity_are_marked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = make_run(tmp.path());
+    let candidate_labels = |out: &Path| -> Vec<String> {
+        strings(&read_parquet(&out.join("leaderboard.parquet")), "Model")
+            .into_iter()
+            .filter(|l| l.starts_with("ties "))
+            .collect()
+    };
+    let documents = |fewshot: &str, gsm8k: &str| {
+        let doc = json!({"pool": "search", "fewshot_mode": fewshot, "gsm8k_scoring": gsm8k,
+                         "rungs": {}});
+        std::fs::write(run.join("search-documents.json"), doc.to_string()).unwrap();
+    };
+
+    documents("per_document", "generate");
+    let faithful = tmp.path().join("faithful");
+    report(&run, &faithful, &[]);
+    let plain = candidate_labels(&faithful);
+    assert_eq!(plain.len(), 5);
+    assert!(plain.iter().all(|l| !l.contains("screening")), "{plain:?}");
+
+    documents("shared", "gold_likelihood");
+    let screened = tmp.path().join("screened");
+    let index = report(&run, &screened, &[]);
+    let marked = candidate_labels(&screened);
+    let suffix = " [screening: fewshot_mode=shared, gsm8k_scoring=gold_likelihood]";
+    assert_eq!(
+        marked,
+        plain
+            .iter()
+            .map(|l| format!("{l}{suffix}"))
+            .collect::<Vec<_>>()
+    );
+    let html = std::fs::read_to_string(index).unwrap();
+    assert!(
+        html.contains("search candidates: scored in a screening fidelity"),
+        "no screening note in index.html"
+    );
+    let md = std::fs::read_to_string(screened.join("leaderboard.md")).unwrap();
+    assert!(md.contains(suffix.trim()), "{md}");
+}
+
 #[test]
 fn bad_input_is_one_clear_error_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
