@@ -140,7 +140,15 @@ enum Timing<'a> {
     Retimed(&'a Cache),
 }
 
-impl Timing<'_> {
+impl<'a> Timing<'a> {
+    /// The re-timing cache where there is one, else the grid's own rows.
+    fn new(retimed: Option<&'a Cache>, cache: &'a Cache, keys: &'a [String]) -> Self {
+        match retimed {
+            Some(r) => Timing::Retimed(r),
+            None => Timing::Grid(cache, keys),
+        }
+    }
+
     /// (faithful seconds, screening seconds) per timed candidate.
     fn seconds(&self, screening: &str) -> Result<Vec<(f64, f64)>> {
         let get = |c: &Cache, k: &String, phase: &str| {
@@ -362,10 +370,7 @@ fn main() -> Result<()> {
                     continue;
                 };
                 if !cache.plans.contains_key(screening) {
-                    let timing = match &retimed {
-                        Some(r) => Timing::Retimed(r),
-                        None => Timing::Grid(&cache, &keys),
-                    };
+                    let timing = Timing::new(retimed.as_ref(), &cache, &keys);
                     let p = plan(&timing, docs, screening)?;
                     println!("{}", serde_json::to_string(&p)?);
                     cache.append(&p)?;
@@ -424,10 +429,7 @@ fn main() -> Result<()> {
         .map(|(name, _)| *name)
         .filter(|name| complete(name) && complete(&format!("{name}_equal")))
         .map(|name| {
-            let timing = match &retimed {
-                Some(r) => Timing::Retimed(r),
-                None => Timing::Grid(&cache, &keys),
-            };
+            let timing = Timing::new(retimed.as_ref(), &cache, &keys);
             summary(&cache, &keys, name, &timing)
         })
         .collect::<Result<_>>()?;

@@ -180,12 +180,24 @@ impl SuiteResult {
             .into_iter()
             .map(|(b, v)| (b.task_name().to_string(), v))
             .collect();
-        for b in Benchmark::ALL {
-            if let (Some(key), Some(h)) = (self.screening_metric(b), self.headline(b)) {
-                named.insert(format!("{} {}", b.task_name(), key.metric), 100.0 * h.value);
-            }
+        for (b, key, v) in self.screening_scores() {
+            named.insert(format!("{} {}", b.task_name(), key.metric), v);
         }
         named
+    }
+
+    /// Each benchmark scored with a screening metric: the metric and its value in percent.
+    fn screening_scores(&self) -> Vec<(Benchmark, MetricKey, f64)> {
+        Benchmark::ALL
+            .into_iter()
+            .filter_map(|b| {
+                Some((
+                    b,
+                    self.screening_metric(b)?,
+                    100.0 * self.headline(b)?.value,
+                ))
+            })
+            .collect()
     }
 
     /// The metric `b` was scored with when it is not the leaderboard's (a screening fidelity).
@@ -281,11 +293,9 @@ impl SuiteResult {
             header.push("Average".into());
             row.push(format!("{avg:.2}"));
         }
-        for b in Benchmark::ALL {
-            if let (Some(key), Some(h)) = (self.screening_metric(b), self.headline(b)) {
-                header.push(format!("{} {} (screening)", b.column(), key.metric));
-                row.push(format!("{:.2}", 100.0 * h.value));
-            }
+        for (b, key, v) in self.screening_scores() {
+            header.push(format!("{} {} (screening)", b.column(), key.metric));
+            row.push(format!("{v:.2}"));
         }
         let widths: Vec<usize> = header
             .iter()

@@ -193,7 +193,8 @@ impl Task for Gsm8k {
 
     fn headline(&self) -> MetricKey {
         match self.scoring {
-            Gsm8kScoring::Generate => STRICT,
+            // The leaderboard's metric, as every other task.
+            Gsm8kScoring::Generate => self.benchmark().headline(),
             Gsm8kScoring::GoldLikelihood => GOLD,
         }
     }
