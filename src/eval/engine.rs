@@ -11,6 +11,7 @@ use candle_core::{Tensor, D};
 
 use super::tokenize::{TokenizedChoices, TokenizedGeneration};
 use crate::model::kv_cache::SharedPrefix;
+use crate::model::target_scores::target_scores;
 use crate::model::{KvCache, LlamaModel, ModelTokenizer, PackSlot, TokenBatch};
 
 /// Tokens per forward when prefilling: long prefixes go through in chunks (128 was once measured
@@ -320,14 +321,7 @@ fn score_pack(
         None => last,
     };
     let selected = all.index_select(&Tensor::new(picks.as_slice(), dev)?, 0)?;
-    let logp = candle_nn::ops::log_softmax(&model.logits(&selected)?, D::Minus1)?;
-    let target_idx = Tensor::new(targets.as_slice(), dev)?.unsqueeze(1)?;
-    let token_lp = logp
-        .gather(&target_idx, 1)?
-        .squeeze(1)?
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1::<f64>()?;
-    let greedy = logp.argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let token = target_scores(&model.logits(&selected)?, &targets)?;
 
     let mut out = vec![];
     let mut k = 0;
@@ -335,8 +329,8 @@ fn score_pack(
         let mut scores = vec![];
         for i in 0..l.doc.len() {
             let c = l.doc.continuation_lens[i];
-            let ll: f64 = token_lp[k..k + c].iter().sum();
-            let is_greedy = (k..k + c).all(|j| greedy[j] == targets[j]);
+            let ll: f64 = token[k..k + c].iter().map(|t| t.log_prob).sum();
+            let is_greedy = token[k..k + c].iter().all(|t| t.greedy);
             if !ll.is_finite() {
                 bail!("log-likelihood of request {i} of packed document {d} is not finite ({ll})");
             }

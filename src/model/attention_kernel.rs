@@ -306,7 +306,7 @@ fn matmul(
 
 /// Lanes of the reductions below: sixteen independent accumulators let the compiler vectorise
 /// them (a single running max or sum is a serial chain of dependent float ops).
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// The softmax of each `cols`-wide row of `scores`, left unnormalised: each row ← e^(row − max),
 /// its log-sum-exp written to `lse`; returns each row's 1/sum, which [`scale_rows`] applies to
@@ -363,7 +363,7 @@ fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
 /// e^x for x ≤ 0 to within 3e-7 relative, branch-free so the softmax loop vectorises (libm's
 /// `expf` is a call per element); e^x for x < -87 (masked keys) is 0.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     // Cephes' expf: e^x = 2^n · e^r with n = round(x / ln 2) and r = x − n·ln 2 in two parts
     // (so r keeps its precision), e^r by a degree-7 polynomial on [−ln 2 / 2, ln 2 / 2].
     // Adding and subtracting 1.5·2^23 rounds to nearest without a libm call.
