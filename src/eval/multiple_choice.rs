@@ -88,10 +88,10 @@ impl Task for MultipleChoiceTask {
         }
     }
 
-    fn same_doc(&self, doc: usize, other: usize) -> bool {
+    fn raw_doc(&self, doc: usize) -> Option<&Value> {
         match &self.pool {
-            McPool::EvalSplit { raw } => raw[doc] == raw[other],
-            _ => false,
+            McPool::EvalSplit { raw } => Some(&raw[doc]),
+            _ => None,
         }
     }
 

@@ -165,10 +165,11 @@ pub trait Task: Send + Sync {
     fn benchmark(&self) -> Benchmark;
     fn num_docs(&self) -> usize;
     fn sampler(&self) -> FewshotSampler;
-    /// Whether eval document `doc` equals eval document `other` (for self-exclusion, compared as
-    /// lm-eval compares dicts).
-    fn same_doc(&self, _doc: usize, _other: usize) -> bool {
-        false
+    /// Eval document `doc` as lm-eval compares documents to exclude one from its own shots (the
+    /// raw JSON row, compared as Python compares dicts), for tasks whose shots come from the
+    /// evaluation split; `None` where a document is only ever itself.
+    fn raw_doc(&self, _doc: usize) -> Option<&Value> {
+        None
     }
     /// Stratum of a document for stratified subsets ("" when the task has none).
     fn stratum(&self, _doc: usize) -> &str {

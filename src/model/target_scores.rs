@@ -77,6 +77,36 @@ const CHUNK: usize = 1024;
 
 /// The row's maximum and `log Σ e^x`. A NaN makes the result NaN (the caller's check).
 fn lse_f32(row: &[f32]) -> (f32, f64) {
+    // The same operations in the same order on every path, so the bits do not depend on the CPU.
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::small_matmul::{avx2_fma, avx512vl};
+        if avx512vl() {
+            // SAFETY: the CPU has the features the function is compiled for (checked above).
+            return unsafe { lse_f32_avx512(row) };
+        }
+        if avx2_fma() {
+            // SAFETY: as above.
+            return unsafe { lse_f32_avx2(row) };
+        }
+    }
+    lse_f32_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+unsafe fn lse_f32_avx512(row: &[f32]) -> (f32, f64) {
+    lse_f32_body(row)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lse_f32_avx2(row: &[f32]) -> (f32, f64) {
+    lse_f32_body(row)
+}
+
+#[inline(always)]
+fn lse_f32_body(row: &[f32]) -> (f32, f64) {
     use super::attention_kernel::{exp, LANES};
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);

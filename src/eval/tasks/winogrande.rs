@@ -82,8 +82,8 @@ impl Task for Winogrande {
         FewshotSampler::RandomExcludingSelf
     }
 
-    fn same_doc(&self, doc: usize, other: usize) -> bool {
-        self.raw[doc] == self.raw[other]
+    fn raw_doc(&self, doc: usize) -> Option<&Value> {
+        Some(&self.raw[doc])
     }
 
     fn instance(&self, doc: usize, shots: &[usize]) -> Instance {
