@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_tie_is_greedy_only_for_the_first_maximal_token() {
-        let row = vec![0f32, 5.0, 1.0, 5.0, -2.0];
+        let row = [0f32, 5.0, 1.0, 5.0, -2.0];
         let x = Tensor::from_vec(row.repeat(2), (2, 5), &Device::Cpu).unwrap();
         let s = target_scores(&x, &[1, 3]).unwrap();
         assert!(s[0].greedy && !s[1].greedy);
