@@ -362,9 +362,9 @@ pub(super) fn scale_rows(out: &mut [f32], d: usize, factors: &[f32]) {
     }
 }
 
-/// `row ← e^(row − max(row))`; returns the max and the new sum.
+/// The maximum of `row` (NaNs skipped), in [`LANES`] independent lanes so that it vectorises.
 #[inline(always)]
-fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
+pub(super) fn row_max(row: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
@@ -372,11 +372,17 @@ fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
             *a = if x > *a { x } else { *a };
         }
     }
-    let max = chunks
+    chunks
         .remainder()
         .iter()
         .chain(&acc)
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
+/// `row ← e^(row − max(row))`; returns the max and the new sum.
+#[inline(always)]
+fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
+    let max = row_max(row);
     let mut sums = [0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {

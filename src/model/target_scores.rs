@@ -107,33 +107,28 @@ unsafe fn lse_f32_avx2(row: &[f32]) -> (f32, f64) {
 
 #[inline(always)]
 fn lse_f32_body(row: &[f32]) -> (f32, f64) {
-    use super::attention_kernel::{exp, LANES};
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = if x > *a { x } else { *a };
-        }
-    }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&acc)
-        .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    if row.iter().any(|x| x.is_nan()) {
-        return (max, f64::NAN);
-    }
+    use super::attention_kernel::{exp, row_max, LANES};
+    let max = row_max(row);
     let mut total = 0f64;
+    // The vectorised exponential maps NaN to a finite value; the differences' own sum carries a
+    // NaN through instead, in the same pass (a separate scan for NaN would read the row again).
+    let mut diffs = [0f32; LANES];
     for part in row.chunks(CHUNK) {
         let mut sums = [0f32; LANES];
         let mut lanes = part.chunks_exact(LANES);
         for c in &mut lanes {
-            for (s, &x) in sums.iter_mut().zip(c) {
+            for ((s, d), &x) in sums.iter_mut().zip(diffs.iter_mut()).zip(c) {
                 *s += exp(x - max);
+                *d += x - max;
             }
         }
-        let tail: f32 = lanes.remainder().iter().map(|&x| exp(x - max)).sum();
+        let rest = lanes.remainder();
+        let tail: f32 = rest.iter().map(|&x| exp(x - max)).sum();
         total += sums.iter().map(|&s| s as f64).sum::<f64>() + tail as f64;
+        diffs[0] += rest.iter().map(|&x| x - max).sum::<f32>();
+    }
+    if diffs.iter().any(|d| d.is_nan()) {
+        return (max, f64::NAN);
     }
     (max, max as f64 + total.ln())
 }

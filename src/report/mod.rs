@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use crate::io::write_file_atomic;
+use crate::search::run::RunFiles;
 use crate::search::{Journal, JournalEntry};
 pub use bootstrap::BootstrapSettings;
 use evidence::RowEvidence;
@@ -94,17 +95,20 @@ struct SearchRun {
     entries: Vec<JournalEntry>,
     /// `objective_stderr` by evaluation index (optional in the journal).
     objective_stderrs: BTreeMap<usize, f64>,
-    /// The screening settings its candidates were scored with (empty: lm-eval's fidelity).
-    screening: Vec<(&'static str, String)>,
+    /// The screening fidelity its candidates were scored in (`fewshot_mode=shared, …`); `None`
+    /// for lm-eval's.
+    screening: Option<String>,
 }
 
 impl SearchRun {
-    fn read(name: Option<String>, journal: &Path) -> Result<Self> {
+    /// The search whose files are in `dir` (its journal, its search-documents.json).
+    fn read(name: Option<String>, dir: &Path) -> Result<Self> {
+        let journal = RunFiles::journal(dir);
         Ok(Self {
             name,
-            entries: Journal::read(journal)?,
-            objective_stderrs: search::objective_stderrs(journal)?,
-            screening: search_screening(journal)?,
+            entries: Journal::read(&journal)?,
+            objective_stderrs: search::objective_stderrs(&journal)?,
+            screening: search_screening(&RunFiles::search_documents(dir))?,
         })
     }
 
@@ -116,30 +120,25 @@ impl SearchRun {
     }
 }
 
-/// The screening settings named in the search-documents.json beside `journal`; none when the
-/// file is absent (searches from before the held-out protocol, all in lm-eval's fidelity).
-fn search_screening(journal: &Path) -> Result<Vec<(&'static str, String)>> {
-    let path =
-        crate::search::run::RunFiles::search_documents(journal.parent().unwrap_or(Path::new(".")));
+/// The screening fidelity a search-documents.json names, as `fewshot_mode=shared,
+/// gsm8k_scoring=gold_likelihood`; `None` for lm-eval's, or when the file is absent (searches
+/// from before the held-out protocol, all in lm-eval's fidelity).
+fn search_screening(path: &Path) -> Result<Option<String>> {
     if !path.is_file() {
-        return Ok(vec![]);
+        return Ok(None);
     }
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let doc: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{}: not valid JSON", path.display()))?;
-    Ok(rows::screening_settings(&doc))
-}
-
-/// `fewshot_mode=shared, gsm8k_scoring=gold_likelihood`; `None` for lm-eval's fidelity.
-fn screening_label(settings: &[(&'static str, String)]) -> Option<String> {
-    (!settings.is_empty()).then(|| {
+    let settings = rows::screening_settings(&doc);
+    Ok((!settings.is_empty()).then(|| {
         settings
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(", ")
-    })
+    }))
 }
 
 /// What the run directory holds.
@@ -161,14 +160,12 @@ impl RunInputs {
             );
         }
         let mut searches = vec![];
-        let journal = run_dir.join("journal.jsonl");
-        if journal.is_file() {
-            searches.push(SearchRun::read(None, &journal)?);
+        if RunFiles::journal(run_dir).is_file() {
+            searches.push(SearchRun::read(None, run_dir)?);
         }
         for (name, path) in entries(&run_dir.join("searches"))? {
-            let journal = path.join("journal.jsonl");
-            if journal.is_file() {
-                searches.push(SearchRun::read(Some(name), &journal)?);
+            if RunFiles::journal(&path).is_file() {
+                searches.push(SearchRun::read(Some(name), &path)?);
             }
         }
         Ok(Self {
@@ -302,20 +299,21 @@ pub fn write_report(run_dir: &Path, out_dir: &Path, opts: &ReportOptions) -> Res
         .iter()
         .flat_map(|search| {
             let mut rows = rows::top_candidates(&search.entries, opts.top_k, pref);
-            let fidelity = screening_label(&search.screening);
             for row in &mut rows {
                 if let Some(name) = &search.name {
                     row.label = format!("{name}: {}", row.label);
                 }
-                if let Some(f) = &fidelity {
+                if let Some(f) = &search.screening {
                     row.label = format!("{} [screening: {f}]", row.label);
                 }
             }
             rows
         })
         .collect();
-    for search in run.searches.iter().filter(|s| !s.screening.is_empty()) {
-        let label = screening_label(&search.screening).unwrap_or_default();
+    for search in &run.searches {
+        let Some(label) = &search.screening else {
+            continue;
+        };
         uncertainty_notes.push(format!(
             "{} candidates: scored in a screening fidelity ({label}), which ranks candidates but \
              does not give lm-eval's numbers; evaluate a candidate with `paft eval` for a \
