@@ -22,23 +22,26 @@ pub enum Op {
     TargetLogProbs,
     RmsNorm,
     Rope,
+    /// The MLP's `silu(gate)·up`.
+    SwiGlu,
 }
 
 impl Op {
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Attention,
         Op::SmallMatmul,
         Op::MaskedSoftmax,
         Op::TargetLogProbs,
         Op::RmsNorm,
         Op::Rope,
+        Op::SwiGlu,
     ];
 }
 
 /// An implementation of an [`Op`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// paft's hand-written CPU kernel (`attention_kernel`, `small_matmul`, `ops`).
+    /// paft's hand-written CPU kernel (`attention_kernel`, `small_matmul`, `swiglu`, `ops`).
     PaftCpu,
     /// candle's own op for it (fused kernel or matmul), on the tensor's device.
     Candle,
@@ -86,6 +89,9 @@ pub fn kernel(op: Op, device: DeviceKind, dtype: DType, mode: Mode) -> Kernel {
         Op::MaskedSoftmax | Op::TargetLogProbs => Kernel::Composed,
         Op::RmsNorm | Op::Rope if mode == Mode::Inference && dtype != DType::F64 => Kernel::Candle,
         Op::RmsNorm | Op::Rope => Kernel::Composed,
+        // candle's silu has a backward pass, so training keeps it.
+        Op::SwiGlu if mode == Mode::Inference && cpu && dtype == DType::F32 => Kernel::PaftCpu,
+        Op::SwiGlu => Kernel::Candle,
     };
     log_first_use(op, device, dtype, mode, chosen);
     chosen
@@ -141,9 +147,11 @@ mod tests {
                             paft_cpu.push((op, dtype, mode));
                         }
                         if mode == Mode::Differentiable {
-                            // candle's fused attention softmax, norm and rope drop gradients.
+                            // candle's fused attention softmax, norm and rope drop gradients
+                            // (its matmul and silu keep them).
                             assert!(
-                                !(k == Kernel::Candle && op != Op::SmallMatmul),
+                                !(k == Kernel::Candle
+                                    && !matches!(op, Op::SmallMatmul | Op::SwiGlu)),
                                 "{op:?} on {device:?} {dtype:?} has no backward pass in training"
                             );
                         }
@@ -168,6 +176,7 @@ mod tests {
             (Op::TargetLogProbs, F32, Differentiable),
             (Op::TargetLogProbs, F64, Inference),
             (Op::TargetLogProbs, F64, Differentiable),
+            (Op::SwiGlu, F32, Inference),
         ];
         assert_eq!(paft_cpu, expected);
         // GPUs: candle's kernels where candle has them, composed ops elsewhere.
@@ -184,6 +193,7 @@ mod tests {
             };
             assert_eq!(cuda(Op::RmsNorm, Inference), fused_norm);
             assert_eq!(cuda(Op::Rope, Differentiable), Kernel::Composed);
+            assert_eq!(cuda(Op::SwiGlu, Inference), Kernel::Candle);
         }
     }
 }

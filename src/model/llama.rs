@@ -615,6 +615,16 @@ impl LlamaModel {
         }
     }
 
+    /// The MLP's `silu(gate)·up`.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if kernel_for(Op::SwiGlu, gate, self.mode) == Kernel::PaftCpu {
+            if let Some(y) = super::swiglu::swiglu(gate, up)? {
+                return Ok(y);
+            }
+        }
+        Ok((candle_nn::ops::silu(gate)? * up)?)
+    }
+
     fn layer_forward(
         &self,
         index: usize,
@@ -637,9 +647,8 @@ impl LlamaModel {
         let attn = self.attention(&layer.attn, &h, inputs.cos, inputs.sin, mask, kv)?;
         let x = (x + attn)?;
         let h = self.rms_norm(&x, &layer.post_norm)?;
-        let mlp = layer.mlp.down.forward(
-            &(candle_nn::ops::silu(&layer.mlp.gate.forward(&h)?)? * layer.mlp.up.forward(&h)?)?,
-        )?;
+        let gated = self.swiglu(&layer.mlp.gate.forward(&h)?, &layer.mlp.up.forward(&h)?)?;
+        let mlp = layer.mlp.down.forward(&gated)?;
         Ok((x + mlp)?)
     }
 

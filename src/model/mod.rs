@@ -16,6 +16,7 @@ pub mod pretrained;
 pub mod rope;
 pub mod small_matmul;
 pub mod source;
+pub mod swiglu;
 pub mod target_scores;
 pub mod tiny;
 pub mod tokenizer;
