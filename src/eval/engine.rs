@@ -14,15 +14,28 @@ use crate::model::kv_cache::SharedPrefix;
 use crate::model::target_scores::target_scores;
 use crate::model::{KvCache, LlamaModel, ModelTokenizer, PackSlot, TokenBatch};
 
-/// Tokens per forward when prefilling: long prefixes go through in chunks (128 was once measured
-/// 30% faster at 1.2k tokens than one pass, to keep attention matrices cache-sized). gemm repacks
-/// every weight matrix once per forward, so short chunks pay that packing often: 128 → 512 tokens ran
-/// lm-eval's ARC prompts (~1k tokens, 6 documents, 2 cores, alternating) in 20.9/20.3 s → 14.0/16.2 s
-/// (256: 16.9/17.6 s). Each query attends to the same keys either way; log-likelihoods move by
-/// gemm's blocking only (≤ 2.1e-5 on ARC and HellaSwag documents).
-const PREFILL_CHUNK: usize = 512;
+/// Tokens per forward when prefilling, over all rows: long prefixes go through in chunks. gemm
+/// repacks every weight matrix once per forward, so short chunks pay that packing often (128 →
+/// 512 tokens ran lm-eval's ARC prompts in 20.9/20.3 s → 14.0/16.2 s), while attention's
+/// scratch grows with a chunk's rows × keys. With the attention kernel's block-sized scratch,
+/// 2048 ran ARC and HellaSwag (8 documents each, 2 cores, alternating) in 9.8/10.3 and 7.3/7.3 s
+/// against 11.5/11.8 and 8.3/8.5 s at 512 per row, at the same peak memory; GSM8K's 8-row
+/// admissions did not change. Each query attends to the same keys either way; log-likelihoods
+/// move by gemm's blocking only (≤ 2.1e-5 on ARC and HellaSwag documents).
+const PREFILL_TOKENS: usize = 2048;
 
-/// Runs `batch` through the model in chunks of at most `PREFILL_CHUNK` time steps, appending to
+/// Time steps per forward at least, whatever the number of rows.
+const MIN_CHUNK: usize = 512;
+
+/// Time steps per forward for `rows` rows of `t`: about [`PREFILL_TOKENS`] tokens in all but at
+/// least [`MIN_CHUNK`] per row, in equal chunks (512 + 512 + 61 for a 1085-token prompt ran its
+/// last forward at 61 rows, where the matrix products are thin and still repack every weight).
+fn chunk_len(t: usize, rows: usize) -> usize {
+    let per_row = (PREFILL_TOKENS / rows.max(1)).max(MIN_CHUNK);
+    t.div_ceil(t.div_ceil(per_row).max(1)).max(1)
+}
+
+/// Runs `batch` through the model in equal chunks of at most [`chunk_len`] time steps, appending to
 /// `cache`; returns the hidden state of each row's last column `(b, hidden)`.
 fn forward_in_chunks(
     model: &LlamaModel,
@@ -30,10 +43,11 @@ fn forward_in_chunks(
     cache: &mut KvCache,
 ) -> Result<Tensor> {
     let t = batch.seq_len();
+    let chunk = chunk_len(t, batch.batch_size());
     let mut last = None;
     let mut start = 0;
     while start < t {
-        let end = (start + PREFILL_CHUNK).min(t);
+        let end = (start + chunk).min(t);
         let cols = |rows: &[Vec<u32>]| rows.iter().map(|r| r[start..end].to_vec()).collect();
         let chunk = TokenBatch {
             ids: cols(&batch.ids),
@@ -649,6 +663,26 @@ mod tests {
     use crate::model::Mode;
 
     const VOCAB: usize = 96;
+
+    #[test]
+    fn prefill_chunks_are_equal_and_within_the_budget() {
+        // One row: a 1085-token ARC prompt in one forward, a longer one in equal halves.
+        assert_eq!(chunk_len(1085, 1), 1085);
+        assert_eq!(chunk_len(3000, 1), 1500);
+        // Eight rows: at most MIN_CHUNK each, so 1040 goes in three equal chunks.
+        assert_eq!(chunk_len(1040, 8), 347);
+        assert_eq!(chunk_len(1, 8), 1);
+        for (t, rows) in [(1, 1), (511, 3), (2049, 1), (5000, 2), (777, 64)] {
+            let c = chunk_len(t, rows);
+            let n = t.div_ceil(c);
+            assert!(
+                c * rows <= PREFILL_TOKENS.max(MIN_CHUNK * rows),
+                "{t}×{rows}: {c}"
+            );
+            // No chunk is much shorter than the others.
+            assert!(t - (n - 1) * c + n > c, "{t}×{rows}: {n} chunks of {c}");
+        }
+    }
 
     /// A word-level tokenizer over `w0 … w95`; decoding joins the words with spaces.
     fn tokenizer() -> ModelTokenizer {
