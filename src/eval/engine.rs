@@ -152,9 +152,13 @@ impl std::ops::AddAssign for TokenWork {
     }
 }
 
-/// Tokens one packed forward holds at most (a document longer than this runs alone): enough rows
-/// for the matrix products to run near peak, few enough that the attention matrix stays small.
-const PACK_TOKENS: usize = 256;
+/// Tokens one packed forward holds at most (a document whose trunk is over half this runs
+/// alone): enough rows for the matrix products to run near peak, since gemm repacks every weight
+/// once per forward, few enough that the packed mask stays small. 256 → 1024 ran 30 search-pool
+/// documents of five tasks with shared shots in 34.2/34.5 → 27.0/26.2 s (2048: 28.2 s) and
+/// lm-eval's TruthfulQA, Winogrande and two MMLU subjects (30 each) in 22.3 → 15.3 s, with the
+/// same scores, at +0.2 GB peak memory.
+const PACK_TOKENS: usize = 1024;
 
 /// The scores of one document: per request, its summed log-likelihood and whether it is greedy.
 pub type ChoiceScores = Vec<(f64, bool)>;
