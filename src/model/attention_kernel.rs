@@ -333,7 +333,7 @@ pub(super) const LANES: usize = 16;
 /// `f` on a scratch buffer of `len` floats of this thread, reused from call to call (a fresh
 /// block of scores per (row, head, block) was zeroed and often page-faulted in). Its contents
 /// are whatever the last use left; `f` must write before it reads.
-pub(super) fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
+fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
     use std::cell::RefCell;
     thread_local! {
         static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
