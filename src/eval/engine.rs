@@ -43,11 +43,11 @@ fn forward_in_chunks(
     cache: &mut KvCache,
 ) -> Result<Tensor> {
     let t = batch.seq_len();
-    let chunk = chunk_len(t, batch.batch_size());
+    let len = chunk_len(t, batch.batch_size());
     let mut last = None;
     let mut start = 0;
     while start < t {
-        let end = (start + chunk).min(t);
+        let end = (start + len).min(t);
         let cols = |rows: &[Vec<u32>]| rows.iter().map(|r| r[start..end].to_vec()).collect();
         let chunk = TokenBatch {
             ids: cols(&batch.ids),

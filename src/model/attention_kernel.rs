@@ -12,6 +12,8 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
+use super::small_matmul::per_cpu_features;
+
 /// Query rows per task: 64 rows × 512 keys of f32 scores is 128 KiB, within L2.
 const BLOCK_ROWS: usize = 64;
 
@@ -351,54 +353,17 @@ fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> T) -> T {
     })
 }
 
-/// The softmax of each `cols`-wide row of `scores` after adding its additive mask row (`masks`
-/// empty: no mask), left unnormalised: each row ← e^(row − max), its log-sum-exp written to
-/// `lse`; returns each row's 1/sum, which [`scale_rows`] applies to the row's `P·V` (d values
-/// instead of `cols`).
-pub(super) fn exp_rows(
-    scores: &mut [f32],
-    cols: usize,
-    masks: &[&[f32]],
-    lse: &mut [f32],
-) -> Vec<f32> {
-    // The same operations in the same order on every path, so the bits do not depend on the CPU.
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::small_matmul::{avx2_fma, avx512vl};
-        if avx512vl() {
-            // SAFETY: the CPU has the features the function is compiled for (checked above).
-            return unsafe { exp_rows_avx512(scores, cols, masks, lse) };
-        }
-        if avx2_fma() {
-            // SAFETY: as above.
-            return unsafe { exp_rows_avx2(scores, cols, masks, lse) };
-        }
-    }
-    exp_rows_body(scores, cols, masks, lse)
-}
-
-/// [`exp_rows`] on 16-lane vectors: the exponential loop compiled for the baseline x86-64 runs
-/// on 4-lane SSE (profiled: 8% of a shared-shot evaluation).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn exp_rows_avx512(
-    scores: &mut [f32],
-    cols: usize,
-    masks: &[&[f32]],
-    lse: &mut [f32],
-) -> Vec<f32> {
-    exp_rows_body(scores, cols, masks, lse)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_rows_avx2(
-    scores: &mut [f32],
-    cols: usize,
-    masks: &[&[f32]],
-    lse: &mut [f32],
-) -> Vec<f32> {
-    exp_rows_body(scores, cols, masks, lse)
+per_cpu_features! {
+    /// The softmax of each `cols`-wide row of `scores` after adding its additive mask row
+    /// (`masks` empty: no mask), left unnormalised: each row ← e^(row − max), its log-sum-exp
+    /// written to `lse`; returns each row's 1/sum, which [`scale_rows`] applies to the row's
+    /// `P·V` (d values instead of `cols`).
+    pub(super) fn exp_rows(
+        scores: &mut [f32],
+        cols: usize,
+        masks: &[&[f32]],
+        lse: &mut [f32],
+    ) -> Vec<f32> => exp_rows_body
 }
 
 #[inline(always)]

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::attention_kernel::{exp, with_f32};
+use super::small_matmul::per_cpu_features;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 16 * 1024;
@@ -45,34 +46,9 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, gate.dims(), &Device::Cpu)?))
 }
 
-/// One chunk on the widest vectors this CPU has; the same operations in the same order on every
-/// path, so the bits do not depend on the CPU.
-fn swiglu_chunk(out: &mut [MaybeUninit<f32>], gate: &[f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::small_matmul::{avx2_fma, avx512vl};
-        if avx512vl() {
-            // SAFETY: the CPU has the features the function is compiled for (checked above).
-            return unsafe { swiglu_avx512(out, gate, up) };
-        }
-        if avx2_fma() {
-            // SAFETY: as above.
-            return unsafe { swiglu_avx2(out, gate, up) };
-        }
-    }
-    swiglu_body(out, gate, up)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn swiglu_avx512(out: &mut [MaybeUninit<f32>], gate: &[f32], up: &[f32]) {
-    swiglu_body(out, gate, up)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_avx2(out: &mut [MaybeUninit<f32>], gate: &[f32], up: &[f32]) {
-    swiglu_body(out, gate, up)
+per_cpu_features! {
+    /// One chunk on the widest vectors this CPU has.
+    fn swiglu_chunk(out: &mut [MaybeUninit<f32>], gate: &[f32], up: &[f32]) -> () => swiglu_body
 }
 
 #[inline(always)]

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 
 use super::dispatch::{kernel_for, Kernel, Op};
 use super::llama::Mode;
+use super::small_matmul::per_cpu_features;
 
 /// A scored token: `log p(target)` and whether the target is the row's arg-max (the first
 /// maximal index, as `torch.argmax`).
@@ -75,34 +76,9 @@ fn score_rows<T: Copy + PartialEq + Into<f64> + Sync>(
 /// sum over a 50k vocabulary keeps f32's precision per term rather than per 50k terms.
 const CHUNK: usize = 1024;
 
-/// The row's maximum and `log Σ e^x`. A NaN makes the result NaN (the caller's check).
-fn lse_f32(row: &[f32]) -> (f32, f64) {
-    // The same operations in the same order on every path, so the bits do not depend on the CPU.
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::small_matmul::{avx2_fma, avx512vl};
-        if avx512vl() {
-            // SAFETY: the CPU has the features the function is compiled for (checked above).
-            return unsafe { lse_f32_avx512(row) };
-        }
-        if avx2_fma() {
-            // SAFETY: as above.
-            return unsafe { lse_f32_avx2(row) };
-        }
-    }
-    lse_f32_body(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-unsafe fn lse_f32_avx512(row: &[f32]) -> (f32, f64) {
-    lse_f32_body(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn lse_f32_avx2(row: &[f32]) -> (f32, f64) {
-    lse_f32_body(row)
+per_cpu_features! {
+    /// The row's maximum and `log Σ e^x`. A NaN makes the result NaN (the caller's check).
+    fn lse_f32(row: &[f32]) -> (f32, f64) => lse_f32_body
 }
 
 #[inline(always)]
