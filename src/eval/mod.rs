@@ -9,6 +9,7 @@
 //! report split.
 
 pub mod alignment_tax;
+mod draft;
 pub mod engine;
 pub mod evaluator;
 pub mod fetch;

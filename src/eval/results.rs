@@ -244,7 +244,9 @@ impl SuiteResult {
                 json!({"seconds": t.seconds, "requests": t.num_requests,
                        "tokens_prefilled": t.tokens.prefilled,
                        "tokens_generated": t.tokens.generated,
-                       "tokens_saved": t.tokens.saved}),
+                       "tokens_saved": t.tokens.saved,
+                       "tokens_drafted": t.tokens.drafted,
+                       "drafts_accepted": t.tokens.accepted}),
             );
         }
         let mut groups = Map::new();

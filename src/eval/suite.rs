@@ -344,13 +344,15 @@ fn task_result(
     if !t.doc_ids.is_empty() {
         tracing::debug!(
             "{}: {} documents in {:.1}s; {} tokens prefilled ({} saved by prefix sharing), {} \
-             generated",
+             generated ({} of {} drafted tokens accepted)",
             t.task.name(),
             t.doc_ids.len(),
             result.seconds,
             tokens.prefilled,
             tokens.saved,
-            tokens.generated
+            tokens.generated,
+            tokens.accepted,
+            tokens.drafted
         );
     }
     Ok(result)
@@ -412,6 +414,7 @@ fn run_tasks(
             stop_token_ids: m.stop_token_ids.clone(),
             pad_id: m.pad_id,
             batch_size,
+            max_draft: engine::MAX_DRAFT,
         };
         let (texts, generation) =
             engine::generate_until(m.model, m.tokenizer, base, &reqs, &settings, &mut |_| {

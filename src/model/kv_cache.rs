@@ -336,6 +336,21 @@ impl KvCache {
         Ok(true)
     }
 
+    /// Marks row `row`'s keys from column `from` on as not real tokens, so no later query sees
+    /// them (a rejected draft's keys). Their columns stay, as padding does.
+    pub(crate) fn discard_keys(&mut self, row: usize, from: usize) -> Result<()> {
+        let Some(valid) = self.key_valid.get_mut(row) else {
+            bail!(
+                "cache row {row} out of range (batch {})",
+                self.key_positions.len()
+            );
+        };
+        if let Some(tail) = valid.get_mut(from..) {
+            tail.fill(false);
+        }
+        Ok(())
+    }
+
     /// Copies a batch-1 cache into `n` rows.
     pub fn fork(&self, n: usize) -> Result<Self> {
         if self.batch_size() != 1 {

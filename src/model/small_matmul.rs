@@ -75,22 +75,8 @@ fn row_dots(x: &Tensor, w: &Tensor, wide: bool) -> Result<Option<Tensor>> {
                 .for_each(|(blk, chunk)| {
                     let o0 = blk * OUT_BLOCK;
                     let w_rows = &ws[o0 * inp..(o0 + chunk.len() / rows) * inp];
-                    // Rows in blocks of 8 or 4, then 2, then 1: no block repeats a row.
-                    let mut m = 0;
-                    while m < rows {
-                        // SAFETY: max_rows() (and wide) checked the CPU has the features.
-                        m += unsafe {
-                            match (wide, rows - m) {
-                                (true, 8..) => fill_wide::<8, 3>(xs, m, w_rows, inp, rows, chunk),
-                                (true, 4..) => fill_wide::<4, 5>(xs, m, w_rows, inp, rows, chunk),
-                                (true, 2 | 3) => fill_wide::<2, 8>(xs, m, w_rows, inp, rows, chunk),
-                                (true, _) => fill_wide::<1, 12>(xs, m, w_rows, inp, rows, chunk),
-                                (false, 4..) => fill::<4, 2>(xs, m, w_rows, inp, rows, chunk),
-                                (false, 2 | 3) => fill::<2, 4>(xs, m, w_rows, inp, rows, chunk),
-                                (false, _) => fill::<1, 8>(xs, m, w_rows, inp, rows, chunk),
-                            }
-                        };
-                    }
+                    // SAFETY: max_rows() (and wide) checked the CPU has the features.
+                    unsafe { fill_rows(xs, rows, w_rows, inp, chunk, wide) };
                 });
             Ok(yt)
         })
@@ -100,6 +86,44 @@ fn row_dots(x: &Tensor, w: &Tensor, wide: bool) -> Result<Option<Tensor>> {
             .t()?
             .contiguous()?,
     ))
+}
+
+/// Every row of `xs` against every row of `w_rows`, into `chunk` laid out `(w row, x row)`:
+/// rows in blocks of 8 or 4, then 2, then 1, so no block repeats a row. The caller checks the
+/// features (AVX2 and FMA; AVX-512VL when `wide`).
+#[cfg(target_arch = "x86_64")]
+unsafe fn fill_rows(
+    xs: &[f32],
+    rows: usize,
+    w_rows: &[f32],
+    inp: usize,
+    chunk: &mut [f32],
+    wide: bool,
+) {
+    let mut m = 0;
+    while m < rows {
+        m += match (wide, rows - m) {
+            (true, 8..) => fill_wide::<8, 3>(xs, m, w_rows, inp, rows, chunk),
+            (true, 4..) => fill_wide::<4, 5>(xs, m, w_rows, inp, rows, chunk),
+            (true, 2 | 3) => fill_wide::<2, 8>(xs, m, w_rows, inp, rows, chunk),
+            (true, _) => fill_wide::<1, 12>(xs, m, w_rows, inp, rows, chunk),
+            (false, 4..) => fill::<4, 2>(xs, m, w_rows, inp, rows, chunk),
+            (false, 2 | 3) => fill::<2, 4>(xs, m, w_rows, inp, rows, chunk),
+            (false, _) => fill::<1, 8>(xs, m, w_rows, inp, rows, chunk),
+        };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn fill_rows(
+    _xs: &[f32],
+    _rows: usize,
+    _w_rows: &[f32],
+    _inp: usize,
+    _chunk: &mut [f32],
+    _wide: bool,
+) {
+    unreachable!("avx2_fma() is false off x86-64")
 }
 
 /// `fn $name(args) -> ret` running `$body(args)` compiled for AVX-512VL, for AVX2 + FMA, or for
@@ -147,9 +171,9 @@ pub(super) fn avx2_fma() -> bool {
     }
 }
 
-/// AVX-512VL: the same 8-lane instructions with 32 vector registers instead of 16, so a block
-/// can hold 24 accumulators (`fill_wide`). The products and their order are those of `fill`,
-/// so a row's bits do not depend on which path computed it.
+/// AVX-512VL: 32 vector registers instead of 16, so a block can hold 24 accumulators, and
+/// 16-lane products (`fill_wide`). One CPU always takes the same path, so a row's bits still do
+/// not depend on the rows batched with it; they differ from an AVX2 CPU's in rounding.
 pub(super) fn avx512vl() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -177,7 +201,7 @@ unsafe fn fill<const X: usize, const W: usize>(
     rows: usize,
     chunk: &mut [f32],
 ) -> usize {
-    fill_body::<X, W>(xs, m, w_rows, inp, rows, chunk)
+    fill_body::<X, W, false>(xs, m, w_rows, inp, rows, chunk)
 }
 
 /// `fill` with 32 registers: blocks of up to 24 accumulators, so each weight vector loaded
@@ -193,14 +217,14 @@ unsafe fn fill_wide<const X: usize, const W: usize>(
     rows: usize,
     chunk: &mut [f32],
 ) -> usize {
-    fill_body::<X, W>(xs, m, w_rows, inp, rows, chunk)
+    fill_body::<X, W, true>(xs, m, w_rows, inp, rows, chunk)
 }
 
-/// The loop of `fill` and `fill_wide`, inlined into each so `dots_avx2` is compiled for the
-/// caller's registers.
+/// The loop of `fill` and `fill_wide` (`WIDE`: 16-lane products), inlined into each so the dot
+/// products are compiled for the caller's registers.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn fill_body<const X: usize, const W: usize>(
+unsafe fn fill_body<const X: usize, const W: usize, const WIDE: bool>(
     xs: &[f32],
     m: usize,
     w_rows: &[f32],
@@ -217,7 +241,11 @@ unsafe fn fill_body<const X: usize, const W: usize>(
             let r = j + b.min(c - 1);
             &w_rows[r * inp..(r + 1) * inp]
         });
-        let dots = dots_avx2::<X, W>(&xb, &wb);
+        let dots = if WIDE {
+            dots_avx512::<X, W>(&xb, &wb)
+        } else {
+            dots_avx2::<X, W>(&xb, &wb)
+        };
         for (a, row) in dots.iter().enumerate() {
             for (b, &d) in row.iter().enumerate().take(c) {
                 chunk[(j + b) * rows + m + a] = d;
@@ -301,6 +329,53 @@ unsafe fn dots_avx2<const X: usize, const W: usize>(
     dots
 }
 
+/// [`dots_avx2`] on 16-lane registers: twice the products per FMA, so a decode step's blocks
+/// of up to 24 dot products are bound by reading the weights rather than by the FMA units.
+/// Each product's 16 lanes are reduced in a fixed order, then a scalar tail: as in
+/// `dots_avx2`, a row's result does not depend on the rows batched with it (it differs from
+/// the 8-lane path's in rounding only).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+#[inline]
+unsafe fn dots_avx512<const X: usize, const W: usize>(
+    x: &[&[f32]; X],
+    w: &[&[f32]; W],
+) -> [[f32; W]; X] {
+    use std::arch::x86_64::*;
+    let n = w[0].len();
+    let mut acc = [[_mm512_setzero_ps(); W]; X];
+    let mut px: [*const f32; X] = std::array::from_fn(|a| x[a].as_ptr());
+    let mut pw: [*const f32; W] = std::array::from_fn(|b| w[b].as_ptr());
+    for _ in 0..n / 16 {
+        let mut wv = [_mm512_setzero_ps(); W];
+        for b in 0..W {
+            wv[b] = _mm512_loadu_ps(pw[b]);
+        }
+        for a in 0..X {
+            let xv = _mm512_loadu_ps(px[a]);
+            for b in 0..W {
+                acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+            }
+            px[a] = px[a].add(16);
+        }
+        for p in pw.iter_mut() {
+            *p = p.add(16);
+        }
+    }
+    let done = n - n % 16;
+    let mut dots = [[0f32; W]; X];
+    for a in 0..X {
+        for b in 0..W {
+            let mut total = _mm512_reduce_add_ps(acc[a][b]);
+            for k in done..n {
+                total += x[a][k] * w[b][k];
+            }
+            dots[a][b] = total;
+        }
+    }
+    dots
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var};
@@ -366,23 +441,37 @@ mod tests {
     }
 
     #[test]
-    fn wide_registers_give_the_same_bits_as_the_avx2_blocks() {
+    fn both_register_widths_are_batch_invariant_and_agree_within_rounding() {
         if !super::avx512vl() {
             eprintln!("SKIPPED: no AVX-512VL here, only the AVX2 blocks run");
             return;
         }
         let dev = Device::Cpu;
-        // 131 weight rows: partial blocks of 3, 5, 8 and 12; 67 inputs: a scalar tail.
-        let w = Tensor::randn(0f32, 1.0, (131, 67), &dev).unwrap();
-        for rows in 1..=super::max_rows() {
-            let x = Tensor::randn(0f32, 1.0, (rows, 67), &dev).unwrap();
-            let bits = |wide: bool| -> Vec<u32> {
-                let y = super::row_dots(&x, &w, wide).unwrap().unwrap();
-                let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                y.iter().map(|v| v.to_bits()).collect()
-            };
-            assert_eq!(bits(true), bits(false), "rows {rows}");
+        // 131 weight rows: partial blocks of 3, 5, 8 and 12; 83 inputs: 16- and 8-lane loops
+        // and a scalar tail on both paths.
+        let w = Tensor::randn(0f32, 1.0, (131, 83), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (super::max_rows(), 83), &dev).unwrap();
+        let bits = |x: &Tensor, wide: bool| -> Vec<u32> {
+            let y = super::row_dots(x, &w, wide).unwrap().unwrap();
+            let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            y.iter().map(|v| v.to_bits()).collect()
+        };
+        for wide in [false, true] {
+            let all = bits(&x, wide);
+            for (m, len) in [(0, 1), (3, 2), (5, 3), (9, 4), (2, 8), (7, 9), (1, 31)] {
+                let part = bits(&x.narrow(0, m, len).unwrap(), wide);
+                assert_eq!(
+                    part,
+                    all[m * 131..(m + len) * 131],
+                    "wide {wide}: rows {m}..+{len}"
+                );
+            }
         }
+        let narrow = super::row_dots(&x, &w, false).unwrap().unwrap();
+        let wide = super::row_dots(&x, &w, true).unwrap().unwrap();
+        assert!(max_rel_diff(&wide, &narrow) < 1e-5);
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        assert!(max_rel_diff(&wide, &want) < 1e-5);
     }
 
     #[test]
