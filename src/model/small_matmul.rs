@@ -67,49 +67,62 @@ fn row_dots(x: &Tensor, w: &Tensor, wide: bool) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let x = x.contiguous()?;
-    let yt = with_f32(&x, |xs| {
+    let y = with_f32(&x, |xs| {
         with_f32(w, |ws| {
-            let mut yt = vec![0f32; out * rows];
-            yt.par_chunks_mut(OUT_BLOCK * rows)
-                .enumerate()
-                .for_each(|(blk, chunk)| {
+            let mut y = vec![0f32; rows * out];
+            let dst = OutPtr(y.as_mut_ptr());
+            (0..out.div_ceil(OUT_BLOCK))
+                .into_par_iter()
+                .for_each(|blk| {
                     let o0 = blk * OUT_BLOCK;
-                    let w_rows = &ws[o0 * inp..(o0 + chunk.len() / rows) * inp];
-                    // SAFETY: max_rows() (and wide) checked the CPU has the features.
-                    unsafe { fill_rows(xs, rows, w_rows, inp, chunk, wide) };
+                    let w_rows = &ws[o0 * inp..(o0 + OUT_BLOCK).min(out) * inp];
+                    // SAFETY: max_rows() (and wide) checked the CPU has the features; this task
+                    // writes columns o0.. of its block only, inside `y`'s rows × out.
+                    unsafe { fill_rows(xs, rows, w_rows, inp, (dst.get().add(o0), out), wide) };
                 });
-            Ok(yt)
+            Ok(y)
         })
     })?;
-    Ok(Some(
-        Tensor::from_vec(yt, (out, rows), &Device::Cpu)?
-            .t()?
-            .contiguous()?,
-    ))
+    Ok(Some(Tensor::from_vec(y, (rows, out), &Device::Cpu)?))
 }
 
-/// Every row of `xs` against every row of `w_rows`, into `chunk` laid out `(w row, x row)`:
-/// rows in blocks of 8 or 4, then 2, then 1, so no block repeats a row. The caller checks the
-/// features (AVX2 and FMA; AVX-512VL when `wide`).
+/// The output of [`row_dots`] shared by its parallel tasks, each writing its own columns (a
+/// strided, disjoint part of every row, which `par_chunks_mut` cannot hand out).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: the tasks write disjoint elements, and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Every row of `xs` against every row of `w_rows`: the product of x row `i` and w row `j` goes
+/// to `y[i·ld + j]`. Rows in blocks of 8 or 4, then 2, then 1, so no block repeats a row. The
+/// caller checks the features (AVX2 and FMA; AVX-512VL when `wide`) and that `y` has room.
 #[cfg(target_arch = "x86_64")]
 unsafe fn fill_rows(
     xs: &[f32],
     rows: usize,
     w_rows: &[f32],
     inp: usize,
-    chunk: &mut [f32],
+    (y, ld): (*mut f32, usize),
     wide: bool,
 ) {
     let mut m = 0;
     while m < rows {
         m += match (wide, rows - m) {
-            (true, 8..) => fill_wide::<8, 3>(xs, m, w_rows, inp, rows, chunk),
-            (true, 4..) => fill_wide::<4, 5>(xs, m, w_rows, inp, rows, chunk),
-            (true, 2 | 3) => fill_wide::<2, 8>(xs, m, w_rows, inp, rows, chunk),
-            (true, _) => fill_wide::<1, 12>(xs, m, w_rows, inp, rows, chunk),
-            (false, 4..) => fill::<4, 2>(xs, m, w_rows, inp, rows, chunk),
-            (false, 2 | 3) => fill::<2, 4>(xs, m, w_rows, inp, rows, chunk),
-            (false, _) => fill::<1, 8>(xs, m, w_rows, inp, rows, chunk),
+            (true, 8..) => fill_wide::<8, 3>(xs, m, w_rows, inp, y, ld),
+            (true, 4..) => fill_wide::<4, 5>(xs, m, w_rows, inp, y, ld),
+            (true, 2 | 3) => fill_wide::<2, 8>(xs, m, w_rows, inp, y, ld),
+            (true, _) => fill_wide::<1, 12>(xs, m, w_rows, inp, y, ld),
+            (false, 4..) => fill::<4, 2>(xs, m, w_rows, inp, y, ld),
+            (false, 2 | 3) => fill::<2, 4>(xs, m, w_rows, inp, y, ld),
+            (false, _) => fill::<1, 8>(xs, m, w_rows, inp, y, ld),
         };
     }
 }
@@ -120,7 +133,7 @@ unsafe fn fill_rows(
     _rows: usize,
     _w_rows: &[f32],
     _inp: usize,
-    _chunk: &mut [f32],
+    _y: (*mut f32, usize),
     _wide: bool,
 ) {
     unreachable!("avx2_fma() is false off x86-64")
@@ -186,8 +199,8 @@ pub(super) fn avx512vl() -> bool {
     }
 }
 
-/// Input rows `m..m + X` of `xs` against every weight row of `w_rows`, into `chunk` (laid out
-/// `(weight row, input row)` with `rows` input rows), `W` weight rows at a time: each weight
+/// Input rows `m..m + X` of `xs` against every weight row of `w_rows`, into `y` (row `i`'s
+/// product with weight row `j` at `y[i·ld + j]`), `W` weight rows at a time: each weight
 /// vector loaded serves `X` products and each input vector `W`, in `X·W = 8` independent
 /// accumulators, so the loop is bound by the FMA units rather than by loads (one dot at a time
 /// needs two loads per FMA) or by one accumulator's latency. Returns `X`.
@@ -198,10 +211,10 @@ unsafe fn fill<const X: usize, const W: usize>(
     m: usize,
     w_rows: &[f32],
     inp: usize,
-    rows: usize,
-    chunk: &mut [f32],
+    y: *mut f32,
+    ld: usize,
 ) -> usize {
-    fill_body::<X, W, false>(xs, m, w_rows, inp, rows, chunk)
+    fill_body::<X, W, false>(xs, m, w_rows, inp, y, ld)
 }
 
 /// `fill` with 32 registers: blocks of up to 24 accumulators, so each weight vector loaded
@@ -214,10 +227,10 @@ unsafe fn fill_wide<const X: usize, const W: usize>(
     m: usize,
     w_rows: &[f32],
     inp: usize,
-    rows: usize,
-    chunk: &mut [f32],
+    y: *mut f32,
+    ld: usize,
 ) -> usize {
-    fill_body::<X, W, true>(xs, m, w_rows, inp, rows, chunk)
+    fill_body::<X, W, true>(xs, m, w_rows, inp, y, ld)
 }
 
 /// The loop of `fill` and `fill_wide` (`WIDE`: 16-lane products), inlined into each so the dot
@@ -229,8 +242,8 @@ unsafe fn fill_body<const X: usize, const W: usize, const WIDE: bool>(
     m: usize,
     w_rows: &[f32],
     inp: usize,
-    rows: usize,
-    chunk: &mut [f32],
+    y: *mut f32,
+    ld: usize,
 ) -> usize {
     let xb: [&[f32]; X] = std::array::from_fn(|a| &xs[(m + a) * inp..(m + a + 1) * inp]);
     let n_out = w_rows.len() / inp;
@@ -248,7 +261,7 @@ unsafe fn fill_body<const X: usize, const W: usize, const WIDE: bool>(
         };
         for (a, row) in dots.iter().enumerate() {
             for (b, &d) in row.iter().enumerate().take(c) {
-                chunk[(j + b) * rows + m + a] = d;
+                *y.add((m + a) * ld + j + b) = d;
             }
         }
     }
@@ -261,8 +274,8 @@ unsafe fn fill_wide<const X: usize, const W: usize>(
     _m: usize,
     _w_rows: &[f32],
     _inp: usize,
-    _rows: usize,
-    _chunk: &mut [f32],
+    _y: *mut f32,
+    _ld: usize,
 ) -> usize {
     unreachable!("avx512vl() is false off x86-64")
 }
@@ -273,8 +286,8 @@ unsafe fn fill<const X: usize, const W: usize>(
     _m: usize,
     _w_rows: &[f32],
     _inp: usize,
-    _rows: usize,
-    _chunk: &mut [f32],
+    _y: *mut f32,
+    _ld: usize,
 ) -> usize {
     unreachable!("avx2_fma() is false off x86-64")
 }
