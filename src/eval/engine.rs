@@ -422,10 +422,8 @@ pub fn generate_until(
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len()));
     let mut pending = order.into_iter();
-    // Active rows, and for each the row of `cache` holding its keys (finished rows stay in the
-    // cache until the next refill or compaction drops them, so that is one copy, not two).
+    // Active rows; row `i` of `cache` holds the keys of `rows[i]`.
     let mut rows: Vec<Row> = vec![];
-    let mut cache_rows: Vec<usize> = vec![];
     let mut cache = model.new_cache();
     // The shared prefix is kept once for the whole batch where the model can read it so (rows
     // then hold only their own tokens: a 5-shot GSM8K prompt is ~34 MB of keys per row at
@@ -445,31 +443,13 @@ pub fn generate_until(
     loop {
         let t0 = std::time::Instant::now();
         let (admitted, fresh) = admit(model, &start, requests, &mut pending, settings, rows.len())?;
-        // Refill the finished rows' places in the cache in place (one row copied each) when
-        // there is one per admitted document and each fits; else re-stack every row.
-        let holes: Vec<usize> = (0..cache.batch_size())
-            .filter(|r| !cache_rows.contains(r))
-            .collect();
-        let mut refilled = false;
-        if !admitted.is_empty() && holes.len() == admitted.len() {
-            refilled = true;
-            for (k, &hole) in holes.iter().enumerate() {
-                if !cache.write_row(hole, &fresh, k)? {
-                    refilled = false;
-                    break;
-                }
-            }
-        }
-        if refilled {
-            cache_rows.extend(&holes);
-        } else if !admitted.is_empty()
-            || (cache_rows.len() < cache.batch_size() && !rows.is_empty())
-        {
-            let mut sources: Vec<(usize, usize)> = cache_rows.iter().map(|&r| (0, r)).collect();
+        if !admitted.is_empty() {
+            // The running rows and the admitted ones in one copy, with room for the steps ahead.
+            let mut sources: Vec<(usize, usize)> =
+                (0..cache.batch_size()).map(|r| (0, r)).collect();
             sources.extend((0..admitted.len()).map(|r| (1, r)));
             let old = std::mem::replace(&mut cache, model.new_cache());
             cache = KvCache::stack(vec![old, fresh], &sources, spare)?;
-            cache_rows = (0..sources.len()).collect();
         }
         for i in admitted {
             let context = &requests[i].context;
@@ -484,13 +464,6 @@ pub fn generate_until(
         if rows.is_empty() {
             break;
         }
-        if refilled {
-            // Decode feeds the cache's rows in order.
-            let mut order: Vec<usize> = (0..rows.len()).collect();
-            order.sort_by_key(|&i| cache_rows[i]);
-            rows = select(std::mem::take(&mut rows), &order);
-            cache_rows = (0..rows.len()).collect();
-        }
         let t1 = std::time::Instant::now();
         admit_s += (t1 - t0).as_secs_f64();
         let drafts = drafts_for(&rows, requests, settings.max_draft);
@@ -498,7 +471,7 @@ pub fn generate_until(
         let next = decode_step(model, &rows, &drafts, &mut cache)?;
         decode_s += t1.elapsed().as_secs_f64();
         steps += 1;
-        let mut keep = vec![];
+        let mut finished = vec![];
         for (slot, ((row, tokens), draft)) in rows.iter_mut().zip(next).zip(&drafts).enumerate() {
             let req = requests[row.request];
             // The greedy token after the input is always right; each after a draft token is
@@ -512,37 +485,26 @@ pub fn generate_until(
             work.accepted += agreed as u64;
             // The keys of the draft tokens after the first disagreement are not this row's text.
             cache.discard_keys(slot, cache.len() - width + 1 + agreed)?;
-            let mut finished = false;
             for &tok in &tokens[..=agreed] {
                 work.generated += 1;
                 if advance(tokenizer, row, req, tok, &settings.stop_token_ids)? {
-                    finished = true;
+                    texts[row.request] = cut_at_stop(&row.text, &req.until);
+                    on_done(row.request);
+                    finished.push(slot);
                     break;
                 }
             }
-            if finished {
-                texts[row.request] = cut_at_stop(&row.text, &req.until);
-                on_done(row.request);
-            } else {
-                keep.push(slot);
-            }
         }
-        if keep.len() < rows.len() {
-            rows = select(std::mem::take(&mut rows), &keep);
-            cache_rows = keep.iter().map(|&s| cache_rows[s]).collect();
+        // Finished rows leave at once, the last row taking each one's place in the batch and the
+        // cache (one row copied; re-stacking the batch at every finished document cost ~0.1 s
+        // each, 3.5 s of 40 GSM8K documents).
+        for slot in finished.into_iter().rev() {
+            rows.swap_remove(slot);
+            cache.swap_remove_row(slot)?;
         }
     }
     tracing::debug!(steps, admit_s, decode_s, "generation");
     Ok((texts, work))
-}
-
-/// The rows at `order` (distinct indices), in that order.
-fn select(rows: Vec<Row>, order: &[usize]) -> Vec<Row> {
-    let mut rows: Vec<Option<Row>> = rows.into_iter().map(Some).collect();
-    order
-        .iter()
-        .map(|&i| rows[i].take().expect("each row selected once"))
-        .collect()
 }
 
 /// What every generation starts from: the prefilled shared prefix, and the same keys as one

@@ -283,57 +283,36 @@ impl KvCache {
         })
     }
 
-    /// Overwrites row `slot` with row `src_row` of `src` (its keys from the first real one),
-    /// right-aligned to this cache's length; the columns before it become padding. Continuous
-    /// batching refills a finished row this way, copying one row instead of re-stacking all.
-    /// Returns false, changing nothing, when the row does not fit (longer than this cache, or
-    /// buffers shared with another cache): re-stack instead.
-    pub(crate) fn write_row(&mut self, slot: usize, src: &KvCache, src_row: usize) -> Result<bool> {
-        if slot >= self.batch_size() || src_row >= src.batch_size() {
-            bail!(
-                "cache rows {slot} / {src_row} out of range ({} / {})",
-                self.batch_size(),
-                src.batch_size()
-            );
+    /// Drops row `slot` as `Vec::swap_remove` does: the last row moves into its place (one row
+    /// copied, not the whole cache) and the batch shrinks by one. A finished generation leaves
+    /// its batch this way. Buffers shared with another cache are copied first, never written
+    /// through.
+    pub(crate) fn swap_remove_row(&mut self, slot: usize) -> Result<()> {
+        let b = self.batch_size();
+        if slot >= b {
+            bail!("cache row {slot} out of range (batch {b})");
         }
-        if src.layers.len() != self.layers.len() {
-            bail!("caches of models with different layer counts");
-        }
-        common_prefix([&*self, src])?;
-        let valid = &src.key_valid[src_row];
-        let first = valid.iter().position(|&v| v).unwrap_or(valid.len());
-        let (len, span) = (self.len(), first..valid.len());
-        let fits = span.len() <= len
-            && self
-                .layers
-                .iter()
-                .zip(&src.layers)
-                .all(|(d, s)| match (d, s) {
-                    (Some(d), Some(s)) => d.owned && d.len == len && s.len >= span.end,
-                    (_, None) => span.is_empty(),
-                    (None, Some(_)) => false,
-                });
-        if !fits {
-            return Ok(false);
-        }
-        let offset = len - span.len();
-        for (dst, src) in self.layers.iter_mut().zip(&src.layers) {
-            let (Some(dst), Some(src)) = (dst.as_mut(), src.as_ref()) else {
-                continue;
-            };
-            for (d, s) in [(&dst.k, &src.k), (&dst.v, &src.v)] {
-                let part = s.narrow(0, src_row, 1)?.narrow(2, span.start, span.len())?;
-                d.narrow(0, slot, 1)?
-                    .slice_set(&part.contiguous()?, 2, offset)?;
+        let last = b - 1;
+        for layer in self.layers.iter_mut().flatten() {
+            if !layer.owned {
+                layer.k = layer.k.copy()?;
+                layer.v = layer.v.copy()?;
+                layer.owned = true;
             }
+            if slot != last {
+                for t in [&layer.k, &layer.v] {
+                    let moved = t.narrow(0, last, 1)?.narrow(2, 0, layer.len)?;
+                    t.narrow(0, slot, 1)?
+                        .slice_set(&moved.contiguous()?, 2, 0)?;
+                }
+            }
+            // A view of the first rows: the buffer's layout (and spare time steps) stay.
+            layer.k = layer.k.narrow(0, 0, last)?;
+            layer.v = layer.v.narrow(0, 0, last)?;
         }
-        let mut positions = vec![0; offset];
-        positions.extend_from_slice(&src.key_positions[src_row][span.clone()]);
-        let mut valid = vec![false; offset];
-        valid.extend_from_slice(&src.key_valid[src_row][span]);
-        self.key_positions[slot] = positions;
-        self.key_valid[slot] = valid;
-        Ok(true)
+        self.key_positions.swap_remove(slot);
+        self.key_valid.swap_remove(slot);
+        Ok(())
     }
 
     /// Marks row `row`'s keys from column `from` on as not real tokens, so no later query sees
@@ -463,33 +442,48 @@ mod tests {
     }
 
     #[test]
-    fn a_written_row_holds_the_source_row_right_aligned() {
+    fn swap_remove_moves_the_last_row_into_the_slot_and_leaves_others_alone() {
         let model = model();
-        let seqs = [vec![1, 2, 3, 4, 5, 6], vec![7, 8, 9], vec![10, 11, 12, 13]];
+        let seqs = [
+            vec![1, 2, 3, 4, 5, 6],
+            vec![7, 8, 9],
+            vec![10, 11, 12, 13],
+            vec![14],
+        ];
         let c = cache_of(&model, &seqs);
-        let all = [(0, 0), (0, 1), (0, 2)];
-        let stacked = KvCache::stack(vec![c.clone()], &all, 4).unwrap();
-        let mut cache = KvCache::stack(vec![c], &all, 4).unwrap();
-        let fresh = cache_of(&model, &[vec![20, 21], vec![22, 23, 24, 25, 26]]);
-        assert!(cache.write_row(1, &fresh, 1).unwrap());
-        assert_eq!(contents(&cache, 1), contents(&fresh, 1));
-        assert_eq!(contents(&cache, 0), contents(&stacked, 0));
-        assert_eq!(contents(&cache, 2), contents(&stacked, 2));
-        // Right-aligned: padding before, the row's keys at the end.
-        assert_eq!(
-            cache.key_valid[1],
-            vec![false, true, true, true, true, true]
-        );
-        assert_eq!(cache.next_positions()[1], 5);
-        // A row longer than the cache does not fit: nothing changes.
-        let long = cache_of(&model, &[vec![1; 9]]);
-        let before = contents(&cache, 2);
-        assert!(!cache.write_row(2, &long, 0).unwrap());
-        assert_eq!(contents(&cache, 2), before);
-        // A cache sharing its buffers with another (a clone) is not written through.
-        let mut shared = stacked.clone();
-        assert!(!shared.write_row(0, &fresh, 0).unwrap());
-        assert!(cache.write_row(7, &fresh, 0).is_err());
+        let rows: Vec<_> = (0..4).map(|r| contents(&c, r)).collect();
+        let mut cache = c.clone();
+        cache.swap_remove_row(1).unwrap();
+        assert_eq!(cache.batch_size(), 3);
+        assert_eq!(contents(&cache, 0), rows[0]);
+        assert_eq!(contents(&cache, 1), rows[3]);
+        assert_eq!(contents(&cache, 2), rows[2]);
+        // The clone's buffers were copied, not written through.
+        for r in 0..4 {
+            assert_eq!(contents(&c, r), rows[r]);
+        }
+        // The last row leaves without a copy; then the rest, down to none.
+        cache.swap_remove_row(2).unwrap();
+        assert_eq!(contents(&cache, 1), rows[3]);
+        assert!(cache.swap_remove_row(2).is_err());
+        cache.swap_remove_row(0).unwrap();
+        assert_eq!(contents(&cache, 0), rows[3]);
+        cache.swap_remove_row(0).unwrap();
+        assert_eq!(cache.batch_size(), 0);
+        // Appending after a removal writes in place and sees the moved row's keys.
+        let mut cache = c.clone();
+        cache.swap_remove_row(0).unwrap();
+        let step = TokenBatch {
+            ids: vec![vec![3]; 3],
+            positions: cache.next_positions().iter().map(|&p| vec![p]).collect(),
+            valid: vec![vec![true]; 3],
+            packing: None,
+        };
+        let got = model.forward(&step, Some(&mut cache)).unwrap();
+        let mut want_cache = c.select_rows(&[3, 1, 2]).unwrap();
+        let want = model.forward(&step, Some(&mut want_cache)).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
     #[test]
@@ -529,8 +523,6 @@ mod tests {
             let err = KvCache::stack(caches, &[(0, 0), (1, 0)], 0).unwrap_err();
             assert!(err.to_string().contains("shared prefix"), "{err}");
         }
-        let mut into = stacked.clone();
-        assert!(into.write_row(0, &forked, 0).is_err());
         // Only a one-row cache without padding can be shared.
         assert!(forked.to_shared_prefix().is_err());
         let padded = cache_of(&model, &[vec![1, 2], vec![3]])
