@@ -459,8 +459,8 @@ mod tests {
         assert_eq!(contents(&cache, 1), rows[3]);
         assert_eq!(contents(&cache, 2), rows[2]);
         // The clone's buffers were copied, not written through.
-        for r in 0..4 {
-            assert_eq!(contents(&c, r), rows[r]);
+        for (r, row) in rows.iter().enumerate() {
+            assert_eq!(&contents(&c, r), row);
         }
         // The last row leaves without a copy; then the rest, down to none.
         cache.swap_remove_row(2).unwrap();
