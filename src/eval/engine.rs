@@ -467,7 +467,7 @@ pub fn generate_until(
         let t1 = std::time::Instant::now();
         admit_s += (t1 - t0).as_secs_f64();
         let drafts = drafts_for(&rows, requests, settings.max_draft);
-        let width = 1 + drafts.iter().map(Vec::len).max().unwrap_or(0);
+        let keys_before = cache.len();
         let next = decode_step(model, &rows, &drafts, &mut cache)?;
         decode_s += t1.elapsed().as_secs_f64();
         steps += 1;
@@ -484,7 +484,7 @@ pub fn generate_until(
             work.drafted += draft.len() as u64;
             work.accepted += agreed as u64;
             // The keys of the draft tokens after the first disagreement are not this row's text.
-            cache.discard_keys(slot, cache.len() - width + 1 + agreed)?;
+            cache.discard_keys(slot, keys_before + 1 + agreed)?;
             for &tok in &tokens[..=agreed] {
                 work.generated += 1;
                 if advance(tokenizer, row, req, tok, &settings.stop_token_ids)? {
