@@ -36,7 +36,8 @@ fn chunk_len(t: usize, rows: usize) -> usize {
 }
 
 /// Runs `batch` through the model in equal chunks of at most [`chunk_len`] time steps, appending to
-/// `cache`; returns the hidden state of each row's last column `(b, hidden)`.
+/// `cache`; returns the hidden state of each row's last column `(b, hidden)`, the only one
+/// computed past the last layer's keys ([`LlamaModel::forward_columns`]).
 fn forward_in_chunks(
     model: &LlamaModel,
     batch: &TokenBatch,
@@ -55,8 +56,11 @@ fn forward_in_chunks(
             valid: batch.valid.iter().map(|r| r[start..end].to_vec()).collect(),
             packing: None,
         };
-        let hidden = model.forward(&chunk, Some(cache))?;
-        last = Some(hidden.narrow(1, end - start - 1, 1)?.squeeze(1)?);
+        let wanted: &[usize] = if end == t { &[end - start - 1] } else { &[] };
+        let hidden = model.forward_columns(&chunk, Some(cache), wanted)?;
+        if end == t {
+            last = Some(hidden.squeeze(1)?);
+        }
         start = end;
     }
     last.ok_or_else(|| anyhow::anyhow!("empty batch"))
@@ -300,22 +304,8 @@ fn score_pack(
             branch_at,
         });
     }
-    let packed = match ids.len() {
-        0 => None,
-        n => {
-            let mut cache = base.cache.clone();
-            let batch = TokenBatch {
-                ids: vec![ids],
-                valid: vec![vec![true; n]],
-                positions: vec![positions],
-                packing: Some(vec![slots]),
-            };
-            Some(model.forward(&batch, Some(&mut cache))?.squeeze(0)?)
-        }
-    };
-
-    // Gather the hidden state before every scored token: row 0 is the base's last token, row
-    // 1 + i is packed token i.
+    // The hidden state before every scored token: row 0 is the base's last token, row 1 + i is
+    // packed token i.
     let mut picks = vec![];
     let mut targets = vec![];
     for l in &laid {
@@ -330,11 +320,44 @@ fn score_pack(
                 } else {
                     0
                 };
-                picks.push(row as u32);
+                picks.push(row);
                 targets.push(tokens[q + 1]);
             }
         }
     }
+    // Only those packed tokens' states are computed past the last layer's keys.
+    let mut wanted: Vec<usize> = picks.iter().filter(|&&r| r > 0).map(|r| r - 1).collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    // (No forward at all when no packed token's state is wanted: its keys would go nowhere.)
+    let packed = match ids.len() {
+        _ if wanted.is_empty() => None,
+        n => {
+            let mut cache = base.cache.clone();
+            let batch = TokenBatch {
+                ids: vec![ids],
+                valid: vec![vec![true; n]],
+                positions: vec![positions],
+                packing: Some(vec![slots]),
+            };
+            Some(
+                model
+                    .forward_columns(&batch, Some(&mut cache), &wanted)?
+                    .squeeze(0)?,
+            )
+        }
+    };
+    let picks: Vec<u32> = picks
+        .iter()
+        .map(|&r| match r {
+            0 => 0,
+            r => {
+                1 + wanted
+                    .binary_search(&(r - 1))
+                    .expect("wanted holds every pick") as u32
+            }
+        })
+        .collect();
     let dev = model.device();
     let last = match &base.last_hidden {
         Some(h) => h.clone(),

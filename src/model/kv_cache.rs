@@ -486,6 +486,68 @@ mod tests {
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-6);
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn forward_columns_gives_the_full_forwards_columns_and_the_same_keys() {
+        let model = model();
+        let seqs = vec![(1..12).collect::<Vec<u32>>(), (20..27).collect()];
+        let batch = TokenBatch::left_padded(&seqs, &[0, 0], 0);
+        let mut full_cache = model.new_cache();
+        let full = model.forward(&batch, Some(&mut full_cache)).unwrap();
+        for columns in [vec![10], vec![3, 7, 10], vec![]] {
+            let mut cache = model.new_cache();
+            let got = model
+                .forward_columns(&batch, Some(&mut cache), &columns)
+                .unwrap();
+            assert_eq!(got.dims(), &[2, columns.len(), full.dim(2).unwrap()]);
+            if !columns.is_empty() {
+                let idx = Tensor::new(
+                    columns.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+                    &Device::Cpu,
+                )
+                .unwrap();
+                let want = full.index_select(&idx, 1).unwrap();
+                // Equal up to the rounding of the matrix products at fewer rows.
+                assert!(max_diff(&got, &want) < 1e-5, "columns {columns:?}");
+            }
+            // Every time step's keys are cached, whatever the columns: the next step agrees.
+            for row in 0..2 {
+                assert_eq!(contents(&cache, row), contents(&full_cache, row));
+            }
+            let step = TokenBatch::right_padded(&[vec![5], vec![6]], &cache.next_positions(), 0);
+            let next = model.forward(&step, Some(&mut cache)).unwrap();
+            let want = model.forward(&step, Some(&mut full_cache.clone())).unwrap();
+            assert_eq!(max_diff(&next, &want), 0.0);
+        }
+        // Without a cache too.
+        let got = model.forward_columns(&batch, None, &[4, 9]).unwrap();
+        let want = model
+            .forward(&batch, None)
+            .unwrap()
+            .narrow(1, 4, 6)
+            .unwrap();
+        let want = Tensor::cat(
+            &[want.narrow(1, 0, 1).unwrap(), want.narrow(1, 5, 1).unwrap()],
+            1,
+        )
+        .unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        let err = model.forward_columns(&batch, None, &[11]).unwrap_err();
+        assert!(err.to_string().contains("column 11"), "{err}");
+    }
+
     #[test]
     fn rows_after_a_shared_prefix_equal_forked_rows() {
         let model = model();

@@ -418,6 +418,35 @@ impl LlamaModel {
     /// Final hidden states `(b, t, hidden)` after the last norm. With a cache, the batch is
     /// appended to it (the cache must have the same number of rows, or be empty).
     pub fn forward(&self, batch: &TokenBatch, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.forward_kept(batch, cache, None)
+    }
+
+    /// [`forward`](Self::forward)'s hidden states at time steps `columns` of each row only,
+    /// `(b, columns.len(), hidden)`; every time step's keys still go into the cache. The other
+    /// steps' states feed nothing but the last layer's keys and values, so that layer computes
+    /// only those for them: its queries, attention and MLP run on `columns` alone (a prefill
+    /// that wants one column, or a scoring forward that wants the continuations' columns, skips
+    /// about 1/num_layers of the work). A column's state is the full forward's up to the
+    /// rounding of the matrix products at fewer rows.
+    pub fn forward_columns(
+        &self,
+        batch: &TokenBatch,
+        cache: Option<&mut KvCache>,
+        columns: &[usize],
+    ) -> Result<Tensor> {
+        let t = batch.seq_len();
+        if let Some(bad) = columns.iter().find(|&&c| c >= t) {
+            bail!("output column {bad} is outside a batch of {t} time steps");
+        }
+        self.forward_kept(batch, cache, Some(columns))
+    }
+
+    fn forward_kept(
+        &self,
+        batch: &TokenBatch,
+        cache: Option<&mut KvCache>,
+        columns: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let (b, t) = (batch.batch_size(), batch.seq_len());
         if b == 0 || t == 0 {
             bail!("empty batch");
@@ -455,6 +484,16 @@ impl LlamaModel {
             mask: mask.as_ref(),
             window_mask: window_mask.as_ref(),
         };
+        let kept = columns
+            .map(|c| {
+                let c: Vec<u32> = c.iter().map(|&c| c as u32).collect();
+                Tensor::new(c.as_slice(), dev)
+            })
+            .transpose()?;
+        let last = self.layers.len().saturating_sub(1);
+        // Only the last layer runs on the kept columns alone (see `forward_columns`).
+        let keep_at = |l: usize| kept.as_ref().filter(|_| l == last);
+        let mut trimmed = false;
         match cache {
             Some(c) => {
                 let prefix = c.prefix.clone();
@@ -463,8 +502,9 @@ impl LlamaModel {
                         own,
                         shared: prefix.as_ref().map(|p| &p.layers[l]),
                     };
-                    x = self.layer_forward(l, layer, &x, &inputs, Some(kv))?;
+                    x = self.layer_forward(l, layer, &x, &inputs, Some(kv), keep_at(l))?;
                 }
+                trimmed = true;
                 for (row, (p, v)) in batch.positions.iter().zip(&batch.valid).enumerate() {
                     if c.key_positions.len() <= row {
                         c.key_positions.push(vec![]);
@@ -483,10 +523,14 @@ impl LlamaModel {
                 }
                 None => {
                     for (l, layer) in self.layers.iter().enumerate() {
-                        x = self.layer_forward(l, layer, &x, &inputs, None)?;
+                        x = self.layer_forward(l, layer, &x, &inputs, None, keep_at(l))?;
                     }
+                    trimmed = true;
                 }
             },
+        }
+        if let (Some(kept), false) = (&kept, trimmed && !self.layers.is_empty()) {
+            x = x.index_select(kept, 1)?;
         }
         self.rms_norm(&x, &self.norm)
     }
@@ -506,7 +550,9 @@ impl LlamaModel {
         let mut h = x.detach();
         for (l, layer) in self.layers.iter().enumerate() {
             dropout_states.push(self.lora_dropout.as_ref().map(|d| d.state()));
-            let next = self.layer_forward(l, layer, &h, inputs, None)?.detach();
+            let next = self
+                .layer_forward(l, layer, &h, inputs, None, None)?
+                .detach();
             layer_inputs.push(h);
             h = next;
         }
@@ -557,7 +603,7 @@ impl LlamaModel {
                     d.set_state(state.clone());
                 }
                 let x = candle_core::Var::from_tensor(&tape.layer_inputs[l])?;
-                let y = self.layer_forward(l, layer, x.as_tensor(), &inputs, None)?;
+                let y = self.layer_forward(l, layer, x.as_tensor(), &inputs, None, None)?;
                 let mut local = (y * &grad)?.sum_all()?.backward()?;
                 grad = local.remove(x.as_tensor()).with_context(|| {
                     format!("checkpointed layer {l}: no gradient for its input")
@@ -632,6 +678,7 @@ impl LlamaModel {
         x: &Tensor,
         inputs: &AttentionInputs,
         kv: Option<CachedKeys>,
+        keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let h = self.rms_norm(x, &layer.input_norm)?;
         let windowed = self.cfg.layer_window(index).is_some();
@@ -644,7 +691,15 @@ impl LlamaModel {
         } else {
             inputs.mask
         };
-        let attn = self.attention(&layer.attn, &h, inputs.cos, inputs.sin, mask, kv)?;
+        let attn = self.attention(&layer.attn, &h, inputs, mask, kv, keep)?;
+        let x = match keep {
+            Some(kept) => x.index_select(kept, 1)?,
+            None => x.clone(),
+        };
+        if x.dim(1)? == 0 {
+            // Only this layer's keys were wanted, and they are in the cache.
+            return Ok(x);
+        }
         let x = (x + attn)?;
         let h = self.rms_norm(&x, &layer.post_norm)?;
         let gated = self.swiglu(&layer.mlp.gate.forward(&h)?, &layer.mlp.up.forward(&h)?)?;
@@ -656,10 +711,10 @@ impl LlamaModel {
         &self,
         attn: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        inputs: &AttentionInputs,
         mask: Option<&Tensor>,
         kv: Option<CachedKeys>,
+        keep: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -667,12 +722,7 @@ impl LlamaModel {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        let q = attn
-            .q
-            .forward(x)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (cos, sin) = (inputs.cos, inputs.sin);
         let k = attn
             .k
             .forward(x)?
@@ -684,12 +734,34 @@ impl LlamaModel {
             .forward(x)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?;
-        let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
         let (shared, (k, v)) = match kv {
             Some(kv) => (kv.shared, LayerKv::append(kv.own, &k, &v)?),
             None => (None, (k, v.contiguous()?)),
         };
+        // The queries of the kept time steps only: the time axis is the second to last of the
+        // hidden states' `(b, t, hidden)`, the rope tables' `(b?, t, d/2)` and the masks'
+        // `(b|1, 1, 1, t, T)`.
+        let at_kept = |x: &Tensor| -> Result<Tensor> {
+            Ok(match keep {
+                Some(kept) => x.index_select(kept, x.rank() - 2)?,
+                None => x.clone(),
+            })
+        };
+        let xq = at_kept(x)?;
+        let t = xq.dim(1)?;
+        if t == 0 {
+            return Ok(xq);
+        }
+        let mask = mask.map(at_kept).transpose()?;
+        let mask = mask.as_ref();
+        let q = attn
+            .q
+            .forward(&xq)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self.rope(&q, &at_kept(cos)?, &at_kept(sin)?)?;
         let total = k.dim(2)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a KV
         // head are stacked along the time axis.
