@@ -493,7 +493,8 @@ impl LlamaModel {
         let last = self.layers.len().saturating_sub(1);
         // Only the last layer runs on the kept columns alone (see `forward_columns`).
         let keep_at = |l: usize| kept.as_ref().filter(|_| l == last);
-        let mut trimmed = false;
+        // Whether the layers ran so (not with checkpoints, nor without layers).
+        let mut last_layer_kept = false;
         match cache {
             Some(c) => {
                 let prefix = c.prefix.clone();
@@ -504,7 +505,7 @@ impl LlamaModel {
                     };
                     x = self.layer_forward(l, layer, &x, &inputs, Some(kv), keep_at(l))?;
                 }
-                trimmed = true;
+                last_layer_kept = !self.layers.is_empty();
                 for (row, (p, v)) in batch.positions.iter().zip(&batch.valid).enumerate() {
                     if c.key_positions.len() <= row {
                         c.key_positions.push(vec![]);
@@ -525,11 +526,11 @@ impl LlamaModel {
                     for (l, layer) in self.layers.iter().enumerate() {
                         x = self.layer_forward(l, layer, &x, &inputs, None, keep_at(l))?;
                     }
-                    trimmed = true;
+                    last_layer_kept = !self.layers.is_empty();
                 }
             },
         }
-        if let (Some(kept), false) = (&kept, trimmed && !self.layers.is_empty()) {
+        if let Some(kept) = kept.as_ref().filter(|_| !last_layer_kept) {
             x = x.index_select(kept, 1)?;
         }
         self.rms_norm(&x, &self.norm)
