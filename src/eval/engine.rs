@@ -211,17 +211,17 @@ pub fn score_documents(
             // branches alone (4 HellaSwag endings, ~120 tokens) made a thin, slow one. ARC and
             // HellaSwag, 10 documents each, alternating: 12.2-12.7 / 9.6-9.8 s ->
             // 11.3-12.0 / 8.4-8.5 s.
-            let (scores, trunk) = if input_tokens(doc, base.len()) <= PREFILL_TOKENS {
-                (score_pack(model, base, &[doc]), 0)
+            let own;
+            let from = if input_tokens(doc, base.len()) <= PREFILL_TOKENS {
+                base
             } else {
-                let own = prefill(model, base, &doc.shared[..p], pad_id)?;
-                (score_pack(model, &own, &[doc]), p - base.len())
+                own = prefill(model, base, &doc.shared[..p], pad_id)?;
+                &own
             };
-            let (s, n) = scores
-                .with_context(|| format!("document {id}"))?
-                .pop()
-                .expect("one document");
-            on_done(k, s, n + trunk as u64)?;
+            let mut scores =
+                score_pack(model, from, &[doc]).with_context(|| format!("document {id}"))?;
+            let (s, n) = scores.pop().expect("one document");
+            on_done(k, s, n + (from.len() - base.len()) as u64)?;
             k += 1;
             continue;
         }
@@ -341,22 +341,21 @@ fn score_pack(
     wanted.sort_unstable();
     wanted.dedup();
     // (No forward at all when no packed token's state is wanted: its keys would go nowhere.)
-    let packed = match ids.len() {
-        _ if wanted.is_empty() => None,
-        n => {
-            let mut cache = base.cache.clone();
-            let batch = TokenBatch {
-                ids: vec![ids],
-                valid: vec![vec![true; n]],
-                positions: vec![positions],
-                packing: Some(vec![slots]),
-            };
-            Some(
-                model
-                    .forward_columns(&batch, Some(&mut cache), &wanted)?
-                    .squeeze(0)?,
-            )
-        }
+    let packed = if wanted.is_empty() {
+        None
+    } else {
+        let mut cache = base.cache.clone();
+        let batch = TokenBatch {
+            valid: vec![vec![true; ids.len()]],
+            ids: vec![ids],
+            positions: vec![positions],
+            packing: Some(vec![slots]),
+        };
+        Some(
+            model
+                .forward_columns(&batch, Some(&mut cache), &wanted)?
+                .squeeze(0)?,
+        )
     };
     let picks: Vec<u32> = picks
         .iter()
