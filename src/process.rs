@@ -5,6 +5,7 @@
 pub fn setup() {
     keep_freed_memory();
     elementwise_ops_on_the_calling_thread();
+    main_thread_in_the_pool();
 }
 
 /// Keeps freed buffers in the process instead of handing them back to the kernel.
@@ -42,5 +43,28 @@ pub fn elementwise_ops_on_the_calling_thread() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // Read once, when candle first builds the pool, so it has to be set before any tensor op.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// Makes the main thread one of rayon's global pool threads (with at least two of them).
+///
+/// Otherwise every parallel op from the main thread goes to the pool "cold": the main thread
+/// queues it, wakes a sleeping worker, blocks on a latch and is woken again when the op ends, and
+/// there is one thread more than cores. A forward pass does this hundreds of times. As a pool
+/// thread the main thread runs its share of each op itself and wakes only the others.
+pub fn main_thread_in_the_pool() {
+    // rayon's own default: RAYON_NUM_THREADS, else the CPUs this process may run on.
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    if threads >= 2 {
+        // An error means a pool exists already (a test harness, say): keep that one.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .use_current_thread()
+            .build_global();
     }
 }

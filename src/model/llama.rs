@@ -98,7 +98,10 @@ impl Linear {
         let x2 = x.reshape((rows, inp))?;
         let mut y = match super::small_matmul::matmul_t(&x2, &self.weight)? {
             Some(y) => y,
-            None => x2.matmul(&self.weight.t()?)?,
+            None => match super::small_matmul::gemm_t(&x2, &self.weight)? {
+                Some(y) => y,
+                None => x2.matmul(&self.weight.t()?)?,
+            },
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
