@@ -11,7 +11,7 @@ use crate::eval::{
     parse_task_list, DocSet, EvalConfig, Evaluator, Gsm8kScoring, Pool, PoolSplit, Selection,
     TaskOptions, TaskStore,
 };
-use crate::model::{self, Mode, Pretrained};
+use crate::model::{self, Pretrained};
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -123,8 +123,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let device = model::parse_device(&args.model.device)?;
     let dtype = model::parse_dtype(&args.model.dtype)?;
     let dir = model::source::resolve_model(&args.model.model, args.model.revision.as_deref())?;
-    let pre = Pretrained::load(&dir, Some(dtype), &device)?;
-    let net = pre.model(Mode::Inference, None)?;
+    let mut pre = Pretrained::load(&dir, Some(dtype), &device)?;
+    let net = pre.inference_model()?;
     let generation_batch = config.generation_batch();
     let mut evaluator = Evaluator::new(pre, store.clone(), config)?;
     let n_docs = evaluator.suite(docs)?.num_docs();

@@ -499,6 +499,41 @@ mod tests {
     }
 
     #[test]
+    fn stacked_projections_give_every_output_the_same_bits() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|v| v.to_bits()).collect()
+        };
+        for spec in [TinySpec::llama(5), TinySpec::qwen2(5)] {
+            let cfg = spec.config(64).unwrap();
+            let weights = spec.weights(&cfg, DType::F32, &Device::Cpu).unwrap();
+            let plain = LlamaModel::from_weights(&cfg, &weights, None, Mode::Inference).unwrap();
+            let mut shared = weights.clone();
+            let stacked = LlamaModel::from_weights_stacked(&cfg, &mut shared).unwrap();
+            // The map keeps every tensor, at its values (views of the stacks where stacked).
+            assert_eq!(shared.len(), weights.len());
+            for (name, t) in &weights {
+                assert_eq!(bits(&shared[name]), bits(t), "{name}");
+            }
+            // A prefill on gemm's path (2 × 40 rows), a decode step on the row-dot path, and a
+            // forward that keeps some columns (whose last layer takes the separate products).
+            let seqs: Vec<Vec<u32>> = vec![(1..41).collect(), (3..43).collect()];
+            let batch = TokenBatch::left_padded(&seqs, &[0, 0], 0);
+            let (mut a, mut b) = (plain.new_cache(), stacked.new_cache());
+            let want = plain.forward(&batch, Some(&mut a)).unwrap();
+            let got = stacked.forward(&batch, Some(&mut b)).unwrap();
+            assert_eq!(bits(&got), bits(&want), "prefill {:?}", spec.architecture);
+            let step = TokenBatch::right_padded(&[vec![5, 9], vec![6, 2]], &a.next_positions(), 0);
+            let want = plain.forward(&step, Some(&mut a)).unwrap();
+            let got = stacked.forward(&step, Some(&mut b)).unwrap();
+            assert_eq!(bits(&got), bits(&want), "decode {:?}", spec.architecture);
+            let want = plain.forward_columns(&batch, None, &[3, 39]).unwrap();
+            let got = stacked.forward_columns(&batch, None, &[3, 39]).unwrap();
+            assert_eq!(bits(&got), bits(&want), "columns {:?}", spec.architecture);
+        }
+    }
+
+    #[test]
     fn forward_columns_gives_the_full_forwards_columns_and_the_same_keys() {
         let model = model();
         let seqs = vec![(1..12).collect::<Vec<u32>>(), (20..27).collect()];

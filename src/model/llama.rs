@@ -120,6 +120,70 @@ impl Linear {
     }
 }
 
+/// Every tensor the config names is there, at the shape it implies.
+fn check_tensors(cfg: &ModelConfig, weights: &WeightMap) -> Result<()> {
+    for (name, shape) in cfg.expected_tensors() {
+        let t = weights
+            .get(&name)
+            .with_context(|| format!("missing tensor `{name}`"))?;
+        if t.dims() != shape.as_slice() {
+            bail!(
+                "tensor `{name}` has shape {:?}, config expects {:?}",
+                t.dims(),
+                shape
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A layer's projections whose weights are views of one stacked tensor (see
+/// [`LlamaModel::from_weights_stacked`]).
+struct LayerStacks {
+    qkv: Option<Tensor>,
+    gate_up: Option<Tensor>,
+}
+
+/// Layer `l`'s weights of `modules` stacked into one `(Σ out, in)` tensor, each entry of
+/// `weights` replaced by a view of its rows; `None` (entries untouched) where one has a bias. A
+/// product with the stack gives each output element the bits of the separate product: gemm's
+/// summation order depends on the inner size, not on the output columns, and the row-dot
+/// products compute each output alone.
+fn stack_entries(
+    weights: &mut WeightMap,
+    l: usize,
+    modules: &[TargetModule],
+) -> Result<Option<Tensor>> {
+    let paths: Vec<String> = modules.iter().map(|m| m.module_path(l)).collect();
+    if paths
+        .iter()
+        .any(|p| weights.contains_key(&format!("{p}.bias")))
+    {
+        return Ok(None);
+    }
+    let names: Vec<String> = paths.iter().map(|p| format!("{p}.weight")).collect();
+    let parts: Vec<&Tensor> = names.iter().map(|n| &weights[n]).collect();
+    let stacked = Tensor::cat(&parts, 0)?;
+    let mut row = 0;
+    for name in names {
+        let out = weights[&name].dim(0)?;
+        weights.insert(name, stacked.narrow(0, row, out)?);
+        row += out;
+    }
+    Ok(Some(stacked))
+}
+
+/// `x·Wᵀ` for a plain weight.
+fn project(w: &Tensor, x: &Tensor) -> Result<Tensor> {
+    Linear {
+        weight: w.clone(),
+        bias: None,
+        lora: None,
+        dropout: None,
+    }
+    .forward(x)
+}
+
 /// Token ids of a batch with each token's position and whether it is padding.
 #[derive(Debug, Clone)]
 pub struct TokenBatch {
@@ -190,6 +254,9 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// `q`, `k` and `v`'s weights stacked (theirs are views of it), where all three are plain
+    /// (no bias, no LoRA) in inference: one product per forward reads the input once.
+    qkv: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,6 +264,8 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// `gate` and `up`'s weights stacked, as [`Attention::qkv`].
+    gate_up: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -281,18 +350,39 @@ impl LlamaModel {
         lora: Option<&LoraAdapter>,
         mode: Mode,
     ) -> Result<Self> {
-        for (name, shape) in cfg.expected_tensors() {
-            let t = weights
-                .get(&name)
-                .with_context(|| format!("missing tensor `{name}`"))?;
-            if t.dims() != shape.as_slice() {
-                bail!(
-                    "tensor `{name}` has shape {:?}, config expects {:?}",
-                    t.dims(),
-                    shape
-                );
-            }
-        }
+        Self::build(cfg, weights, lora, mode, &[])
+    }
+
+    /// An inference model whose q/k/v and gate/up weights are each stacked into one tensor, so
+    /// that a forward multiplies each layer's input three times instead of seven (gemm repacks
+    /// its input on the calling thread per product; a decode step makes fewer passes). The
+    /// entries of `weights` become views of the stacks, so the originals are freed and memory
+    /// stays the same; every output keeps its bits. Measured on 2 cores, alternating: ARC and
+    /// HellaSwag at 10 documents −3% and −4%, GSM8K decode steps −4.5%.
+    pub fn from_weights_stacked(cfg: &ModelConfig, weights: &mut WeightMap) -> Result<Self> {
+        check_tensors(cfg, weights)?;
+        // Layer by layer, each entry replaced by its view at once: the originals are freed as
+        // the stacks are made, so the peak is one layer's weights more, not all of them.
+        let stacks = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                use TargetModule::*;
+                Ok(LayerStacks {
+                    qkv: stack_entries(weights, l, &[QProj, KProj, VProj])?,
+                    gate_up: stack_entries(weights, l, &[GateProj, UpProj])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::build(cfg, weights, None, Mode::Inference, &stacks)
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        weights: &WeightMap,
+        lora: Option<&LoraAdapter>,
+        mode: Mode,
+        stacks: &[LayerStacks],
+    ) -> Result<Self> {
+        check_tensors(cfg, weights)?;
         let get = |n: &str| weights[n].clone();
         let opt = |n: &str| weights.get(n).cloned();
         let dtype = weights["model.embed_tokens.weight"].dtype();
@@ -334,6 +424,7 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let m = |t: TargetModule| linear(t.module_path(l));
+            let stacked = stacks.get(l);
             layers.push(Layer {
                 input_norm: get(&format!("model.layers.{l}.input_layernorm.weight")),
                 attn: Attention {
@@ -341,12 +432,14 @@ impl LlamaModel {
                     k: m(TargetModule::KProj)?,
                     v: m(TargetModule::VProj)?,
                     o: m(TargetModule::OProj)?,
+                    qkv: stacked.and_then(|s| s.qkv.clone()),
                 },
                 post_norm: get(&format!("model.layers.{l}.post_attention_layernorm.weight")),
                 mlp: Mlp {
                     gate: m(TargetModule::GateProj)?,
                     up: m(TargetModule::UpProj)?,
                     down: m(TargetModule::DownProj)?,
+                    gate_up: stacked.and_then(|s| s.gate_up.clone()),
                 },
             });
         }
@@ -706,7 +799,16 @@ impl LlamaModel {
         }
         let x = (x + attn)?;
         let h = self.rms_norm(&x, &layer.post_norm)?;
-        let gated = self.swiglu(&layer.mlp.gate.forward(&h)?, &layer.mlp.up.forward(&h)?)?;
+        let fused = match &layer.mlp.gate_up {
+            Some(w) if kernel_for(Op::SwiGlu, &h, self.mode) == Kernel::PaftCpu => {
+                super::swiglu::gated(&h, w, project)?
+            }
+            _ => None,
+        };
+        let gated = match fused {
+            Some(g) => g,
+            None => self.swiglu(&layer.mlp.gate.forward(&h)?, &layer.mlp.up.forward(&h)?)?,
+        };
         let mlp = layer.mlp.down.forward(&gated)?;
         Ok((x + mlp)?)
     }
@@ -727,17 +829,19 @@ impl LlamaModel {
             self.cfg.head_dim,
         );
         let (cos, sin) = (inputs.cos, inputs.sin);
-        let k = attn
-            .k
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = attn
-            .v
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        // With every query kept, q, k and v come from one product with the stacked weights.
+        let qkv = match (&attn.qkv, keep) {
+            (Some(w), None) => Some(project(w, x)?.reshape((b, t, nh + 2 * nkv, hd))?),
+            _ => None,
+        };
+        let (k, v) = match &qkv {
+            Some(qkv) => (qkv.narrow(2, nh, nkv)?, qkv.narrow(2, nh + nkv, nkv)?),
+            None => (
+                attn.k.forward(x)?.reshape((b, t, nkv, hd))?,
+                attn.v.forward(x)?.reshape((b, t, nkv, hd))?,
+            ),
+        };
+        let (k, v) = (k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?);
         let k = self.rope(&k, cos, sin)?;
         let (shared, (k, v)) = match kv {
             Some(kv) => (kv.shared, LayerKv::append(kv.own, &k, &v)?),
@@ -759,12 +863,11 @@ impl LlamaModel {
         }
         let mask = mask.map(at_kept).transpose()?;
         let mask = mask.as_ref();
-        let q = attn
-            .q
-            .forward(&xq)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = match &qkv {
+            Some(qkv) => qkv.narrow(2, 0, nh)?,
+            None => attn.q.forward(&xq)?.reshape((b, t, nh, hd))?,
+        };
+        let q = q.transpose(1, 2)?.contiguous()?;
         let q = self.rope(&q, &at_kept(cos)?, &at_kept(sin)?)?;
         let total = k.dim(2)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a KV

@@ -130,6 +130,13 @@ impl Pretrained {
             .with_context(|| format!("model {}", self.dir.display()))
     }
 
+    /// The inference model with stacked projections ([`LlamaModel::from_weights_stacked`]);
+    /// this checkpoint's weights then share the model's storage.
+    pub fn inference_model(&mut self) -> Result<LlamaModel> {
+        LlamaModel::from_weights_stacked(&self.config, &mut self.weights)
+            .with_context(|| format!("model {}", self.dir.display()))
+    }
+
     /// Writes config, tokenizer files and weights (converted to `dtype` when given, sharded at
     /// `max_shard_bytes`) as a new directory `out`, which appears only when complete.
     pub fn save(&self, out: &Path, dtype: Option<DType>, max_shard_bytes: usize) -> Result<()> {

@@ -46,6 +46,53 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, gate.dims(), &Device::Cpu)?))
 }
 
+/// Rows of the MLP's input per product with the stacked gate and up weights in [`gated`]: the
+/// `rows × 2·intermediate` product stays under glibc's 32 MiB mmap threshold (SmolLM2: 2,048 ×
+/// 3,072 floats, 24 MiB), so its buffer is reused instead of page-faulted in afresh (an 8-row
+/// GSM8K admission of 4,096 rows took 10% longer in one product).
+const GATED_ROWS: usize = 2048;
+
+/// `silu(h·W_gateᵀ)·(h·W_upᵀ)` for `h (.., in)` and `gate_up (2·i, in)`, the gate's weight rows
+/// then the up's; `None` where [`swiglu`] would not apply (the caller runs the two products).
+/// `project(w, x)` is the model's `x·Wᵀ`.
+pub fn gated(
+    h: &Tensor,
+    gate_up: &Tensor,
+    project: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let (width, inp) = gate_up.dims2()?;
+    if h.dtype() != DType::F32 || !h.device().is_cpu() || width % 2 != 0 {
+        return Ok(None);
+    }
+    let inter = width / 2;
+    let rows = h.elem_count() / inp.max(1);
+    let h2 = h.reshape((rows, inp))?.contiguous()?;
+    let mut out: Vec<f32> = Vec::with_capacity(rows * inter);
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = GATED_ROWS.min(rows - r0);
+        let gu = project(gate_up, &h2.narrow(0, r0, n)?)?.contiguous()?;
+        with_f32(&gu, |gu| {
+            let dst = &mut out.spare_capacity_mut()[r0 * inter..(r0 + n) * inter];
+            let rows_per_task = (CHUNK / inter.max(1)).max(1);
+            dst.par_chunks_mut(rows_per_task * inter)
+                .zip(gu.par_chunks(rows_per_task * width))
+                .for_each(|(o, gu)| {
+                    for (o, gu) in o.chunks_mut(inter).zip(gu.chunks(width)) {
+                        swiglu_chunk(o, &gu[..inter], &gu[inter..]);
+                    }
+                });
+            Ok(())
+        })?;
+        r0 += n;
+    }
+    // SAFETY: the blocks cover rows 0..rows, and `swiglu_chunk` wrote every element of each row.
+    unsafe { out.set_len(rows * inter) };
+    let mut dims = h.dims().to_vec();
+    *dims.last_mut().expect("has a last dimension") = inter;
+    Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+}
+
 per_cpu_features! {
     /// One chunk on the widest vectors this CPU has.
     fn swiglu_chunk(out: &mut [MaybeUninit<f32>], gate: &[f32], up: &[f32]) -> () => swiglu_body
