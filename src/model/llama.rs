@@ -89,7 +89,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (rows, inp) = (
             dims[..dims.len() - 1].iter().product::<usize>(),
@@ -140,8 +140,8 @@ fn check_tensors(cfg: &ModelConfig, weights: &WeightMap) -> Result<()> {
 /// A layer's projections whose weights are views of one stacked tensor (see
 /// [`LlamaModel::from_weights_stacked`]).
 struct LayerStacks {
-    qkv: Option<Tensor>,
-    gate_up: Option<Tensor>,
+    qkv: Option<Linear>,
+    gate_up: Option<Linear>,
 }
 
 /// Layer `l`'s weights of `modules` stacked into one `(Σ out, in)` tensor, each entry of
@@ -153,7 +153,7 @@ fn stack_entries(
     weights: &mut WeightMap,
     l: usize,
     modules: &[TargetModule],
-) -> Result<Option<Tensor>> {
+) -> Result<Option<Linear>> {
     let paths: Vec<String> = modules.iter().map(|m| m.module_path(l)).collect();
     if paths
         .iter()
@@ -170,18 +170,12 @@ fn stack_entries(
         weights.insert(name, stacked.narrow(0, row, out)?);
         row += out;
     }
-    Ok(Some(stacked))
-}
-
-/// `x·Wᵀ` for a plain weight.
-fn project(w: &Tensor, x: &Tensor) -> Result<Tensor> {
-    Linear {
-        weight: w.clone(),
+    Ok(Some(Linear {
+        weight: stacked,
         bias: None,
         lora: None,
         dropout: None,
-    }
-    .forward(x)
+    }))
 }
 
 /// Token ids of a batch with each token's position and whether it is padding.
@@ -254,9 +248,9 @@ struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
-    /// `q`, `k` and `v`'s weights stacked (theirs are views of it), where all three are plain
-    /// (no bias, no LoRA) in inference: one product per forward reads the input once.
-    qkv: Option<Tensor>,
+    /// `q`, `k` and `v` as one linear whose weight stacks theirs (theirs are views of it), where
+    /// all three are plain (no bias, no LoRA) in inference: one product reads the input once.
+    qkv: Option<Linear>,
 }
 
 #[derive(Debug, Clone)]
@@ -264,8 +258,8 @@ struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
-    /// `gate` and `up`'s weights stacked, as [`Attention::qkv`].
-    gate_up: Option<Tensor>,
+    /// `gate` and `up` as one linear, as [`Attention::qkv`].
+    gate_up: Option<Linear>,
 }
 
 #[derive(Debug, Clone)]
@@ -350,6 +344,7 @@ impl LlamaModel {
         lora: Option<&LoraAdapter>,
         mode: Mode,
     ) -> Result<Self> {
+        check_tensors(cfg, weights)?;
         Self::build(cfg, weights, lora, mode, &[])
     }
 
@@ -375,6 +370,7 @@ impl LlamaModel {
         Self::build(cfg, weights, None, Mode::Inference, &stacks)
     }
 
+    /// The model from weights [`check_tensors`] accepted.
     fn build(
         cfg: &ModelConfig,
         weights: &WeightMap,
@@ -382,7 +378,6 @@ impl LlamaModel {
         mode: Mode,
         stacks: &[LayerStacks],
     ) -> Result<Self> {
-        check_tensors(cfg, weights)?;
         let get = |n: &str| weights[n].clone();
         let opt = |n: &str| weights.get(n).cloned();
         let dtype = weights["model.embed_tokens.weight"].dtype();
@@ -801,7 +796,7 @@ impl LlamaModel {
         let h = self.rms_norm(&x, &layer.post_norm)?;
         let fused = match &layer.mlp.gate_up {
             Some(w) if kernel_for(Op::SwiGlu, &h, self.mode) == Kernel::PaftCpu => {
-                super::swiglu::gated(&h, w, project)?
+                super::swiglu::gated(&h, w)?
             }
             _ => None,
         };
@@ -831,7 +826,7 @@ impl LlamaModel {
         let (cos, sin) = (inputs.cos, inputs.sin);
         // With every query kept, q, k and v come from one product with the stacked weights.
         let qkv = match (&attn.qkv, keep) {
-            (Some(w), None) => Some(project(w, x)?.reshape((b, t, nh + 2 * nkv, hd))?),
+            (Some(qkv), None) => Some(qkv.forward(x)?.reshape((b, t, nh + 2 * nkv, hd))?),
             _ => None,
         };
         let (k, v) = match &qkv {

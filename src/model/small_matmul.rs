@@ -119,8 +119,31 @@ pub fn gemm_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
             } else {
                 gemm::Parallelism::None
             };
-            // SAFETY: y has room for rows × out.
-            unsafe { gemm_rows(xs, ws, (y.as_mut_ptr(), out), inp, parallelism) };
+            // SAFETY: the assert bounds every read of xs (rows × inp, row-major) and ws (out ×
+            // inp, row-major, read as its transpose); y has room for rows × out, row-major.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    out,
+                    inp,
+                    y.as_mut_ptr(),
+                    1,
+                    out as isize,
+                    false,
+                    xs.as_ptr(),
+                    1,
+                    inp as isize,
+                    ws.as_ptr(),
+                    inp as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                )
+            };
             // SAFETY: gemm wrote each of the rows × out elements (read_dst false reads none).
             unsafe { y.set_len(rows * out) };
             Ok(y)
@@ -135,41 +158,6 @@ pub fn gemm_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 fn gemm_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
-}
-
-/// `xs (rows, inp) · wsᵀ` into the row-major `y` with `ld` elements per row.
-///
-/// # Safety
-/// `y` must have room for `xs.len() / inp` rows of `ld ≥ ws.len() / inp` elements.
-unsafe fn gemm_rows(
-    xs: &[f32],
-    ws: &[f32],
-    (y, ld): (*mut f32, usize),
-    inp: usize,
-    parallelism: gemm::Parallelism,
-) {
-    let (rows, out) = (xs.len() / inp, ws.len() / inp);
-    gemm::gemm(
-        rows,
-        out,
-        inp,
-        y,
-        1,
-        ld as isize,
-        false,
-        xs.as_ptr(),
-        1,
-        inp as isize,
-        ws.as_ptr(),
-        inp as isize,
-        1,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        parallelism,
-    );
 }
 
 /// The output of [`row_dots`] shared by its parallel tasks, each writing its own columns (a

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::attention_kernel::{exp, with_f32};
+use super::llama::Linear;
 use super::small_matmul::per_cpu_features;
 
 /// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
@@ -52,15 +53,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 /// GSM8K admission of 4,096 rows took 10% longer in one product).
 const GATED_ROWS: usize = 2048;
 
-/// `silu(h·W_gateᵀ)·(h·W_upᵀ)` for `h (.., in)` and `gate_up (2·i, in)`, the gate's weight rows
-/// then the up's; `None` where [`swiglu`] would not apply (the caller runs the two products).
-/// `project(w, x)` is the model's `x·Wᵀ`.
-pub fn gated(
-    h: &Tensor,
-    gate_up: &Tensor,
-    project: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
-    let (width, inp) = gate_up.dims2()?;
+/// `silu(h·W_gateᵀ)·(h·W_upᵀ)` for `h (.., in)` and the linear `gate_up` whose weight
+/// `(2·i, in)` holds the gate's rows then the up's; `None` where [`swiglu`] would not apply (the
+/// caller runs the two products).
+pub(super) fn gated(h: &Tensor, gate_up: &Linear) -> Result<Option<Tensor>> {
+    let (width, inp) = gate_up.weight.dims2()?;
     if h.dtype() != DType::F32 || !h.device().is_cpu() || width % 2 != 0 {
         return Ok(None);
     }
@@ -71,7 +68,7 @@ pub fn gated(
     let mut r0 = 0;
     while r0 < rows {
         let n = GATED_ROWS.min(rows - r0);
-        let gu = project(gate_up, &h2.narrow(0, r0, n)?)?.contiguous()?;
+        let gu = gate_up.forward(&h2.narrow(0, r0, n)?)?.contiguous()?;
         with_f32(&gu, |gu| {
             let dst = &mut out.spare_capacity_mut()[r0 * inter..(r0 + n) * inter];
             let rows_per_task = (CHUNK / inter.max(1)).max(1);
