@@ -41,7 +41,8 @@ impl Op {
 /// An implementation of an [`Op`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// paft's hand-written CPU kernel (`attention_kernel`, `small_matmul`, `swiglu`, `ops`).
+    /// paft's hand-written CPU kernel (`attention_kernel`, `small_matmul`, `swiglu`,
+    /// `rope_kernel`, `ops`).
     PaftCpu,
     /// candle's own op for it (fused kernel or matmul), on the tensor's device.
     Candle,
@@ -87,6 +88,7 @@ pub fn kernel(op: Op, device: DeviceKind, dtype: DType, mode: Mode) -> Kernel {
             Kernel::PaftCpu
         }
         Op::MaskedSoftmax | Op::TargetLogProbs => Kernel::Composed,
+        Op::Rope if mode == Mode::Inference && cpu && dtype == DType::F32 => Kernel::PaftCpu,
         Op::RmsNorm | Op::Rope if mode == Mode::Inference && dtype != DType::F64 => Kernel::Candle,
         Op::RmsNorm | Op::Rope => Kernel::Composed,
         // candle's silu has a backward pass, so training keeps it.
@@ -175,6 +177,7 @@ mod tests {
             (Op::TargetLogProbs, F32, Differentiable),
             (Op::TargetLogProbs, F64, Inference),
             (Op::TargetLogProbs, F64, Differentiable),
+            (Op::Rope, F32, Inference),
             (Op::SwiGlu, F32, Inference),
         ];
         assert_eq!(paft_cpu, expected);

@@ -836,8 +836,7 @@ impl LlamaModel {
                 attn.v.forward(x)?.reshape((b, t, nkv, hd))?,
             ),
         };
-        let (k, v) = (k.transpose(1, 2)?.contiguous()?, v.transpose(1, 2)?);
-        let k = self.rope(&k, cos, sin)?;
+        let (k, v) = (self.rope_heads(&k, cos, sin, None)?, v.transpose(1, 2)?);
         let (shared, (k, v)) = match kv {
             Some(kv) => (kv.shared, LayerKv::append(kv.own, &k, &v)?),
             None => (None, (k, v.contiguous()?)),
@@ -862,22 +861,30 @@ impl LlamaModel {
             Some(qkv) => qkv.narrow(2, 0, nh)?,
             None => attn.q.forward(&xq)?.reshape((b, t, nh, hd))?,
         };
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let q = self.rope(&q, &at_kept(cos)?, &at_kept(sin)?)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = self.rope_heads(&q, &at_kept(cos)?, &at_kept(sin)?, Some(scale))?;
         let total = k.dim(2)?;
         // Grouped-query attention without copying K/V: the n_rep query heads that share a KV
         // head are stacked along the time axis.
         let n_rep = nh / nkv;
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
+        let q = q.reshape((b, nkv, n_rep * t, hd))?;
         let kernel = kernel_for(Op::Attention, &q, self.mode);
+        // `(b, nkv, n_rep·t, hd)` → `(b, t, nh·hd)`, the output projection's input.
+        let by_time = |out: Tensor| -> Result<Tensor> {
+            Ok(out
+                .reshape((b, nh, t, hd))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * hd))?)
+        };
         let fused = match (kernel, shared) {
-            (Kernel::PaftCpu, Some(prefix)) => Some(
+            (Kernel::PaftCpu, Some(prefix)) => Some(by_time(
                 super::prefix_attention::attention_after_prefix(&q, &k, &v, mask, prefix)?,
-            ),
+            )?),
             (_, Some(_)) => {
                 bail!("a KV cache with a shared prefix needs the CPU attention kernel")
             }
-            (Kernel::PaftCpu, None) => super::attention_kernel::attention(&q, &k, &v, mask)?,
+            // Written by time step already.
+            (Kernel::PaftCpu, None) => super::attention_kernel::attention(&q, &k, &v, mask, t)?,
             _ => None,
         };
         let out = match fused {
@@ -894,19 +901,38 @@ impl LlamaModel {
                     }
                     Mode::Differentiable => super::ops::masked_softmax(&scores, mask)?,
                 };
-                probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?
+                by_time(probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?)?
             }
         };
-        let out = out
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
         attn.o.forward(&out)
+    }
+
+    /// `x (b, t, heads, d)` rotated as `(b, heads, t, d)`, times `scale` if given (the queries'
+    /// `1/√d`): on the CPU in one pass ([`super::rope_kernel`]), else transposed, rotated and
+    /// scaled in turn.
+    fn rope_heads(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        scale: Option<f64>,
+    ) -> Result<Tensor> {
+        if kernel_for(Op::Rope, x, self.mode) == Kernel::PaftCpu {
+            if let Some(y) = super::rope_kernel::rotate_heads(x, cos, sin, scale)? {
+                return Ok(y);
+            }
+        }
+        let y = self.rope(&x.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        Ok(match scale {
+            Some(s) => (y * s)?,
+            None => y,
+        })
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         match kernel_for(Op::Rope, x, self.mode) {
-            Kernel::Candle => Ok(candle_nn::rotary_emb::rope(x, cos, sin)?),
+            // candle's fused rope where paft's one-pass kernel does not apply.
+            Kernel::Candle | Kernel::PaftCpu => Ok(candle_nn::rotary_emb::rope(x, cos, sin)?),
             _ => {
                 // x·cos + rotate_half(x)·sin with cos/sin of shape (t, d/2) or (b, t, d/2).
                 let cos = Tensor::cat(&[cos, cos], D::Minus1)?;

@@ -14,6 +14,7 @@ pub mod ops;
 pub mod prefix_attention;
 pub mod pretrained;
 pub mod rope;
+pub mod rope_kernel;
 pub mod small_matmul;
 pub mod source;
 pub mod swiglu;

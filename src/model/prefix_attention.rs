@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::attention_kernel::{attention_parts, exp_rows, scale_rows, with_f32};
+use super::attention_kernel::{attention_parts, exp_rows, scale_rows, with_f32, Layout};
 
 /// A prefix's keys and values in the layout the decode kernel reads, f32 on the CPU.
 #[derive(Debug)]
@@ -89,7 +89,7 @@ pub fn attention_after_prefix(
     if q.dtype() != candle_core::DType::F32 || !q.device().is_cpu() {
         bail!("attention over a shared prefix needs f32 on the CPU");
     }
-    let own = attention_parts(q, k, v, mask)?
+    let own = attention_parts(q, k, v, mask, None, Layout::HeadMajor)?
         .ok_or_else(|| anyhow::anyhow!("attention over a shared prefix needs f32 on the CPU"))?;
     let mut out = own.out;
     if prefix.is_empty() {
