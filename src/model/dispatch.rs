@@ -42,7 +42,7 @@ impl Op {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// paft's hand-written CPU kernel (`attention_kernel`, `small_matmul`, `swiglu`,
-    /// `rope_kernel`, `ops`).
+    /// `rope_kernel`, `rms_norm_kernel`, `ops`).
     PaftCpu,
     /// candle's own op for it (fused kernel or matmul), on the tensor's device.
     Candle,
@@ -88,7 +88,9 @@ pub fn kernel(op: Op, device: DeviceKind, dtype: DType, mode: Mode) -> Kernel {
             Kernel::PaftCpu
         }
         Op::MaskedSoftmax | Op::TargetLogProbs => Kernel::Composed,
-        Op::Rope if mode == Mode::Inference && cpu && dtype == DType::F32 => Kernel::PaftCpu,
+        Op::RmsNorm | Op::Rope if mode == Mode::Inference && cpu && dtype == DType::F32 => {
+            Kernel::PaftCpu
+        }
         Op::RmsNorm | Op::Rope if mode == Mode::Inference && dtype != DType::F64 => Kernel::Candle,
         Op::RmsNorm | Op::Rope => Kernel::Composed,
         // candle's silu has a backward pass, so training keeps it.
@@ -177,6 +179,7 @@ mod tests {
             (Op::TargetLogProbs, F32, Differentiable),
             (Op::TargetLogProbs, F64, Inference),
             (Op::TargetLogProbs, F64, Differentiable),
+            (Op::RmsNorm, F32, Inference),
             (Op::Rope, F32, Inference),
             (Op::SwiGlu, F32, Inference),
         ];

@@ -13,6 +13,7 @@ pub mod lora;
 pub mod ops;
 pub mod prefix_attention;
 pub mod pretrained;
+pub mod rms_norm_kernel;
 pub mod rope;
 pub mod rope_kernel;
 pub mod small_matmul;
