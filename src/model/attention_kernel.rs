@@ -13,7 +13,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-use super::small_matmul::per_cpu_features;
+use super::small_matmul::{per_cpu_features, OutPtr};
 
 /// Query rows per task (at most, unless one time step's heads are more): every query head of a
 /// KV head at a block of times, so that they share one packing of the block's keys and values by
@@ -292,7 +292,7 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<MaskRows>) -> Pa
     let blocks = t.div_ceil(span_t);
     let mut out = vec![0f32; b * g * r * d];
     let mut lse = vec![0f32; b * g * r];
-    let (out_ptr, lse_ptr) = (SharedOut(out.as_mut_ptr()), SharedOut(lse.as_mut_ptr()));
+    let (out_ptr, lse_ptr) = (OutPtr(out.as_mut_ptr()), OutPtr(lse.as_mut_ptr()));
     (0..b * g * blocks).into_par_iter().for_each(|task| {
         let (head, blk) = (task / blocks, task % blocks);
         let bi = head / g;
@@ -354,21 +354,6 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<MaskRows>) -> Pa
         });
     });
     Parts { out, lse }
-}
-
-/// The kernel's outputs shared by its parallel tasks, each writing its own rows (all query heads
-/// of a block of times: not one contiguous range, which `par_chunks_mut` cannot hand out).
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: the tasks write disjoint elements, and the buffers outlive them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `dst (m × n, row-major) = lhs (m × k, row-major) · rhs`, where element (i, j) of the `k × n`

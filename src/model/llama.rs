@@ -736,12 +736,17 @@ impl LlamaModel {
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
-        match kernel_for(Op::RmsNorm, x, self.mode) {
-            Kernel::PaftCpu => match super::rms_norm_kernel::rms_norm(x, w, eps as f32)? {
-                Some(y) => Ok(y),
-                None => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?),
-            },
-            Kernel::Candle => Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?),
+        let kernel = kernel_for(Op::RmsNorm, x, self.mode);
+        if kernel == Kernel::PaftCpu {
+            if let Some(y) = super::rms_norm_kernel::rms_norm(x, w, eps as f32)? {
+                return Ok(y);
+            }
+        }
+        match kernel {
+            // candle's fused norm where paft's kernel does not apply.
+            Kernel::Candle | Kernel::PaftCpu => {
+                Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?)
+            }
             _ => {
                 // As transformers: normalise in f32, cast back, then scale.
                 let dt = x.dtype();

@@ -102,17 +102,8 @@ fn scale_row(dst: &mut [MaybeUninit<f32>], x: &[f32], w: &[f32], sum: f32, eps: 
 
 #[cfg(test)]
 mod tests {
+    use crate::model::tiny::f32_bits;
     use candle_core::{Device, Tensor};
-
-    fn bits(x: &Tensor) -> Vec<u32> {
-        x.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    }
 
     #[test]
     fn gives_candles_bits() {
@@ -127,7 +118,7 @@ mod tests {
                 .expect("f32 on the CPU");
             let want = candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap();
             assert_eq!(got.dims(), want.dims());
-            assert_eq!(bits(&got), bits(&want), "{rows} rows of {n}");
+            assert_eq!(f32_bits(&got), f32_bits(&want), "{rows} rows of {n}");
         }
     }
 

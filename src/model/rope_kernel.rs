@@ -35,16 +35,14 @@ pub fn rotate_heads(
     };
     let half = d / 2;
     let tables_fit =
-        |c: &Tensor| c.dims() == [t, half] || c.dims() == [b, t, half] && c.is_contiguous();
+        |c: &Tensor| (c.dims() == [t, half] || c.dims() == [b, t, half]) && c.is_contiguous();
     let eligible = [x, cos, sin]
         .iter()
         .all(|x| x.dtype() == DType::F32 && x.device().is_cpu())
         && d % 2 == 0
-        && (d == 1 || x.stride()[3] == 1)
+        && x.stride()[3] == 1
         && tables_fit(cos)
-        && tables_fit(sin)
-        && cos.is_contiguous()
-        && sin.is_contiguous();
+        && tables_fit(sin);
     if !eligible || b * t * h == 0 {
         return Ok(None);
     }
@@ -56,6 +54,7 @@ pub fn rotate_heads(
     };
     let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..];
     let rows = b * h * t;
+    let scale = scale.map(|s| s as f32);
     let out = with_f32(cos, |cos| {
         with_f32(sin, |sin| {
             let mut out: Vec<f32> = Vec::with_capacity(rows * d);
@@ -69,7 +68,7 @@ pub fn rotate_heads(
                     let src = &xs[bi * sb + ti * st + hi * sh..][..d];
                     let at = if per_row_tables { bi * t + ti } else { ti } * half;
                     let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
-                    rotate_row(dst, src, c, s, scale.map(|s| s as f32));
+                    rotate_row(dst, src, c, s, scale);
                 });
             // SAFETY: the chunks cover all rows × d elements of the capacity, and `rotate_row`
             // writes every element of its chunk.
@@ -127,6 +126,7 @@ fn rotate_row_body(
 
 #[cfg(test)]
 mod tests {
+    use crate::model::tiny::f32_bits;
     use candle_core::{Device, Tensor};
 
     /// The composed path this replaces: transpose, candle's rope, then `* scale`.
@@ -137,16 +137,6 @@ mod tests {
             Some(s) => (y * s).unwrap(),
             None => y,
         }
-    }
-
-    fn bits(x: &Tensor) -> Vec<u32> {
-        x.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
     }
 
     #[test]
@@ -169,7 +159,11 @@ mod tests {
                         .expect("f32 on the CPU");
                     let want = composed(&x, &cos, &sin, scale);
                     assert_eq!(got.dims(), want.dims());
-                    assert_eq!(bits(&got), bits(&want), "b {b} t {t} scale {scale:?}");
+                    assert_eq!(
+                        f32_bits(&got),
+                        f32_bits(&want),
+                        "b {b} t {t} scale {scale:?}"
+                    );
                 }
             }
         }

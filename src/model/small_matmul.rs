@@ -160,17 +160,18 @@ fn gemm_threads() -> usize {
     *THREADS.get_or_init(candle_core::utils::get_num_threads)
 }
 
-/// The output of [`row_dots`] shared by its parallel tasks, each writing its own columns (a
-/// strided, disjoint part of every row, which `par_chunks_mut` cannot hand out).
+/// An output buffer shared by parallel tasks that each write their own, disjoint elements, which
+/// `par_chunks_mut` cannot hand out: [`row_dots`]'s columns (a strided part of every row), the
+/// attention kernel's blocks (every query head of a block of times).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 
 // SAFETY: the tasks write disjoint elements, and the buffer outlives them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -527,15 +528,7 @@ mod tests {
         let Some(all) = super::matmul_t(&x, &w).unwrap() else {
             return;
         };
-        let bits = |t: &Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
+        let bits = crate::model::tiny::f32_bits;
         for (m, len) in [
             (0, 1),
             (4, 1),

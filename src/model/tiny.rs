@@ -107,3 +107,15 @@ impl TinySpec {
         Ok(cfg)
     }
 }
+
+/// A tensor's f32 values as bits, for tests that compare two computations exactly.
+#[cfg(test)]
+pub(crate) fn f32_bits(x: &Tensor) -> Vec<u32> {
+    x.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
