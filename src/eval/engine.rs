@@ -165,10 +165,14 @@ impl std::ops::AddAssign for TokenWork {
 /// Tokens one packed forward holds at most (a document whose trunk is over half this runs
 /// alone): enough rows for the matrix products to run near peak, since gemm repacks every weight
 /// once per forward, few enough that the packed mask stays small. 256 → 1024 ran 30 search-pool
-/// documents of five tasks with shared shots in 34.2/34.5 → 27.0/26.2 s (2048: 28.2 s) and
-/// lm-eval's TruthfulQA, Winogrande and two MMLU subjects (30 each) in 22.3 → 15.3 s, with the
-/// same scores, at +0.2 GB peak memory.
-const PACK_TOKENS: usize = 1024;
+/// documents of five tasks with shared shots in 34.2/34.5 → 27.0/26.2 s and lm-eval's
+/// TruthfulQA, Winogrande and two MMLU subjects (30 each) in 22.3 → 15.3 s, with the same
+/// scores, at +0.2 GB peak memory. 1024 → 2048 once the attention kernel stopped computing a
+/// packed sequence's scores against the sequences before it (which made 2048 slower): six tasks
+/// at 50 search-pool documents with shared shots and GSM8K by gold likelihood 47.5/46.2 →
+/// 46.7/44.9 s (alternating; 4096 no better), lm-eval's shots on ARC and HellaSwag at 16
+/// documents (two 25-shot prompts per forward) 24.6/24.8 → 24.0/23.8 s, at +90 MB peak memory.
+const PACK_TOKENS: usize = 2048;
 
 /// The scores of one document: per request, its summed log-likelihood and whether it is greedy.
 pub type ChoiceScores = Vec<(f64, bool)>;
@@ -1033,7 +1037,7 @@ mod tests {
                 )
             })
             .collect();
-        docs.insert(5, choices_doc(&prefix, 40, PACK_TOKENS, 4));
+        docs.insert(5, choices_doc(&prefix, 40, PACK_TOKENS / 2 + 100, 4));
         docs.insert(9, choices_doc(&prefix, 42, PREFILL_TOKENS + 100, 3));
         docs.push(choices_doc(&prefix, 41, 0, 3));
         for b in [&base, &empty] {

@@ -130,7 +130,7 @@ pub(super) fn attention_parts(
                 };
                 let parts = match &mask {
                     Some(m) => with_f32(m, |ms| {
-                        let visible = visible_span_of(m, ms, mask_rows * t, total);
+                        let visible = visible_runs_of(m, ms, mask_rows * t, total);
                         let mask = MaskRows {
                             values: ms,
                             rows: mask_rows,
@@ -224,53 +224,90 @@ pub(crate) fn with_f32<T>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Re
     f(&cpu.as_slice::<f32>()?[start..end])
 }
 
-/// For each mask row `(batch row, query time)`: the visible keys' span, from the first visible
-/// key to one past the last. A query that sees no key keeps all of them (its softmax is
+/// Each mask row's visible keys as runs `[start, end)` in order: row `i`'s are
+/// `runs[starts[i]..starts[i + 1]]`. A row that sees no key keeps all of them (its softmax is
 /// uniform, as in the composed version).
-fn visible_span(mask: &[f32], rows: usize, total: usize) -> Vec<(usize, usize)> {
-    (0..rows)
-        .map(|i| {
-            let row = &mask[i * total..(i + 1) * total];
-            match (
-                row.iter().position(|&m| m > MASKED),
-                row.iter().rposition(|&m| m > MASKED),
-            ) {
-                (Some(first), Some(last)) => (first, last + 1),
-                _ => (0, total),
-            }
-        })
-        .collect()
+struct VisibleRuns {
+    runs: Vec<(usize, usize)>,
+    starts: Vec<usize>,
 }
 
-/// [`visible_span`] of `mask`, once per mask tensor: every layer of a forward gets the same
+impl VisibleRuns {
+    fn of(mask: &[f32], rows: usize, total: usize) -> Self {
+        let mut runs = vec![];
+        let mut starts = Vec::with_capacity(rows + 1);
+        for row in mask.chunks(total.max(1)).take(rows) {
+            starts.push(runs.len());
+            let mut open = None;
+            for (j, &m) in row.iter().enumerate() {
+                match (m > MASKED, open) {
+                    (true, None) => open = Some(j),
+                    (false, Some(a)) => {
+                        runs.push((a, j));
+                        open = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(a) = open {
+                runs.push((a, total));
+            }
+            if runs.len() == starts[starts.len() - 1] {
+                runs.push((0, total));
+            }
+        }
+        starts.push(runs.len());
+        Self { runs, starts }
+    }
+
+    fn row(&self, i: usize) -> &[(usize, usize)] {
+        &self.runs[self.starts[i]..self.starts[i + 1]]
+    }
+}
+
+/// [`VisibleRuns`] of `mask`, once per mask tensor: every layer of a forward gets the same
 /// mask, and the scan reads all of it (half a millisecond per layer at 1k tokens, 7% of the
 /// attention; eight times that for a batch of eight left-padded rows). A tensor's id is never
 /// reused and a mask is not written after it is built, so the id identifies the values.
-fn visible_span_of(
-    mask: &Tensor,
-    values: &[f32],
-    rows: usize,
-    total: usize,
-) -> Arc<Vec<(usize, usize)>> {
-    type Last = Option<(candle_core::TensorId, Arc<Vec<(usize, usize)>>)>;
+fn visible_runs_of(mask: &Tensor, values: &[f32], rows: usize, total: usize) -> Arc<VisibleRuns> {
+    type Last = Option<(candle_core::TensorId, Arc<VisibleRuns>)>;
     static LAST: Mutex<Last> = Mutex::new(None);
     let lock = || LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some((id, visible)) = &*lock() {
-        if *id == mask.id() && visible.len() == rows {
+        if *id == mask.id() && visible.starts.len() == rows + 1 {
             return visible.clone();
         }
     }
-    let visible = Arc::new(visible_span(values, rows, total));
+    let visible = Arc::new(VisibleRuns::of(values, rows, total));
     *lock() = Some((mask.id(), visible.clone()));
     visible
 }
 
+/// Masked keys between two visible runs of a block that are computed anyway rather than
+/// splitting the block's products there (a split costs a gemm call and its packing).
+const GAP: usize = 32;
+
+/// The keys some query of a block sees, as sorted disjoint spans: the union of its rows' runs,
+/// with gaps of up to [`GAP`] keys filled in.
+fn block_spans<'a>(rows: impl Iterator<Item = &'a [(usize, usize)]>) -> Vec<(usize, usize)> {
+    let mut all: Vec<(usize, usize)> = rows.flatten().copied().collect();
+    all.sort_unstable();
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(all.len());
+    for (a, b) in all {
+        match spans.last_mut() {
+            Some(last) if a <= last.1 + GAP => last.1 = last.1.max(b),
+            _ => spans.push((a, b)),
+        }
+    }
+    spans
+}
+
 /// An additive mask `(rows, 1, 1, t, T)` as the kernel reads it, with each row's
-/// [`visible_span`].
+/// [`VisibleRuns`].
 struct MaskRows<'a> {
     values: &'a [f32],
     rows: usize,
-    visible: &'a [(usize, usize)],
+    visible: &'a VisibleRuns,
 }
 
 fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<MaskRows>) -> Parts {
@@ -306,23 +343,21 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<MaskRows>) -> Pa
         // Block row `i` is query head `i / n_t` at time `t0 + i % n_t`.
         let head_row = |i: usize| (i / n_t) * t + t0 + i % n_t;
         // Only the keys some query of the block sees: the causal upper triangle, and in a
-        // packed forward the other sequences' keys before this one's, are left out (their
-        // probabilities would be exactly 0).
-        let (lo, hi) = match &mask {
-            Some(m) => (t0..t0 + n_t)
-                .map(|time| m.visible[mask_base + time])
-                .fold((total, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b))),
-            None => (0, total),
+        // packed forward the other sequences' keys, are left out (their probabilities would be
+        // exactly 0). A block's spans are the prefix or context every sequence sees and its
+        // own sequence's keys; without them a packed forward's late sequences computed the
+        // scores of every earlier sequence's keys.
+        let spans = match &mask {
+            Some(m) => block_spans((t0..t0 + n_t).map(|time| m.visible.row(mask_base + time))),
+            None => vec![(0, total)],
         };
-        let (lo, hi) = if lo < hi { (lo, hi) } else { (0, total) };
-        let cols = hi - lo;
+        let cols: usize = spans.iter().map(|(a, b)| b - a).sum();
         let masks: Vec<&[f32]> = match &mask {
             Some(m) => (0..rows)
-                .map(|i| &m.values[(mask_base + t0 + i % n_t) * total..][lo..hi])
+                .map(|i| &m.values[(mask_base + t0 + i % n_t) * total..][..total])
                 .collect(),
             None => vec![],
         };
-        let (k_span, v_span) = (&k_head[lo * d..], &v_head[lo * d..]);
         with_scratch(rows * (2 * d + cols + 1), |scratch| {
             let (q_blk, rest) = scratch.split_at_mut(rows * d);
             let (scores, rest) = rest.split_at_mut(rows * cols);
@@ -331,11 +366,37 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<MaskRows>) -> Pa
                 let src = head_row(i) * d;
                 q_blk[i * d..(i + 1) * d].copy_from_slice(&q_head[src..src + d]);
             }
-            // scores = Q_block · K[lo..hi]ᵀ: K's rows read as columns.
-            matmul(scores, rows, cols, d, q_blk, (d, 1), k_span);
-            let norm = exp_rows(scores, cols, &masks, lse_blk);
-            // out = P · V[lo..hi].
-            matmul(out_blk, rows, d, cols, scores, (1, d), v_span);
+            // scores = Q_block · K[span]ᵀ for each span side by side: K's rows read as columns.
+            let mut col = 0;
+            for &(lo, hi) in &spans {
+                let dst = Dst {
+                    data: &mut scores[col..],
+                    row_stride: cols,
+                    accumulate: false,
+                };
+                matmul(dst, rows, hi - lo, d, (q_blk, d), (d, 1), &k_head[lo * d..]);
+                col += hi - lo;
+            }
+            let norm = exp_rows(scores, cols, &masks, &spans, lse_blk);
+            // out = Σ over spans of P[:, span's columns] · V[span].
+            let mut col = 0;
+            for (n, &(lo, hi)) in spans.iter().enumerate() {
+                let dst = Dst {
+                    data: &mut *out_blk,
+                    row_stride: d,
+                    accumulate: n > 0,
+                };
+                matmul(
+                    dst,
+                    rows,
+                    d,
+                    hi - lo,
+                    (&scores[col..], cols),
+                    (1, d),
+                    &v_head[lo * d..],
+                );
+                col += hi - lo;
+            }
             scale_rows(out_blk, d, &norm);
             for i in 0..rows {
                 let row = head * r + head_row(i);
@@ -356,38 +417,52 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32], mask: Option<MaskRows>) -> Pa
     Parts { out, lse }
 }
 
-/// `dst (m × n, row-major) = lhs (m × k, row-major) · rhs`, where element (i, j) of the `k × n`
-/// right-hand side is `rhs[i·rs + j·cs]` for `(cs, rs) = rhs_strides`; single-threaded (the
-/// caller parallelises over blocks).
+/// Where a product goes: row `i` of the `m × n` result at `data[i·row_stride..][..n]`, added to
+/// what is there when `accumulate`.
+struct Dst<'a> {
+    data: &'a mut [f32],
+    row_stride: usize,
+    accumulate: bool,
+}
+
+/// `dst (m × n) (+)= lhs (m × k) · rhs`: row `i` of the left-hand side is
+/// `lhs.0[i·lhs.1..][..k]`, and element (i, j) of the `k × n` right-hand side is
+/// `rhs[i·rs + j·cs]` for `(cs, rs) = rhs_strides`; single-threaded (the caller parallelises
+/// over blocks).
 fn matmul(
-    dst: &mut [f32],
+    dst: Dst,
     m: usize,
     n: usize,
     k: usize,
-    lhs: &[f32],
+    lhs: (&[f32], usize),
     rhs_strides: (usize, usize),
     rhs: &[f32],
 ) {
     let (cs, rs) = rhs_strides;
-    assert!(dst.len() >= m * n && lhs.len() >= m * k);
-    assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rs + (n - 1) * cs);
+    let ((lhs, lhs_rs), dst_rs) = (lhs, dst.row_stride);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.data.len() >= (m - 1) * dst_rs + n && n <= dst_rs);
+    assert!(k == 0 || lhs.len() >= (m - 1) * lhs_rs + k);
+    assert!(k == 0 || rhs.len() > (k - 1) * rs + (n - 1) * cs);
     // SAFETY: the asserts above keep every element gemm reads or writes inside its slice.
     unsafe {
         gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.data.as_mut_ptr(),
             1,
-            n as isize,
-            false,
+            dst_rs as isize,
+            dst.accumulate,
             lhs.as_ptr(),
             1,
-            k as isize,
+            lhs_rs as isize,
             rhs.as_ptr(),
             cs as isize,
             rs as isize,
-            0.0,
+            1.0,
             1.0,
             false,
             false,
@@ -426,24 +501,36 @@ per_cpu_features! {
     /// The softmax of each `cols`-wide row of `scores` after adding its additive mask row
     /// (`masks` empty: no mask), left unnormalised: each row ← e^(row − max), its log-sum-exp
     /// written to `lse`; returns each row's 1/sum, which [`scale_rows`] applies to the row's
-    /// `P·V` (d values instead of `cols`).
+    /// `P·V` (d values instead of `cols`). A row's columns are the keys of `spans` side by side;
+    /// its mask row covers all keys.
     pub(super) fn exp_rows(
         scores: &mut [f32],
         cols: usize,
         masks: &[&[f32]],
+        spans: &[(usize, usize)],
         lse: &mut [f32],
     ) -> Vec<f32> => exp_rows_body
 }
 
 #[inline(always)]
-fn exp_rows_body(scores: &mut [f32], cols: usize, masks: &[&[f32]], lse: &mut [f32]) -> Vec<f32> {
+fn exp_rows_body(
+    scores: &mut [f32],
+    cols: usize,
+    masks: &[&[f32]],
+    spans: &[(usize, usize)],
+    lse: &mut [f32],
+) -> Vec<f32> {
     // A plain loop: `map(..).collect()` would run the row loop in `Vec::from_iter`, compiled for
     // the baseline CPU rather than the caller's features.
     let mut norm = Vec::with_capacity(lse.len());
     for (i, (row, lse)) in scores.chunks_mut(cols).zip(lse.iter_mut()).enumerate() {
         if let Some(mask) = masks.get(i) {
-            for (x, &m) in row.iter_mut().zip(*mask) {
-                *x += m;
+            let mut col = 0;
+            for &(lo, hi) in spans {
+                for (x, &m) in row[col..col + hi - lo].iter_mut().zip(&mask[lo..hi]) {
+                    *x += m;
+                }
+                col += hi - lo;
             }
         }
         let (max, sum) = exp_shifted_in_place(row);
@@ -675,6 +762,72 @@ pub(super) mod tests {
         // A sequence packed after another's 100 keys: its later blocks read only its own span.
         let packed: Vec<usize> = (0..100).collect();
         check(1, 2, 2, 150, 150, Some(mask(&[packed], 150, 150)));
+    }
+
+    /// Mask `(1, 1, 1, t, prefix + t)` of sequences packed after a prefix every one sees: the
+    /// query at packed time `i` sees the prefix and its own sequence's keys up to its own.
+    fn packed_after_prefix(prefix: usize, lens: &[usize]) -> Tensor {
+        let t: usize = lens.iter().sum();
+        let mut data = vec![];
+        let mut start = 0;
+        for &len in lens {
+            for i in start..start + len {
+                for j in 0..prefix + t {
+                    let visible = j < prefix || (start..=i).contains(&(j - prefix));
+                    data.push(if visible { 0f32 } else { -1e30 });
+                }
+            }
+            start += len;
+        }
+        Tensor::from_vec(data, (1, 1, 1, t, prefix + t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn sequences_packed_after_a_prefix_see_the_prefix_and_their_own_keys() {
+        // Blocks that straddle sequences, sequences shorter and longer than a block, gaps
+        // shorter and longer than the one filled in.
+        let lens = [90, 7, 20, 150, 64, 3];
+        let t: usize = lens.iter().sum();
+        for prefix in [0, 1, 40, 300] {
+            check(
+                1,
+                2,
+                3,
+                t,
+                prefix + t,
+                Some(packed_after_prefix(prefix, &lens)),
+            );
+        }
+    }
+
+    #[test]
+    fn a_block_reads_the_union_of_its_rows_visible_runs() {
+        let m = packed_after_prefix(100, &[50, 80, 10]);
+        let values = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let runs = super::VisibleRuns::of(&values, 140, 240);
+        assert_eq!(runs.row(0), &[(0, 101)]);
+        assert_eq!(runs.row(60), &[(0, 100), (150, 161)]);
+        assert_eq!(runs.row(139), &[(0, 100), (230, 240)]);
+        // Times 60..70 of the second sequence: the prefix and its own keys, not the first's 50.
+        let rows = (60..70).map(|i| runs.row(i));
+        assert_eq!(super::block_spans(rows), vec![(0, 100), (150, 170)]);
+        // The last sequence's block skips both earlier ones.
+        let rows = (130..140).map(|i| runs.row(i));
+        assert_eq!(super::block_spans(rows), vec![(0, 100), (230, 240)]);
+        // Runs of different rows (a trunk's two branches) merge across a gap of at most GAP
+        // keys, not across a longer one.
+        let branches: [&[(usize, usize)]; 3] = [
+            &[(0, 100), (140, 150)],
+            &[(0, 100), (160, 170)],
+            &[(0, 100), (170 + super::GAP + 1, 300)],
+        ];
+        assert_eq!(
+            super::block_spans(branches.into_iter()),
+            vec![(0, 100), (140, 170), (170 + super::GAP + 1, 300)]
+        );
+        // A row that sees nothing keeps every key.
+        let none = super::VisibleRuns::of(&[-1e30; 4], 1, 4);
+        assert_eq!(none.row(0), &[(0, 4)]);
     }
 
     /// The visible prefixes are kept per mask tensor: masks of one shape in turn, and the first

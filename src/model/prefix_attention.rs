@@ -148,7 +148,7 @@ fn prefix_parts(q: &[f32], m: usize, p: &PrefixKv) -> (Vec<f32>, Vec<f32>) {
                     let q_blk = &q[q0..q0 + rows * d];
                     let mut scores = vec![0f32; rows * len];
                     matmul(&mut scores, q_blk, keys_t, rows, len, d);
-                    let norm = exp_rows(&mut scores, len, &[], lse_blk);
+                    let norm = exp_rows(&mut scores, len, &[], &[], lse_blk);
                     matmul(out_blk, &scores, values, rows, d, len);
                     scale_rows(out_blk, d, &norm);
                 });
