@@ -11,7 +11,7 @@ use candle_core::{Tensor, D};
 
 use super::tokenize::{TokenizedChoices, TokenizedGeneration};
 use crate::model::kv_cache::SharedPrefix;
-use crate::model::target_scores::target_scores;
+use crate::model::target_scores::{target_scores, TargetScore};
 use crate::model::{KvCache, LlamaModel, ModelTokenizer, PackSlot, TokenBatch};
 
 /// Tokens per forward when prefilling, over all rows: long prefixes go through in chunks. gemm
@@ -382,7 +382,7 @@ fn score_pack(
         None => last,
     };
     let selected = all.index_select(&Tensor::new(picks.as_slice(), dev)?, 0)?;
-    let token = target_scores(&model.logits(&selected)?, &targets)?;
+    let token = score_targets(model, &selected, &targets)?;
 
     let mut out = vec![];
     let mut k = 0;
@@ -399,6 +399,40 @@ fn score_pack(
             k += c;
         }
         out.push((scores, input_tokens(l.doc, b) as u64));
+    }
+    Ok(out)
+}
+
+/// Bytes of logits materialised at once when scoring: under the 32 MiB above which glibc maps
+/// (and the kernel zeroes) every buffer afresh (`src/process.rs`). A 2,048-token pack of
+/// HellaSwag endings or GSM8K gold solutions scores ~1,000 tokens, whose logits over a 49k
+/// vocabulary were one 200 MB buffer, zeroed serially by candle's matmul and page-faulted in.
+const LOGIT_BYTES: usize = 24 << 20;
+
+/// The score of `targets[i]` after hidden state `hidden[i]`, through the logits of a few rows at
+/// a time. Every chunk has more rows than the row-dot path takes, so each row gets gemm's bits
+/// as when all rows went at once (its summation order depends on the inner size only).
+fn score_targets(model: &LlamaModel, hidden: &Tensor, targets: &[u32]) -> Result<Vec<TargetScore>> {
+    score_targets_within(model, hidden, targets, LOGIT_BYTES)
+}
+
+/// [`score_targets`] with at most about `bytes` of logits at once.
+fn score_targets_within(
+    model: &LlamaModel,
+    hidden: &Tensor,
+    targets: &[u32],
+    bytes: usize,
+) -> Result<Vec<TargetScore>> {
+    let n = targets.len();
+    let per_chunk = (bytes / (4 * model.config().vocab_size.max(1)))
+        .max(2 * crate::model::small_matmul::max_rows() + 2);
+    // Sizes differ by one at most, so none is small when there is more than one.
+    let chunks = n.div_ceil(per_chunk);
+    let mut out = Vec::with_capacity(n);
+    for c in 0..chunks {
+        let (start, end) = (c * n / chunks, (c + 1) * n / chunks);
+        let logits = model.logits(&hidden.narrow(0, start, end - start)?)?;
+        out.extend(target_scores(&logits, &targets[start..end])?);
     }
     Ok(out)
 }
@@ -1016,6 +1050,30 @@ mod tests {
             tails,
             continuation_lens,
         }
+    }
+
+    /// Scoring through a few rows of logits at a time gives every row the bits of one pass over
+    /// all of them, chunks of unequal size included.
+    #[test]
+    fn chunked_logits_score_as_one_pass() {
+        let model = tiny_model(5);
+        for n in [1, 40, 150, 301] {
+            let hidden =
+                Tensor::randn(0f32, 1.0, (n, model.config().hidden_size), &Device::Cpu).unwrap();
+            let targets: Vec<u32> = tokens(n as u64, n);
+            let whole = target_scores(&model.logits(&hidden).unwrap(), &targets).unwrap();
+            // Room for 70 rows at once: 301 rows go in five chunks of 60 or 61.
+            let bytes = 70 * 4 * model.config().vocab_size;
+            let chunked = super::score_targets_within(&model, &hidden, &targets, bytes).unwrap();
+            assert_eq!(chunked.len(), n);
+            for (a, b) in whole.iter().zip(&chunked) {
+                assert_eq!(a.log_prob.to_bits(), b.log_prob.to_bits(), "{n} rows");
+                assert_eq!(a.greedy, b.greedy);
+            }
+        }
+        let none =
+            Tensor::zeros((0, model.config().hidden_size), DType::F32, &Device::Cpu).unwrap();
+        assert!(super::score_targets(&model, &none, &[]).unwrap().is_empty());
     }
 
     #[test]
