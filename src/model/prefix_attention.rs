@@ -227,55 +227,54 @@ trait Lanes: Copy {
     unsafe fn store(self, p: *mut f32);
 }
 
-#[cfg(target_arch = "x86_64")]
-impl Lanes for std::arch::x86_64::__m256 {
-    const N: usize = 8;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        std::arch::x86_64::_mm256_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn splat(p: *const f32) -> Self {
-        std::arch::x86_64::_mm256_broadcast_ss(&*p)
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
-        std::arch::x86_64::_mm256_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        std::arch::x86_64::_mm256_storeu_ps(p, self)
-    }
+/// [`Lanes`] for one register type from its intrinsics.
+macro_rules! lanes {
+    ($ty:ident, $n:expr, $zero:ident, $load:ident, $splat:ident, $fma:ident, $store:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        impl Lanes for std::arch::x86_64::$ty {
+            const N: usize = $n;
+            #[inline(always)]
+            unsafe fn zero() -> Self {
+                std::arch::x86_64::$zero()
+            }
+            #[inline(always)]
+            unsafe fn load(p: *const f32) -> Self {
+                std::arch::x86_64::$load(p)
+            }
+            #[inline(always)]
+            unsafe fn splat(p: *const f32) -> Self {
+                std::arch::x86_64::$splat(*p)
+            }
+            #[inline(always)]
+            unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+                std::arch::x86_64::$fma(a, b, c)
+            }
+            #[inline(always)]
+            unsafe fn store(self, p: *mut f32) {
+                std::arch::x86_64::$store(p, self)
+            }
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-impl Lanes for std::arch::x86_64::__m512 {
-    const N: usize = 16;
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        std::arch::x86_64::_mm512_setzero_ps()
-    }
-    #[inline(always)]
-    unsafe fn load(p: *const f32) -> Self {
-        std::arch::x86_64::_mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    unsafe fn splat(p: *const f32) -> Self {
-        std::arch::x86_64::_mm512_set1_ps(*p)
-    }
-    #[inline(always)]
-    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
-        std::arch::x86_64::_mm512_fmadd_ps(a, b, c)
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f32) {
-        std::arch::x86_64::_mm512_storeu_ps(p, self)
-    }
-}
+lanes!(
+    __m256,
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps,
+    _mm256_storeu_ps
+);
+lanes!(
+    __m512,
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps,
+    _mm512_storeu_ps
+);
 
 /// Columns outer, rows inner, from column `j0`: a panel of `b` (k × N·C) is read from L1 by every
 /// row tile. Rows past the last full tile go one at a time, columns past the last full tile one
@@ -350,9 +349,9 @@ unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
         pb = pb.add(n);
     }
     let po = out.as_mut_ptr();
-    for r in 0..R {
-        for c in 0..C {
-            acc[r][c].store(po.add((i + r) * n + j + V::N * c));
+    for (r, row) in acc.iter().enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            v.store(po.add((i + r) * n + j + V::N * c));
         }
     }
 }
